@@ -1,0 +1,323 @@
+"""A TFF C++ worker that no network can reach, owned by the process that starts it.
+
+TFF 0.87's `worker_binary` listens on every interface with no authentication:
+whoever reaches its port can run any TensorFlow graph on the host. fedpipe
+therefore never starts it in the host's network namespace. `IsolatedWorker`
+starts it inside a private, loopback-only network namespace (`unshare
+--net`) behind a unix socket that only this user can open, and ties its
+lifetime to the starting process: it is ended on normal exit, on exceptions,
+on Ctrl-C and SIGTERM (callers use it as a context manager), and by the
+kernel when the starting process is killed outright.
+
+Where no private namespace can be made (no root, unprivileged user
+namespaces disabled), `start()` raises `WorkerIsolationError`; only an
+explicit `allow_exposed=True` then runs the worker on a host port.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from types import TracebackType
+from typing import Optional
+
+from absl import logging
+
+from runtime import process_lifetime
+
+_READY_TIMEOUT_S = 240.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class WorkerIsolationError(RuntimeError):
+  """The TFF worker cannot be isolated from the network on this host."""
+
+
+class WorkerStartError(RuntimeError):
+  """The TFF worker process did not start serving."""
+
+
+def worker_binary_path() -> str:
+  """Returns the path of the `worker_binary` shipped in the TFF wheel.
+
+  Raises:
+    WorkerStartError: If the installed TFF has no worker binary.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  spec = importlib.util.find_spec('tensorflow_federated')
+  if spec is None or not spec.submodule_search_locations:
+    raise WorkerStartError('tensorflow_federated is not installed; run `make install`.')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'worker_binary')
+  if not os.access(path, os.X_OK):
+    raise WorkerStartError(f'TFF worker binary missing or not executable: {path}')
+  return path
+
+
+def _unshare_command() -> list[str]:
+  unshare = shutil.which('unshare')
+  if unshare is None:
+    raise WorkerIsolationError(
+        'cannot isolate the TFF worker: the `unshare` command (util-linux) is '
+        'not installed. Install util-linux, or allow an exposed worker '
+        'explicitly (--config.runtime.allow_exposed_worker=true; the worker then '
+        'listens unauthenticated on all interfaces of this host).'
+    )
+  if os.geteuid() == 0:
+    return [unshare, '--net']
+  return [unshare, '--map-root-user', '--net']
+
+
+class IsolatedWorker:
+  """A TFF `worker_binary` in a private network namespace behind a unix socket.
+
+  Use as a context manager; `target` is a gRPC target (`unix:///...`).
+  """
+
+  def __init__(
+      self,
+      *,
+      working_dir: str,
+      log_path: Optional[str] = None,
+      max_concurrent_computation_calls: int = -1,
+      grpc_max_message_length_megabytes: int = 2000,
+      allow_exposed: bool = False,
+  ):
+    """Configures, but does not start, a worker.
+
+    Args:
+      working_dir: The worker's working directory; relative paths inside
+        computations (client datasets) resolve against it.
+      log_path: Where the worker's and relay's output goes. Defaults to a file
+        in the worker's private temporary directory.
+      max_concurrent_computation_calls: Passed to `worker_binary`.
+      grpc_max_message_length_megabytes: Passed to `worker_binary`.
+      allow_exposed: If isolation is impossible, run the worker on a host port
+        (reachable by anyone who can reach this host) instead of failing.
+    """
+    if not os.path.isdir(working_dir):
+      raise FileNotFoundError(f'worker working directory does not exist: {working_dir}')
+    self._working_dir = os.path.abspath(working_dir)
+    self._log_path = log_path
+    self._max_concurrent = max_concurrent_computation_calls
+    self._max_message_mb = grpc_max_message_length_megabytes
+    self._allow_exposed = allow_exposed
+    self._process: Optional[subprocess.Popen] = None
+    self._tmpdir: Optional[str] = None
+    self._target: Optional[str] = None
+    self.exposed = False
+
+  @property
+  def target(self) -> str:
+    if self._target is None:
+      raise WorkerStartError('the worker is not started')
+    return self._target
+
+  @property
+  def pid(self) -> Optional[int]:
+    return self._process.pid if self._process else None
+
+  @property
+  def log_path(self) -> Optional[str]:
+    return self._log_path
+
+  def is_alive(self) -> bool:
+    return self._process is not None and self._process.poll() is None
+
+  def start(self) -> str:
+    """Starts the worker and waits until it serves.
+
+    Returns:
+      The gRPC target of the worker.
+
+    Raises:
+      WorkerIsolationError: If the worker cannot be isolated and exposure was
+        not allowed.
+      WorkerStartError: If the worker does not come up.
+    """
+    if self._process is not None:
+      return self.target
+    self._tmpdir = tempfile.mkdtemp(prefix='fedpipe-worker-')
+    os.chmod(self._tmpdir, 0o700)
+    if self._log_path is None:
+      self._log_path = os.path.join(self._tmpdir, 'worker.log')
+    try:
+      self._target = self._start_isolated()
+    except WorkerIsolationError:
+      if not self._allow_exposed:
+        self.stop()
+        raise
+      logging.warning(
+          'SECURITY: starting the TFF worker on a host port WITHOUT network '
+          'isolation or authentication, as explicitly allowed.'
+      )
+      self._target = self._start_exposed()
+      self.exposed = True
+    except BaseException:
+      self.stop()
+      raise
+    return self._target
+
+  def _spawn(
+      self,
+      command: list[str],
+      *,
+      cwd: Optional[str] = None,
+      pass_fds: tuple[int, ...] = (),
+  ) -> None:
+    # The relay imports this package: give it our import path.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    log = open(self._log_path, 'ab')  # pylint: disable=consider-using-with
+    try:
+      self._process = subprocess.Popen(  # pylint: disable=consider-using-with
+          command,
+          cwd=cwd,
+          env=env,
+          stdin=subprocess.DEVNULL,
+          stdout=log,
+          stderr=log,
+          pass_fds=pass_fds,
+          start_new_session=True,
+          preexec_fn=process_lifetime.die_with_parent_hook(os.getpid()),
+      )
+    finally:
+      log.close()
+
+  def _worker_flags(self) -> list[str]:
+    return [
+        f'--max_concurrent_computation_calls={self._max_concurrent}',
+        f'--grpc_max_message_length_megabytes={self._max_message_mb}',
+    ]
+
+  def _start_isolated(self) -> str:
+    socket_path = os.path.join(self._tmpdir, 'worker.sock')
+    read_fd, write_fd = os.pipe()
+    command = _unshare_command() + [
+        sys.executable,
+        '-m',
+        'runtime.netns_relay',
+        f'--socket={socket_path}',
+        f'--worker_binary={worker_binary_path()}',
+        f'--worker_cwd={self._working_dir}',
+        f'--worker_log={self._log_path}',
+        f'--ready_fd={write_fd}',
+    ] + self._worker_flags()
+    try:
+      self._spawn(command, pass_fds=(write_fd,))
+    finally:
+      os.close(write_fd)
+    message = self._read_ready(read_fd)
+    if message == 'ready':
+      return f'unix://{socket_path}'
+    self._reap()
+    if 'private network namespace' in message or 'unshare' in message or not message:
+      raise WorkerIsolationError(
+          'cannot start the TFF worker in a private network namespace '
+          f'({message or self._log_tail()}). Run as root, or enable '
+          'unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1'
+          ' / user.max_user_namespaces>0), or allow an exposed worker explicitly '
+          '(--config.runtime.allow_exposed_worker=true; it then listens '
+          'unauthenticated on all interfaces of this host).'
+      )
+    raise WorkerStartError(f'TFF worker did not start: {message}; log: {self._log_path}')
+
+  def _read_ready(self, read_fd: int) -> str:
+    chunks = []
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    try:
+      while True:
+        if time.monotonic() > deadline:
+          return f'no answer within {_READY_TIMEOUT_S:.0f}s'
+        ready, _, _ = select.select([read_fd], [], [], 0.5)
+        if ready:
+          data = os.read(read_fd, 4096)
+          if not data:
+            break
+          chunks.append(data)
+          if b'\n' in data:
+            break
+        elif self._process.poll() is not None:
+          break
+    finally:
+      os.close(read_fd)
+    text = b''.join(chunks).decode(errors='replace').strip()
+    return text.removeprefix('error: ')
+
+  def _start_exposed(self) -> str:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    self._spawn(
+        [worker_binary_path(), f'--port={port}'] + self._worker_flags(),
+        cwd=self._working_dir,
+    )
+    deadline = time.monotonic() + _READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+      if self._process.poll() is not None:
+        raise WorkerStartError(f'TFF worker exited; log: {self._log_path}')
+      try:
+        with socket.create_connection(('127.0.0.1', port), timeout=1.0):
+          return f'localhost:{port}'
+      except OSError:
+        time.sleep(0.1)
+    raise WorkerStartError(f'TFF worker did not listen on port {port}')
+
+  def _log_tail(self, lines: int = 5) -> str:
+    try:
+      with open(self._log_path, 'rb') as f:
+        return ' | '.join(f.read().decode(errors='replace').strip().splitlines()[-lines:])
+    except OSError:
+      return ''
+
+  def _reap(self) -> None:
+    process, self._process = self._process, None
+    if process is None:
+      return
+    if process.poll() is None:
+      try:
+        os.killpg(process.pid, signal.SIGTERM)
+      except ProcessLookupError:
+        pass
+      try:
+        process.wait(timeout=_STOP_TIMEOUT_S)
+      except subprocess.TimeoutExpired:
+        pass
+    # Whatever is left in the group (the worker, if the relay died first).
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
+    if process.poll() is None:
+      process.wait()
+
+  def stop(self) -> None:
+    """Ends the worker and its relay; safe to call more than once."""
+    self._reap()
+    self._target = None
+    if self._tmpdir:
+      log_in_tmp = self._log_path and self._log_path.startswith(self._tmpdir)
+      if not log_in_tmp:
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+      else:
+        sock = os.path.join(self._tmpdir, 'worker.sock')
+        if os.path.exists(sock):
+          os.unlink(sock)
+
+  def __enter__(self) -> 'IsolatedWorker':
+    self.start()
+    return self
+
+  def __exit__(
+      self,
+      exc_type: Optional[type[BaseException]],
+      exc: Optional[BaseException],
+      tb: Optional[TracebackType],
+  ) -> None:
+    self.stop()
