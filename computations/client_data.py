@@ -1,0 +1,96 @@
+"""Client datasets built where the computation runs, from client ids.
+
+The coordinator never holds client records: it sends client ids, and this
+TensorFlow computation, executed by the worker at the data's site, opens
+`<split>/<client_id>.tfrecord` relative to the worker's working directory
+(see `pipelines.manifest` for the layout and record format).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from pipelines import manifest
+
+FEATURES_KEY = 'x'
+LABEL_KEY = 'y'
+_SHUFFLE_BUFFER = 1024
+
+
+def batch_spec(num_features: int) -> collections.OrderedDict:
+  """The element spec of a batched client dataset."""
+  return collections.OrderedDict([
+      (FEATURES_KEY, tf.TensorSpec([None, num_features], tf.float32)),
+      (LABEL_KEY, tf.TensorSpec([None], tf.int64)),
+  ])
+
+
+def parse_examples(serialized: tf.Tensor, num_features: int) -> collections.OrderedDict:
+  """Parses a batch of serialized `tf.train.Example`s in the manifest's format."""
+  parsed = tf.io.parse_example(
+      serialized,
+      {
+          FEATURES_KEY: tf.io.FixedLenFeature([num_features], tf.float32),
+          LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+      },
+  )
+  return collections.OrderedDict([
+      (FEATURES_KEY, parsed[FEATURES_KEY]),
+      (LABEL_KEY, parsed[LABEL_KEY]),
+  ])
+
+
+def build_dataset_computation(
+    *,
+    split: str,
+    num_features: int,
+    batch_size: int,
+    epochs: int = 1,
+    shuffle: bool = True,
+) -> tff.Computation:
+  """A `tff.tensorflow.computation` from a client id to its batched dataset.
+
+  Args:
+    split: `manifest.TRAIN_SPLIT` or `manifest.EVAL_SPLIT`.
+    num_features: Width of the `x` feature.
+    batch_size: Examples per batch.
+    epochs: Passes over the client's data (local epochs).
+    shuffle: Reshuffle each pass (training); off for evaluation.
+
+  Returns:
+    A computation of type `(str -> <x=float32[?,F],y=int64[?]>*)`. It fails at
+    the worker if the id is not a valid client id (no path components).
+
+  Raises:
+    ValueError: For an unknown split or non-positive sizes.
+  """
+  if split not in manifest.SPLITS:
+    raise ValueError(f'split must be one of {manifest.SPLITS}, got {split!r}')
+  if batch_size < 1 or epochs < 1 or num_features < 1:
+    raise ValueError(
+        f'batch_size, epochs and num_features must be >= 1, got '
+        f'{batch_size}, {epochs}, {num_features}'
+    )
+
+  @tff.tensorflow.computation(np.str_)
+  def dataset_for_client(client_id):
+    check = tf.debugging.Assert(
+        tf.strings.regex_full_match(client_id, manifest.CLIENT_ID_PATTERN),
+        ['invalid client id:', client_id],
+    )
+    with tf.control_dependencies([check]):
+      path = tf.strings.join([split, '/', client_id, manifest.RECORD_EXTENSION])
+    dataset = tf.data.TFRecordDataset(path)
+    if shuffle:
+      dataset = dataset.shuffle(_SHUFFLE_BUFFER, reshuffle_each_iteration=True)
+    if epochs > 1:
+      dataset = dataset.repeat(epochs)
+    return dataset.batch(batch_size).map(
+        lambda s: parse_examples(s, num_features)
+    ).prefetch(1)
+
+  return dataset_for_client

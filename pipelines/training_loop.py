@@ -1,0 +1,162 @@
+"""Program logic of a training run: rounds, checkpoints, metrics, privacy so far.
+
+Takes only interfaces (processes, a state manager, release managers), in
+the manner of TFF's example program logic, so the same loop runs on the local
+runtime and across silos. Resuming is built in: the latest saved state is
+loaded and the run continues from the round after it; client sampling is a
+pure function of (seed, round), so a resumed run draws the clients an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import tensorflow_federated as tff
+
+from computations import client_sampling
+from computations import evaluation
+from computations import privacy_accounting
+from pipelines import experiment as experiment_lib
+
+
+class RoundFailedError(RuntimeError):
+  """A training round failed; the message names the round and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+  """Where a run ended."""
+
+  state: Any
+  rounds_completed: int
+  resumed_from: int
+  epsilon: Optional[float]
+
+
+def epsilon_after(experiment: experiment_lib.Experiment, rounds: int) -> Optional[float]:
+  """ε spent after `rounds` rounds, or None without DP."""
+  if experiment.privacy is None:
+    return None
+  return privacy_accounting.compute_epsilon(
+      noise_multiplier=experiment.privacy.noise_multiplier,
+      sampling=experiment.sampling,
+      rounds=rounds,
+      delta=experiment.privacy.delta,
+      accountant=experiment.privacy.accountant,
+  )
+
+
+def evaluate(
+    experiment: experiment_lib.Experiment, model_weights: Any
+) -> dict[str, float]:
+  """Federated evaluation of `model_weights` on every evaluation client."""
+  process = experiment.eval_process
+  state = process.set_model_weights(process.initialize(), model_weights)
+  return evaluation.metrics_of(process.next(state, experiment.eval_client_ids))
+
+
+def _round_metrics(output: Any) -> dict[str, float]:
+  train = output.metrics['client_work']['train']
+  metrics = {
+      'train_loss': float(train['loss']),
+      'train_accuracy': float(train['accuracy']),
+      'train_examples': float(train['num_examples']),
+  }
+  dp_metrics = output.metrics.get('aggregator', {}).get('dp_query_metrics', {})
+  if 'clip' in dp_metrics:
+    metrics['clip_norm'] = float(dp_metrics['clip'])
+  return metrics
+
+
+def _format_progress(round_num: int, rounds: int, values: dict[str, float]) -> str:
+  parts = [
+      f'round {round_num:>{len(str(rounds))}}/{rounds}',
+      f'clients={int(values["clients"]):d}',
+      f'loss={values["train_loss"]:.4f}',
+      f'accuracy={values["train_accuracy"]:.4f}',
+  ]
+  if 'epsilon' in values:
+    parts.append(f'epsilon={values["epsilon"]:.3f}')
+  if 'eval_accuracy' in values:
+    parts.append(f'eval_accuracy={values["eval_accuracy"]:.4f}')
+  parts.append(f'{values["round_seconds"]:.2f}s')
+  return '  '.join(parts)
+
+
+async def train(
+    experiment: experiment_lib.Experiment,
+    *,
+    sampling_seed: int,
+    state_manager: tff.program.ProgramStateManager,
+    release_managers: Sequence[tff.program.ReleaseManager],
+    checkpoint_every: int = 1,
+    eval_every: int = 0,
+    report: Callable[[str], None] = print,
+) -> TrainingResult:
+  """Runs (or resumes) training to `experiment.rounds` rounds.
+
+  Args:
+    experiment: The processes and sampling of the run.
+    sampling_seed: Seed of the per-round client sampling.
+    state_manager: Saves and loads the training state; its latest version is
+      the last completed round.
+    release_managers: Receive each round's metrics, keyed by round number.
+    checkpoint_every: Save the state every this many rounds (and always after
+      the last one).
+    eval_every: Run federated evaluation every this many rounds (0: never).
+    report: Receives one progress line per round.
+
+  Returns:
+    A `TrainingResult`.
+
+  Raises:
+    RoundFailedError: If a round fails; the last checkpoint stays valid.
+  """
+  process = experiment.train_process
+  initial_state = process.initialize()
+  state, start_round = await state_manager.load_latest(initial_state)
+  if state is None:
+    state, start_round = initial_state, 0
+  else:
+    report(f'resuming from the checkpoint of round {start_round}')
+  epsilon = epsilon_after(experiment, start_round)
+  for round_num in range(start_round + 1, experiment.rounds + 1):
+    started = time.monotonic()
+    clients = client_sampling.sample_clients(
+        experiment.train_client_ids,
+        scheme=experiment.sampling,
+        round_num=round_num,
+        seed=sampling_seed,
+    )
+    try:
+      output = process.next(state, clients)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RoundFailedError(
+          f'round {round_num} failed ({len(clients)} clients; last checkpoint '
+          f'is kept, rerun the same command to resume): {type(e).__name__}: {e}'
+      ) from e
+    state = output.state
+    values = {'clients': float(len(clients)), **_round_metrics(output)}
+    epsilon = epsilon_after(experiment, round_num)
+    if epsilon is not None:
+      values['epsilon'] = epsilon
+    if eval_every and round_num % eval_every == 0:
+      eval_metrics = evaluate(experiment, process.get_model_weights(state))
+      values['eval_loss'] = eval_metrics['loss']
+      values['eval_accuracy'] = eval_metrics['accuracy']
+    values['round_seconds'] = time.monotonic() - started
+    for manager in release_managers:
+      await manager.release(values, key=round_num)
+    if round_num % checkpoint_every == 0 or round_num == experiment.rounds:
+      await state_manager.save(state, round_num)
+    report(_format_progress(round_num, experiment.rounds, values))
+  return TrainingResult(
+      state=state,
+      rounds_completed=experiment.rounds,
+      resumed_from=start_round,
+      epsilon=epsilon,
+  )

@@ -1,0 +1,75 @@
+"""Reported ε is exactly dp-accounting's for the mechanism that ran."""
+
+import dp_accounting
+import pytest
+
+from computations import privacy_accounting as pa
+
+
+def test_poisson_epsilon_equals_dp_accounting_rdp():
+  scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
+  ours = pa.compute_epsilon(noise_multiplier=2.0, sampling=scheme, rounds=100, delta=1e-5)
+  accountant = dp_accounting.rdp.RdpAccountant()
+  accountant.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(2.0)), 100))
+  assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+  assert ours == pytest.approx(5.496, abs=0.01)  # The figure quoted in the issue.
+
+
+def test_fixed_size_uses_sampling_without_replacement_and_replace_one():
+  scheme = pa.SamplingScheme('fixed_size', population_size=300, clients_per_round=60)
+  ours = pa.compute_epsilon(noise_multiplier=2.0, sampling=scheme, rounds=100, delta=1e-5)
+  accountant = dp_accounting.rdp.RdpAccountant(
+      neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+  accountant.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SampledWithoutReplacementDpEvent(
+          300, 60, dp_accounting.GaussianDpEvent(2.0)), 100))
+  assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_pld_epsilon_equals_dp_accounting_pld():
+  scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
+  ours = pa.compute_epsilon(
+      noise_multiplier=2.0, sampling=scheme, rounds=50, delta=1e-5, accountant='pld')
+  accountant = dp_accounting.pld.PLDAccountant()
+  accountant.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(2.0)), 50))
+  assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_epsilon_grows_with_rounds_and_edge_cases():
+  scheme = pa.SamplingScheme('poisson', population_size=100, clients_per_round=10)
+  eps = [pa.compute_epsilon(noise_multiplier=1.0, sampling=scheme, rounds=r, delta=1e-5)
+         for r in (1, 10, 100)]
+  assert eps[0] < eps[1] < eps[2]
+  assert pa.compute_epsilon(noise_multiplier=1.0, sampling=scheme, rounds=0, delta=1e-5) == 0
+  assert pa.compute_epsilon(
+      noise_multiplier=0.0, sampling=scheme, rounds=1, delta=1e-5) == float('inf')
+
+
+@pytest.mark.parametrize('accountant', ['rdp', 'pld'])
+def test_noise_multiplier_for_epsilon_inverts_compute_epsilon(accountant):
+  scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
+  z = pa.noise_multiplier_for_epsilon(
+      target_epsilon=4.0, sampling=scheme, rounds=80, delta=1e-5, accountant=accountant)
+  eps = pa.compute_epsilon(
+      noise_multiplier=z, sampling=scheme, rounds=80, delta=1e-5, accountant=accountant)
+  assert eps <= 4.0
+  assert eps == pytest.approx(4.0, abs=0.01)
+
+
+def test_pld_cannot_analyse_fixed_size_sampling():
+  scheme = pa.SamplingScheme('fixed_size', population_size=30, clients_per_round=3)
+  with pytest.raises(pa.PrivacyAccountingError, match='pld'):
+    pa.compute_epsilon(
+        noise_multiplier=1.0, sampling=scheme, rounds=3, delta=1e-5, accountant='pld')
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(method='random', population_size=10, clients_per_round=1), 'sampling'),
+    (dict(method='poisson', population_size=0, clients_per_round=1), 'population_size'),
+    (dict(method='poisson', population_size=10, clients_per_round=11), 'clients_per_round'),
+])
+def test_sampling_scheme_validation_names_the_field(kwargs, match):
+  with pytest.raises(pa.PrivacyAccountingError, match=match):
+    pa.SamplingScheme(**kwargs)

@@ -1,0 +1,34 @@
+"""Shared fixtures: one real, isolated TFF worker for the whole test session."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='session')
+def worker_dir(tmp_path_factory):
+  """The working directory of the session's TFF worker (client data goes here)."""
+  return str(tmp_path_factory.mktemp('worker'))
+
+
+@pytest.fixture(scope='session')
+def tff_worker(worker_dir):
+  """A running isolated worker installed as TFF's default context."""
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  with execution_context.local_worker_context(
+      worker_dir, log_path=os.path.join(worker_dir, 'worker.log')
+  ) as worker:
+    yield worker
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _no_unisolated_tff_worker():
+  """TFF's import-time default context would start an exposed worker: refuse it."""
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  execution_context.refuse_unisolated_default_context()
