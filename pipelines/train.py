@@ -26,13 +26,13 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from computations import privacy_accounting
 from configs import validation
 from pipelines import experiment as experiment_lib
+from pipelines import cli
 from pipelines import manifest as manifest_lib
 from pipelines import privacy_report
 from pipelines import run_directory
@@ -42,9 +42,7 @@ from runtime import execution_context
 from runtime import isolated_worker
 from runtime import shutdown
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/digits_dp.py', 'Experiment config file.'
-)
+_CONFIG = cli.define_config_flag()
 _OUTPUT_DIR = flags.DEFINE_string(
     'output_dir', None, 'Run directory; default runs/<config.name>.'
 )
@@ -138,19 +136,21 @@ def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
   tf.get_logger().setLevel('ERROR')
   logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+  config = cli.load_config(_CONFIG)
   output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
   try:
     with shutdown.graceful_termination():
       run(config, output_dir, overwrite=_OVERWRITE.value)
   except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    cli.fail(str(e))
   return 0
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(
+      lambda argv: sys.exit(main(argv)),
+      flags_parser=lambda argv: cli.parse_flags(argv, known_only=False),
+  )
