@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
+import grpc
 import tensorflow_federated as tff
 
 from computations import client_sampling
@@ -35,6 +36,17 @@ class TrainingResult:
   rounds_completed: int
   resumed_from: int
   epsilon: Optional[float]
+
+
+def describe_error(error: BaseException) -> str:
+  """One line for an execution error: a worker's gRPC status, not its graph dump."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, grpc.RpcError) and hasattr(e, 'details'):
+      details = (e.details() or '').split('\n')[0]
+      details = details.split(' while evaluating local')[0].strip()
+      return f'worker error {e.code().name}: {details}'
+  text = str(error).split('\n')[0]
+  return f'{type(error).__name__}: {text[:500]}'
 
 
 def epsilon_after(experiment: experiment_lib.Experiment, rounds: int) -> Optional[float]:
@@ -136,8 +148,9 @@ async def train(
       output = process.next(state, clients)
     except Exception as e:  # pylint: disable=broad-except
       raise RoundFailedError(
-          f'round {round_num} failed ({len(clients)} clients; last checkpoint '
-          f'is kept, rerun the same command to resume): {type(e).__name__}: {e}'
+          f'round {round_num} failed ({len(clients)} clients): {describe_error(e)}. '
+          'The last checkpoint is kept: fix the cause and rerun the same command '
+          'to resume.'
       ) from e
     state = output.state
     values = {'clients': float(len(clients)), **_round_metrics(output)}

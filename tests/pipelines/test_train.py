@@ -1,0 +1,229 @@
+"""The training program end to end: real Beam output, a real isolated worker, real files."""
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from computations import privacy_accounting
+from pipelines import bundled_data
+from pipelines import feature_spec as feature_spec_lib
+from pipelines import manifest as manifest_lib
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+NUM_CLIENTS = 30
+CLIENTS_PER_ROUND = 10
+
+
+@pytest.fixture(scope='module')
+def client_data(tmp_path_factory):
+  """Digits over 30 clients, preprocessed by the real Beam pipeline."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from pipelines import preprocess_pipeline  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp('train_data')
+  raw = bundled_data.write_bundled_dataset(
+      source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=NUM_CLIENTS, seed=0)
+  processed = str(root / 'clients')
+  preprocess_pipeline.run_preprocessing(
+      train_files=raw.train_file,
+      eval_files=raw.test_file,
+      feature_spec=feature_spec_lib.FeatureSpec.load(raw.feature_spec_file),
+      output_dir=processed,
+      min_examples_per_client=1,
+      max_malformed_fraction=0.0,
+      pipeline_options=PipelineOptions([]),
+  )
+  return processed
+
+
+def _command(processed, output_dir, *extra):
+  return [
+      sys.executable, '-m', 'pipelines.train', '--config=configs/digits_dp.py',
+      f'--config.data.processed_dir={processed}',
+      f'--config.training.clients_per_round={CLIENTS_PER_ROUND}',
+      f'--output_dir={output_dir}', *extra,
+  ]
+
+
+def _run(args, timeout=600):
+  return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _worker_pids():
+  out = subprocess.run(['pgrep', '-f', 'tensorflow_federated/data/worker_binary'],
+                       capture_output=True, text=True).stdout
+  return {int(p) for p in out.split()}
+
+
+def _no_new_workers(before, timeout=15.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if not _worker_pids() - before:
+      return True
+    time.sleep(0.2)
+  return False
+
+
+def _tree_digest(path):
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(full.encode())
+      with open(full, 'rb') as f:
+        digest.update(f.read())
+  return digest.hexdigest()
+
+
+def _metric_rounds(output_dir):
+  with open(os.path.join(output_dir, 'metrics.csv'), newline='') as f:
+    return [int(row['key']) for row in csv.DictReader(f)]
+
+
+def test_trains_and_writes_report_metrics_model_and_plot(client_data, tmp_path):
+  before = _worker_pids()
+  out = tmp_path / 'run'
+  result = _run(_command(client_data, out, '--config.training.rounds=3'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert [l.split('=')[0] for l in lines[-4:]] == [
+      'test_accuracy', 'epsilon', 'delta', 'output_dir']
+  assert lines[-1] == f'output_dir={out}'
+  assert sum(l.startswith('round ') for l in lines) == 3
+
+  report = json.loads((out / 'privacy_report.json').read_text())
+  for key in ('epsilon', 'delta', 'noise_multiplier', 'clients_per_round',
+              'population_size', 'rounds', 'sampling', 'accountant', 'test_accuracy'):
+    assert key in report
+  assert report['population_size'] == NUM_CLIENTS
+  assert report['rounds'] == 3
+  assert (report['sampling'], report['accountant']) == ('poisson', 'rdp')
+  expected = privacy_accounting.compute_epsilon(
+      noise_multiplier=report['noise_multiplier'],
+      sampling=privacy_accounting.SamplingScheme('poisson', NUM_CLIENTS, CLIENTS_PER_ROUND),
+      rounds=3, delta=report['delta'])
+  assert report['epsilon'] == pytest.approx(expected, rel=1e-9)
+  assert float(lines[-3].split('=')[1]) == pytest.approx(expected, abs=1e-4)
+  assert float(lines[-4].split('=')[1]) == pytest.approx(report['test_accuracy'], abs=1e-4)
+  assert 'epsilon' in (out / 'privacy_report.txt').read_text()
+
+  assert _metric_rounds(out) == [1, 2, 3]
+  assert (out / 'training_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert any(name.startswith('events.out.tfevents')
+             for _, _, files in os.walk(out / 'tensorboard') for name in files)
+  assert oct((out / 'sampling_seed').stat().st_mode & 0o777) == '0o600'
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model = tf.keras.models.load_model(out / 'model.keras')
+  assert model.predict(np.zeros((2, 64), np.float32), verbose=0).shape == (2, 10)
+  assert _no_new_workers(before)
+
+
+def test_kill_9_mid_run_then_the_same_command_resumes_and_finishes(client_data, tmp_path):
+  before = _worker_pids()
+  out = tmp_path / 'run'
+  command = _command(client_data, out, '--config.training.rounds=25')
+  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in process.stdout:
+      if line.startswith('round  4/'):
+        break
+    else:
+      pytest.fail('training ended before round 4')
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+  finally:
+    process.stdout.close()
+    if process.poll() is None:
+      process.kill()
+  assert _no_new_workers(before), 'a worker outlived kill -9 of its training program'
+  done = _metric_rounds(out)
+  assert 4 <= len(done) < 25
+
+  result = _run(command)
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = [l for l in result.stdout.splitlines() if l.startswith('resuming')]
+  assert resumed and int(resumed[0].split()[-1]) >= 4
+  assert _metric_rounds(out) == list(range(1, 26))
+  assert json.loads((out / 'privacy_report.json').read_text())['rounds'] == 25
+  assert _no_new_workers(before), 'a worker outlived the resumed run'
+
+
+@pytest.mark.parametrize('extra,expected', [
+    (['--no_such_flag=1'], 'no_such_flag'),
+    (['--config.training.roudns=3'], 'roudns'),
+    (['--config.training.sampling=random'], 'config.training.sampling'),
+    (['--config.dp.target_epsilon=3.0'], 'exactly one of dp.noise_multiplier and dp.target_epsilon'),
+    ([f'--config.training.clients_per_round={NUM_CLIENTS + 1}'], 'clients_per_round'),
+])
+def test_bad_flags_and_config_fail_clearly_and_write_nothing(client_data, tmp_path, extra, expected):
+  out = tmp_path / 'run'
+  result = _run(_command(client_data, out, *extra))
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert 'Traceback' not in result.stderr
+  if 'clients_per_round' not in expected:
+    assert not out.exists()
+
+
+def test_missing_client_data_names_the_directory_and_the_fix(tmp_path):
+  result = _run(_command(str(tmp_path / 'nowhere'), tmp_path / 'run'))
+  assert result.returncode == 2
+  assert 'nowhere' in result.stderr and 'pipelines.preprocess' in result.stderr
+
+
+def test_a_client_without_examples_is_named(client_data, tmp_path):
+  processed = tmp_path / 'clients'
+  subprocess.run(['cp', '-r', client_data, str(processed)], check=True)
+  manifest = json.loads((processed / 'manifest.json').read_text())
+  first = sorted(manifest['splits']['train']['clients'])[0]
+  manifest['splits']['train']['clients'][first] = 0
+  (processed / 'manifest.json').write_text(json.dumps(manifest))
+  result = _run(_command(str(processed), tmp_path / 'run'))
+  assert result.returncode == 2
+  assert first in result.stderr and 'no examples' in result.stderr
+
+
+def test_an_unreadable_client_file_fails_the_round_naming_the_client_and_keeps_checkpoints(
+    client_data, tmp_path):
+  processed = tmp_path / 'clients'
+  subprocess.run(['cp', '-r', client_data, str(processed)], check=True)
+  out = tmp_path / 'run'
+  command = _command(str(processed), out, '--config.training.rounds=2')
+  first = _run(command)
+  assert first.returncode == 0, first.stderr[-2000:]
+  manifest = manifest_lib.read_manifest(str(processed))
+  for client in manifest.split('train').clients:
+    os.remove(processed / 'train' / f'{client}.tfrecord')
+  digest = _tree_digest(out / 'checkpoints')
+  result = _run([c.replace('rounds=2', 'rounds=3') for c in command])
+  assert result.returncode == 2
+  assert 'round 3 failed' in result.stderr
+  assert '.tfrecord' in result.stderr
+  assert _tree_digest(out / 'checkpoints') == digest
+
+
+def test_resuming_with_a_different_config_is_refused_and_the_run_is_untouched(
+    client_data, tmp_path):
+  out = tmp_path / 'run'
+  first = _run(_command(client_data, out, '--config.training.rounds=1'))
+  assert first.returncode == 0, first.stderr[-2000:]
+  digest = _tree_digest(out)
+  result = _run(_command(client_data, out, '--config.training.rounds=2',
+                         '--config.dp.noise_multiplier=3.0'))
+  assert result.returncode == 2
+  assert 'config.dp.noise_multiplier: 1.9 -> 3.0' in result.stderr
+  assert '--overwrite' in result.stderr
+  assert _tree_digest(out) == digest
