@@ -83,7 +83,19 @@ def get_base_config() -> config_dict.ConfigDict:
 
   config.runtime = config_dict.ConfigDict()
   runtime = config.runtime
-  runtime.mode = 'local'
+  runtime.mode = 'local'  # local | silos
+  # mode=silos: the silos to train across, '[name=]host:port,...', and this
+  # coordinator's mutual-TLS files (see docs/deploy-silo.md).
+  runtime.silos = ''
+  runtime.tls_ca = ''
+  runtime.tls_cert = ''
+  runtime.tls_key = ''
+  # A silo that is down or fails: 'fail' stops with an error naming it;
+  # 'drop' continues without it (logged and counted per round).
+  runtime.on_silo_failure = 'fail'
+  runtime.silo_round_timeout_s = 600.0
+  runtime.silo_connect_timeout_s = 30.0
+  runtime.min_silos_per_round = 1
   # Run the TFF worker on a host port if no private network namespace can be
   # made. It is then reachable, unauthenticated, from any network.
   runtime.allow_exposed_worker = False

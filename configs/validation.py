@@ -173,7 +173,15 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
           'use dp.accountant=rdp or training.sampling=poisson'
       )
 
-  c.one_of('runtime.mode', ('local', 'silos'))
+  mode = c.one_of('runtime.mode', ('local', 'silos'))
+  if mode == 'silos':
+    for field in ('silos', 'tls_ca', 'tls_cert', 'tls_key'):
+      c.check(f'runtime.{field}', lambda v: isinstance(v, str) and bool(v),
+              'set for runtime.mode=silos (or pass --silos/--tls_* to the program)')
+    c.one_of('runtime.on_silo_failure', ('fail', 'drop'))
+    c.number('runtime.silo_round_timeout_s', low=0, low_open=True)
+    c.number('runtime.silo_connect_timeout_s', low=0, low_open=True)
+    c.integer('runtime.min_silos_per_round', 1)
   c.check('runtime.allow_exposed_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check(
       'runtime.max_concurrent_computation_calls',

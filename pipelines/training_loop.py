@@ -22,6 +22,7 @@ from computations import client_sampling
 from computations import evaluation
 from computations import privacy_accounting
 from pipelines import experiment as experiment_lib
+from runtime import cross_silo
 
 
 class RoundFailedError(RuntimeError):
@@ -40,6 +41,9 @@ class TrainingResult:
 
 def describe_error(error: BaseException) -> str:
   """One line for an execution error: a worker's gRPC status, not its graph dump."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, cross_silo.SiloError):
+      return str(e)
   for e in (error, error.__cause__, error.__context__):
     if isinstance(e, grpc.RpcError) and hasattr(e, 'details'):
       details = (e.details() or '').split('\n')[0]
@@ -93,6 +97,8 @@ def _format_progress(round_num: int, rounds: int, values: dict[str, float]) -> s
   ]
   if 'epsilon' in values:
     parts.append(f'epsilon={values["epsilon"]:.3f}')
+  if values.get('dropped_silos'):
+    parts.append(f'dropped_silos={int(values["dropped_silos"])}')
   if 'eval_accuracy' in values:
     parts.append(f'eval_accuracy={values["eval_accuracy"]:.4f}')
   parts.append(f'{values["round_seconds"]:.2f}s')
@@ -108,6 +114,7 @@ async def train(
     checkpoint_every: int = 1,
     eval_every: int = 0,
     report: Callable[[str], None] = print,
+    runtime_metrics: Optional[Callable[[], dict[str, float]]] = None,
 ) -> TrainingResult:
   """Runs (or resumes) training to `experiment.rounds` rounds.
 
@@ -121,6 +128,8 @@ async def train(
       the last one).
     eval_every: Run federated evaluation every this many rounds (0: never).
     report: Receives one progress line per round.
+    runtime_metrics: Called after each round; its values (e.g. silos dropped)
+      join the round's metrics.
 
   Returns:
     A `TrainingResult`.
@@ -154,6 +163,8 @@ async def train(
       ) from e
     state = output.state
     values = {'clients': float(len(clients)), **_round_metrics(output)}
+    if runtime_metrics is not None:
+      values.update(runtime_metrics())
     epsilon = epsilon_after(experiment, round_num)
     if epsilon is not None:
       values['epsilon'] = epsilon

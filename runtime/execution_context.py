@@ -48,11 +48,54 @@ def refuse_unisolated_default_context() -> None:
   tff.framework.set_default_context(_RefusingContext())
 
 
+class WorkerCallError(grpc.RpcError):
+  """A call to a TFF worker failed, not to be retried; `code()` and `details()` as gRPC's."""
+
+  def __init__(self, code: grpc.StatusCode, details: str):
+    super().__init__(f'{code.name}: {details}')
+    self._code = code
+    self._details = details
+
+  def code(self) -> grpc.StatusCode:
+    return self._code
+
+  def details(self) -> str:
+    return self._details
+
+
+class FailFastStub(tff.framework.RemoteExecutorGrpcStub):
+  """TFF's stub, minus endless retries.
+
+  TFF marks UNAVAILABLE and similar statuses retryable, and its execution
+  contexts then retry forever: a dead worker or silo would hang the run. Here
+  every failed call raises `WorkerCallError`, and the program decides
+  (fail the round naming the silo, or drop the silo).
+  """
+
+
+def _fail_fast(name: str):
+  method = getattr(tff.framework.RemoteExecutorGrpcStub, name)
+
+  def call(self, request):
+    try:
+      return method(self, request)
+    except grpc.RpcError as e:  # RetryableGRPCError is one too.
+      raise WorkerCallError(e.code(), e.details() or '') from None
+
+  call.__name__ = name
+  return call
+
+
+for _name in ('get_executor', 'create_value', 'create_struct', 'create_call',
+              'create_selection', 'compute', 'dispose', 'dispose_executor'):
+  setattr(FailFastStub, _name, _fail_fast(_name))
+
+
 def executor_factory_for_channel(
     channel: grpc.Channel, *, default_num_clients: int = 0
 ) -> tff.framework.ExecutorFactory:
   """An executor factory whose executors run on the worker behind `channel`."""
-  stub = tff.framework.RemoteExecutorGrpcStub(channel)
+  stub = FailFastStub(channel)
 
   def stack_fn(cardinalities):
     # Computations with no CLIENTS-placed argument still need a cardinality.

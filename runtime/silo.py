@@ -1,0 +1,106 @@
+r"""Runs a silo server on a data owner's machine (`fedpipe-silo`).
+
+    fedpipe-silo --data_dir=/srv/fedpipe/clients --listen=0.0.0.0:8443 \
+        --tls_cert=certs/silo-a.pem --tls_key=certs/silo-a.key \
+        --client_ca=certs/ca.pem
+
+`--data_dir` is the output of the preprocessing pipeline. Coordinators must
+present a client certificate signed by `--client_ca`. Prints
+`ready address=<host:port>` once serving; SIGTERM or Ctrl-C stops it
+gracefully, ending its worker. See docs/deploy-silo.md.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Workers are started with fork+exec while gRPC channels are open.
+os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import logging
+import signal
+import sys
+
+from absl import app
+from absl import flags
+
+from runtime import certificates
+from runtime import silo_server
+from runtime import tls as tls_lib
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Preprocessed client-data directory.')
+_LISTEN = flags.DEFINE_string(
+    'listen', '127.0.0.1:8443',
+    'host:port to serve on; 0.0.0.0:8443 for every interface (port 0: any free port).')
+_TLS_CERT = flags.DEFINE_string('tls_cert', None, "This silo's server certificate (PEM).")
+_TLS_KEY = flags.DEFINE_string('tls_key', None, "This silo's private key (PEM).")
+_CLIENT_CA = flags.DEFINE_string(
+    'client_ca', None, 'CA certificate (PEM) that signs the coordinators allowed to connect.')
+_NAME = flags.DEFINE_string('name', None, "Silo name; default: the certificate's common name.")
+_WORKER_LOG = flags.DEFINE_string('worker_log', None, 'File for the TFF worker output.')
+
+
+class _JsonLines(logging.Formatter):
+  """Log records as JSON objects (messages that already are JSON are merged in)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    entry = {'time': round(record.created, 3), 'level': record.levelname.lower(),
+             'logger': record.name}
+    message = record.getMessage()
+    try:
+      fields = json.loads(message)
+      entry.update(fields if isinstance(fields, dict) else {'message': message})
+    except ValueError:
+      entry['message'] = message
+    return json.dumps(entry)
+
+
+def _configure_logging() -> None:
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(_JsonLines())
+  logger = logging.getLogger('fedpipe')
+  logger.handlers[:] = [handler]
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _configure_logging()
+  tls = tls_lib.TlsFiles(ca=_CLIENT_CA.value, cert=_TLS_CERT.value, key=_TLS_KEY.value)
+  name = _NAME.value
+  if not name:
+    try:
+      with open(tls.cert, 'rb') as f:
+        name = certificates.common_name(f.read())
+    except (OSError, ValueError, IndexError) as e:
+      print(f'error: cannot read --tls_cert {tls.cert!r}: {e}', file=sys.stderr)
+      return 2
+  server = silo_server.SiloServer(
+      data_dir=_DATA_DIR.value, listen=_LISTEN.value, tls=tls, silo_name=name,
+      worker_log=_WORKER_LOG.value)
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: server.request_stop())
+  try:
+    server.start()
+  except silo_server.SiloStartError as e:
+    print(f'error: silo {name}: {e}', file=sys.stderr)
+    return 2
+  print(f'ready address={server.address}', flush=True)
+  try:
+    server.wait()
+  finally:
+    server.stop()
+  return 0
+
+
+def run() -> None:
+  """Console-script entrypoint."""
+  flags.mark_flags_as_required(['data_dir', 'tls_cert', 'tls_key', 'client_ca'])
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,311 @@
+"""A data owner's silo: TFF's executor service over mutual TLS, relayed to an isolated worker.
+
+The server a data owner runs on their own infrastructure:
+
+* speaks TFF's `ExecutorGroup` gRPC service to the coordinator over mutual
+  TLS: callers without a client certificate signed by the silo's CA never get
+  past the handshake;
+* relays every call to a TFF worker it starts and supervises itself, in a
+  private loopback-only network namespace, with the silo's client-data
+  directory as the worker's working directory (data is read here, by client
+  id, and only aggregates leave);
+* publishes its manifest (client ids, example counts, feature spec) through
+  `fedpipe.Silo/GetManifest`, never record contents;
+* answers standard gRPC health checks (`grpc.health.v1.Health`);
+* logs one JSON object per event;
+* restarts its worker if it dies, and ends it on shutdown.
+
+Every executor call passes through `ExecutorProxy`, where a `CallGate` (the
+data owner's policy, see governance) may refuse it before it reaches the
+worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Optional, Protocol
+
+import grpc
+from grpc_health.v1 import health
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from tensorflow_federated.proto.v0 import executor_pb2_grpc
+
+from pipelines import manifest as manifest_lib
+from runtime import isolated_worker
+from runtime import tls as tls_lib
+
+LOG = logging.getLogger('fedpipe.silo')
+
+EXECUTOR_SERVICE = 'tensorflow_federated.v0.ExecutorGroup'
+SILO_SERVICE = 'fedpipe.Silo'
+_EXECUTOR_METHODS = (
+    'GetExecutor', 'CreateValue', 'CreateCall', 'CreateStruct',
+    'CreateSelection', 'Compute', 'Dispose', 'DisposeExecutor',
+)
+_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+GRPC_OPTIONS = (
+    ('grpc.max_send_message_length', _MAX_MESSAGE_BYTES),
+    ('grpc.max_receive_message_length', _MAX_MESSAGE_BYTES),
+    # Coordinators send keepalive pings every 30 s (cross_silo).
+    ('grpc.http2.min_recv_ping_interval_without_data_ms', 20_000),
+    ('grpc.keepalive_permit_without_calls', 1),
+)
+_WATCH_INTERVAL_S = 1.0
+
+
+class SiloStartError(RuntimeError):
+  """The silo server cannot start; the message says what to fix."""
+
+
+class CallGate(Protocol):
+  """Decides whether an executor call may reach the worker.
+
+  Returns None to allow it, or a message to refuse it with
+  PERMISSION_DENIED. `on_forwarded` runs after the worker answered.
+  """
+
+  def check(self, method: str, request, caller: str) -> Optional[str]:
+    ...
+
+  def on_forwarded(self, method: str, request, response, caller: str) -> None:
+    ...
+
+
+class _WorkerLink:
+  """The supervised worker and a stub to it; replaced when the worker dies."""
+
+  def __init__(self, data_dir: str, log_path: Optional[str], max_concurrent: int):
+    self._data_dir = data_dir
+    self._log_path = log_path
+    self._max_concurrent = max_concurrent
+    self._lock = threading.Lock()
+    self.worker: Optional[isolated_worker.IsolatedWorker] = None
+    self.channel: Optional[grpc.Channel] = None
+    self.stub: Optional[executor_pb2_grpc.ExecutorGroupStub] = None
+    self.restarts = 0
+
+  def start(self) -> None:
+    with self._lock:
+      worker = isolated_worker.IsolatedWorker(
+          working_dir=self._data_dir,
+          log_path=self._log_path,
+          max_concurrent_computation_calls=self._max_concurrent,
+      )
+      worker.start()
+      self.worker = worker
+      self.channel = grpc.insecure_channel(worker.target, options=GRPC_OPTIONS)
+      self.stub = executor_pb2_grpc.ExecutorGroupStub(self.channel)
+
+  def stop(self) -> None:
+    with self._lock:
+      if self.channel is not None:
+        self.channel.close()
+      if self.worker is not None:
+        self.worker.stop()
+      self.worker = self.channel = self.stub = None
+
+  def alive(self) -> bool:
+    return self.worker is not None and self.worker.is_alive()
+
+
+class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
+  """Forwards TFF executor calls to the worker, through the gate, with logs."""
+
+  def __init__(self, link: _WorkerLink, *, silo_name: str, gate: Optional[CallGate] = None):
+    self._link = link
+    self._silo_name = silo_name
+    self._gate = gate
+
+  def _forward(self, method: str, request, context: grpc.ServicerContext):
+    caller = tls_lib.peer_identity(context)
+    if self._gate is not None:
+      refusal = self._gate.check(method, request, caller)
+      if refusal is not None:
+        LOG.warning(json.dumps({'event': 'refused', 'silo': self._silo_name,
+                                'method': method, 'caller': caller, 'reason': refusal}))
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {refusal}')
+    stub = self._link.stub
+    if stub is None:
+      context.abort(grpc.StatusCode.UNAVAILABLE, f'silo {self._silo_name}: worker is restarting')
+    started = time.monotonic()
+    try:
+      response = getattr(stub, method)(request)
+    except grpc.RpcError as e:
+      LOG.error(json.dumps({'event': 'worker_error', 'silo': self._silo_name, 'method': method,
+                            'caller': caller, 'code': e.code().name,
+                            'details': (e.details() or '').split('\n')[0][:500]}))
+      context.abort(e.code(), f'silo {self._silo_name}: {e.details()}')
+    if self._gate is not None:
+      self._gate.on_forwarded(method, request, response, caller)
+    if method in ('GetExecutor', 'DisposeExecutor'):
+      LOG.info(json.dumps({'event': method, 'silo': self._silo_name, 'caller': caller,
+                           'ms': round(1000 * (time.monotonic() - started), 1)}))
+    return response
+
+
+def _make_method(name: str) -> Callable:
+  def method(self, request, context):
+    return self._forward(name, request, context)  # pylint: disable=protected-access
+  method.__name__ = name
+  return method
+
+
+for _name in _EXECUTOR_METHODS:
+  setattr(ExecutorProxy, _name, _make_method(_name))
+
+
+class SiloServer:
+  """A silo: mTLS executor service, manifest, health; owns its worker."""
+
+  def __init__(
+      self,
+      *,
+      data_dir: str,
+      listen: str,
+      tls: tls_lib.TlsFiles,
+      silo_name: str,
+      gate: Optional[CallGate] = None,
+      worker_log: Optional[str] = None,
+      max_concurrent_computation_calls: int = -1,
+      max_workers: int = 16,
+  ):
+    """Configures the silo; `start()` starts it.
+
+    Args:
+      data_dir: The preprocessed client-data directory (manifest.json +
+        per-client TFRecords) the silo serves.
+      listen: `host:port` to listen on; port 0 picks a free port.
+      tls: This silo's certificate and key, and the CA whose client
+        certificates it accepts.
+      silo_name: Name reported to coordinators and in logs.
+      gate: Optional policy deciding which calls may run.
+      worker_log: File for the worker's output.
+      max_concurrent_computation_calls: Passed to the worker.
+      max_workers: gRPC server threads.
+    """
+    self._data_dir = data_dir
+    self._listen = listen
+    self._tls = tls
+    self.silo_name = silo_name
+    self._gate = gate
+    self._max_workers = max_workers
+    self._link = _WorkerLink(data_dir, worker_log, max_concurrent_computation_calls)
+    self._server: Optional[grpc.Server] = None
+    self._health = health.HealthServicer()
+    self._stop = threading.Event()
+    self._watcher: Optional[threading.Thread] = None
+    self._manifest_json = b''
+    self.port: Optional[int] = None
+
+  @property
+  def address(self) -> str:
+    host = self._listen.rsplit(':', 1)[0]
+    return f'{host}:{self.port}'
+
+  def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    del request
+    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name,
+                         'caller': tls_lib.peer_identity(context)}))
+    return self._manifest_json
+
+  def start(self) -> 'SiloServer':
+    """Loads the manifest, starts the worker, then serves.
+
+    Raises:
+      SiloStartError: If the data directory, TLS files, worker or listen
+        address is unusable.
+    """
+    try:
+      manifest = manifest_lib.read_manifest(self._data_dir)
+      credentials = self._tls.server_credentials()
+    except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
+      raise SiloStartError(str(e)) from e
+    self._manifest_json = json.dumps(
+        {'silo': self.silo_name, 'manifest': manifest.to_json()}).encode()
+    try:
+      self._link.start()
+    except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
+      raise SiloStartError(str(e)) from e
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=self._max_workers),
+        options=GRPC_OPTIONS,
+    )
+    executor_pb2_grpc.add_ExecutorGroupServicer_to_server(
+        ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate), server)
+    health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SILO_SERVICE, {
+        'GetManifest': grpc.unary_unary_rpc_method_handler(
+            self._get_manifest, request_deserializer=None, response_serializer=None),
+    })])
+    try:
+      self.port = server.add_secure_port(self._listen, credentials)
+    except RuntimeError as e:
+      self._link.stop()
+      raise SiloStartError(f'cannot listen on {self._listen}: {e}') from e
+    if not self.port:
+      self._link.stop()
+      raise SiloStartError(f'cannot listen on {self._listen} (address in use or invalid)')
+    server.start()
+    self._server = server
+    self._set_serving(True)
+    self._watcher = threading.Thread(target=self._watch_worker, name='worker-watch', daemon=True)
+    self._watcher.start()
+    LOG.info(json.dumps({
+        'event': 'serving', 'silo': self.silo_name, 'address': self.address,
+        'clients': {s: len(m.clients) for s, m in manifest.splits.items()},
+        'worker_target': self._link.worker.target,
+    }))
+    return self
+
+  def _set_serving(self, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for service in ('', EXECUTOR_SERVICE, SILO_SERVICE):
+      self._health.set(service, status)
+
+  def _watch_worker(self) -> None:
+    while not self._stop.wait(_WATCH_INTERVAL_S):
+      if self._link.alive():
+        continue
+      self._set_serving(False)
+      LOG.error(json.dumps({'event': 'worker_died', 'silo': self.silo_name,
+                            'restarts': self._link.restarts}))
+      self._link.stop()
+      try:
+        self._link.start()
+        self._link.restarts += 1
+        self._set_serving(True)
+        LOG.info(json.dumps({'event': 'worker_restarted', 'silo': self.silo_name}))
+      except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
+        LOG.error(json.dumps({'event': 'worker_restart_failed', 'silo': self.silo_name,
+                              'error': str(e)}))
+
+  def worker_pid(self) -> Optional[int]:
+    worker = self._link.worker
+    return worker.pid if worker else None
+
+  def stop(self, grace: float = 5.0) -> None:
+    """Stops serving (in-flight calls get `grace` seconds) and ends the worker."""
+    self._stop.set()
+    if self._server is not None:
+      self._set_serving(False)
+      self._server.stop(grace).wait()
+      self._server = None
+    if self._watcher is not None:
+      self._watcher.join(timeout=5)
+    self._link.stop()
+    LOG.info(json.dumps({'event': 'stopped', 'silo': self.silo_name}))
+
+  def request_stop(self) -> None:
+    """Makes `wait()` return (safe from a signal handler)."""
+    self._stop.set()
+
+  def wait(self) -> None:
+    """Blocks until `stop()` is called."""
+    self._stop.wait()
