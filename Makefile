@@ -11,7 +11,7 @@ CONFIG ?= configs/digits_dp.py
 OUTPUT_DIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-silos test test-fast bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -39,3 +39,8 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(TOOLS) data runs
+
+# Three silo servers on loopback (mutual TLS), then training across them.
+demo-silos: install
+	$(PY) -m pipelines.make_data --config=$(CONFIG)
+	$(PY) -m pipelines.cross_silo_demo --config=$(CONFIG)

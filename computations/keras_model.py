@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 import tensorflow_federated as tff
 
+
 from computations import client_data
 
 KerasModelBuilder = Callable[[], tf.keras.Model]

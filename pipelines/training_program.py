@@ -1,0 +1,156 @@
+"""A training run from a validated config: runtime, loop, evaluation, outputs.
+
+The logic behind `python -m pipelines.train` (which only adds flags), usable
+from other programs (the cross-silo demo, benchmarks) without flag clashes.
+"""
+
+import asyncio
+import contextlib
+import math
+import os
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from computations import privacy_accounting
+from configs import validation
+from pipelines import experiment as experiment_lib
+from pipelines import manifest as manifest_lib
+from pipelines import privacy_report
+from pipelines import run_directory
+from pipelines import training_loop
+from pipelines import training_plot
+from runtime import cross_silo
+from runtime import execution_context
+from runtime import isolated_worker
+from runtime import tls as tls_lib
+
+USER_ERRORS = (
+    validation.ConfigError,
+    manifest_lib.ManifestError,
+    experiment_lib.ExperimentError,
+    privacy_accounting.PrivacyAccountingError,
+    run_directory.RunDirectoryError,
+    isolated_worker.WorkerIsolationError,
+    isolated_worker.WorkerStartError,
+    training_loop.RoundFailedError,
+    cross_silo.SiloError,
+    cross_silo.FederationError,
+    tls_lib.TlsConfigError,
+)
+
+
+def quiet_logs() -> None:
+  """Keeps TensorFlow's and absl's INFO chatter out of a program's output."""
+  tf.get_logger().setLevel('ERROR')
+  logging.set_verbosity(logging.WARNING)
+
+
+def _export_model(experiment, model_weights, path: str) -> None:
+  """Saves the trained weights as a Keras model (`model.keras`)."""
+  model = experiment.keras_model_builder()
+  model_weights.assign_weights_to(model)
+  tmp = f'{path}.tmp.keras'
+  model.save(tmp)
+  os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def open_runtime(config, run_dir: run_directory.RunDirectory):
+  """The client data's manifest and the TFF runtime, local or across silos.
+
+  Yields:
+    (manifest, per-round runtime metrics function or None).
+  """
+  runtime = config.runtime
+  if runtime.mode == 'local':
+    manifest = manifest_lib.read_manifest(config.data.processed_dir)
+    with execution_context.local_worker_context(
+        config.data.processed_dir,
+        log_path=run_dir.worker_log,
+        allow_exposed_worker=runtime.allow_exposed_worker,
+        max_concurrent_computation_calls=runtime.max_concurrent_computation_calls,
+    ):
+      yield manifest, None
+    return
+  with cross_silo.federation(
+      cross_silo.parse_silos(runtime.silos),
+      tls_lib.TlsFiles(ca=runtime.tls_ca, cert=runtime.tls_cert, key=runtime.tls_key),
+      on_failure=runtime.on_silo_failure,
+      round_timeout_s=runtime.silo_round_timeout_s,
+      connect_timeout_s=runtime.silo_connect_timeout_s,
+      min_silos_per_round=runtime.min_silos_per_round,
+      server_log_path=run_dir.worker_log,
+      allow_exposed_worker=runtime.allow_exposed_worker,
+  ) as fed:
+    silos = ', '.join(
+        f'{name} ({len([c for c in fed.manifest.split("train").clients if c.startswith(name + "/")])}'
+        ' clients)' for name in sorted(fed.silos))
+    print(f'silos: {silos}', flush=True)
+    for name, reason in fed.unavailable.items():
+      print(f'warning: silo {name} left out: {reason}', flush=True)
+    yield fed.manifest, fed.context.pop_round_metrics
+
+
+def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
+  """Runs or resumes training; returns the privacy report."""
+  config = validation.validate(config)
+  run_dir = run_directory.prepare(output_dir, config, overwrite=overwrite)
+  with open_runtime(config, run_dir) as (manifest, runtime_metrics):
+    experiment = experiment_lib.build_experiment(config, manifest)
+    seed, seed_is_secret = run_directory.sampling_seed(run_dir, config.training.sampling_seed)
+    _print_plan(experiment)
+    state_manager = tff.program.FileProgramStateManager(
+        run_dir.checkpoints, keep_total=config.training.keep_checkpoints
+    )
+    release_managers = [
+        tff.program.CSVFileReleaseManager(run_dir.metrics_csv, key_fieldname='key'),
+        tff.program.TensorBoardReleaseManager(run_dir.tensorboard),
+    ]
+    result = asyncio.run(
+        training_loop.train(
+            experiment,
+            sampling_seed=seed,
+            state_manager=state_manager,
+            release_managers=release_managers,
+            checkpoint_every=config.training.checkpoint_every,
+            eval_every=config.training.eval_every,
+            report=lambda line: print(line, flush=True),
+            runtime_metrics=runtime_metrics,
+        )
+    )
+    weights = experiment.train_process.get_model_weights(result.state)
+    test_metrics = training_loop.evaluate(experiment, weights)
+  _export_model(experiment, weights, run_dir.model)
+  report = privacy_report.build_report(
+      experiment,
+      rounds=result.rounds_completed,
+      epsilon=result.epsilon,
+      test_metrics=test_metrics,
+      sampling_seed_is_secret=seed_is_secret,
+  )
+  privacy_report.write_report(run_dir.root, report)
+  training_plot.plot_training_curves(
+      run_dir.metrics_csv, run_dir.root, title=f'{config.name}: {experiment.rounds} rounds'
+  )
+  epsilon = result.epsilon if result.epsilon is not None else math.inf
+  print(f'test_accuracy={test_metrics["accuracy"]:.4f}')
+  print(f'epsilon={epsilon:.4f}')
+  print(f'delta={report["delta"] if report["delta"] is not None else 0.0:g}')
+  print(f'output_dir={run_dir.root}', flush=True)
+  return report
+
+
+def _print_plan(experiment) -> None:
+  if experiment.privacy:
+    p = experiment.privacy
+    print(
+        f'DP-FedAvg: noise_multiplier={p.noise_multiplier:.4g} clipping={p.clipping}'
+        f' weight_cap={p.weight_cap:g} population={experiment.sampling.population_size}'
+        f' clients_per_round={experiment.sampling.clients_per_round} ({experiment.sampling.method})'
+        f' rounds={experiment.rounds} delta={p.delta:g}',
+        flush=True,
+    )
+  else:
+    print('FedAvg without differential privacy', flush=True)
