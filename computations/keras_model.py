@@ -51,7 +51,9 @@ def build_mlp(
       kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed + len(hidden_units)),
       name='logits',
   )(x)
-  return tf.keras.Model(inputs=inputs, outputs=logits)
+  # A fixed name keeps the traced graphs (and so approved computation
+  # fingerprints) independent of how many models the process built before.
+  return tf.keras.Model(inputs=inputs, outputs=logits, name='mlp')
 
 
 def build_model_fn(
