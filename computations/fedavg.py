@@ -16,10 +16,29 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Optional
 
+import tensorflow as tf
 import tensorflow_federated as tff
+
+
+def cosine_decay(
+    learning_rate: float, *, rounds: int, final_fraction: float = 0.1
+) -> Callable[[tf.Tensor], tf.Tensor]:
+  """A round -> learning rate schedule for `tff.learning.optimizers.schedule_learning_rate`.
+
+  Decays from `learning_rate` at round 0 to `final_fraction * learning_rate`
+  at round `rounds` along a half cosine, then stays there.
+  """
+
+  def schedule(round_num: tf.Tensor) -> tf.Tensor:
+    progress = tf.minimum(tf.cast(round_num, tf.float32) / float(max(rounds, 1)), 1.0)
+    cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return learning_rate * (final_fraction + (1.0 - final_fraction) * cosine)
+
+  return schedule
 
 
 def build_fedavg_process(

@@ -55,6 +55,11 @@ def get_base_config() -> config_dict.ConfigDict:
   training.server_optimizer = 'sgdm'  # sgdm | adam
   training.server_learning_rate = 1.0
   training.server_momentum = 0.9
+  # 'cosine' decays the server learning rate to server_lr_final_fraction of
+  # its value by the last round: later (noisier, under DP) updates move the
+  # model less. Post-processing: it costs no privacy.
+  training.server_lr_schedule = 'constant'  # constant | cosine
+  training.server_lr_final_fraction = 0.1
   training.adam_beta1 = 0.9
   training.adam_beta2 = 0.99
   training.adam_epsilon = 1e-3

@@ -133,6 +133,8 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.one_of('training.server_optimizer', ('sgdm', 'adam'))
   c.number('training.server_learning_rate', low=0, low_open=True)
   c.number('training.server_momentum', low=0, high=1, high_open=True)
+  c.one_of('training.server_lr_schedule', ('constant', 'cosine'))
+  c.number('training.server_lr_final_fraction', low=0, high=1)
   c.number('training.adam_beta1', low=0, high=1, high_open=True)
   c.number('training.adam_beta2', low=0, high=1, high_open=True)
   c.number('training.adam_epsilon', low=0, low_open=True)

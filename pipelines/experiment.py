@@ -72,15 +72,26 @@ def keras_builder(config: config_dict.ConfigDict, manifest: manifest_lib.Manifes
 
 def _server_optimizer(training: config_dict.ConfigDict) -> tff.learning.optimizers.Optimizer:
   if training.server_optimizer == 'adam':
-    return tff.learning.optimizers.build_adam(
+    optimizer = tff.learning.optimizers.build_adam(
         learning_rate=training.server_learning_rate,
         beta_1=training.adam_beta1,
         beta_2=training.adam_beta2,
         epsilon=training.adam_epsilon,
     )
-  return tff.learning.optimizers.build_sgdm(
-      learning_rate=training.server_learning_rate, momentum=training.server_momentum
-  )
+  else:
+    optimizer = tff.learning.optimizers.build_sgdm(
+        learning_rate=training.server_learning_rate, momentum=training.server_momentum
+    )
+  if training.server_lr_schedule == 'cosine':
+    optimizer = tff.learning.optimizers.schedule_learning_rate(
+        optimizer,
+        fedavg.cosine_decay(
+            training.server_learning_rate,
+            rounds=training.rounds,
+            final_fraction=training.server_lr_final_fraction,
+        ),
+    )
+  return optimizer
 
 
 def _privacy_settings(

@@ -25,6 +25,7 @@ batch engine) in `in_memory` mode: on 2 cores it was 1.5-5x faster than
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -333,9 +334,14 @@ class ReadAndValidateFn(beam.DoFn):
   """Reads one input file and validates its rows against the feature spec.
 
   Input: `(file_index, path, format)`. Main output: `(split/client_id,
-  (file_index, line_number, x, y))`. Tagged outputs: `dead_letter` (JSON
-  lines) and `stats` (one JSON line per file with its row and reason counts).
+  (file_index, [(line_number, serialized tf.train.Example), ...]))`: rows are
+  combined per client before the shuffle (at most `MAX_BUFFERED_ROWS` held at
+  once), so GroupByKey moves a few elements per client instead of one per row.
+  Tagged outputs: `dead_letter` (JSON lines) and `stats` (one JSON line per
+  file with its row and reason counts).
   """
+
+  MAX_BUFFERED_ROWS = 20_000
 
   DEAD_LETTER = 'dead_letter'
   STATS = 'stats'
@@ -345,14 +351,30 @@ class ReadAndValidateFn(beam.DoFn):
     self._spec = spec
 
   def setup(self):
+    self._example = tf.train.Example()
+    self._x = self._example.features.feature['x'].float_list.value
+    self._y = self._example.features.feature['y'].int64_list.value
+    self._client_id = functools.lru_cache(maxsize=65536)(client_ids.client_id_for_key)
     self._rows = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_read')
     self._valid = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_valid')
     self._reasons = {r: Metrics.counter(METRICS_NAMESPACE, f'{self._split}_malformed_{r}')
                      for r in feature_spec_lib.REASONS}
 
+  def _serialize(self, x: list[float], y: int) -> bytes:
+    self._x[:] = x
+    self._y[:] = [y]
+    return self._example.SerializeToString()
+
+  def _flush(self, buffers: dict[str, list], file_index: int) -> Iterator[Any]:
+    for client_id, rows in buffers.items():
+      yield f'{self._split}/{client_id}', (file_index, rows)
+    buffers.clear()
+
   def process(self, element: tuple[int, str, str]) -> Iterator[Any]:
     file_index, path, fmt = element
-    rows, malformed, blank = 0, {}, 0
+    rows, valid, malformed, blank = 0, 0, {}, 0
+    buffers: dict[str, list] = {}
+    buffered = 0
     with FileSystems.open(path) as f:
       records = self._csv_records(f) if fmt == CSV_FORMAT else self._jsonl_records(f)
       for line_number, record, raw, error in records:
@@ -372,9 +394,15 @@ class ReadAndValidateFn(beam.DoFn):
               'file': path, 'line_number': line_number, 'reason': error.reason,
               'detail': error.detail, 'raw': raw}))
           continue
-        self._valid.inc()
-        yield (f'{self._split}/{client_ids.client_id_for_key(key)}',
-               (file_index, line_number, x, y))
+        valid += 1
+        buffers.setdefault(self._client_id(key), []).append(
+            (line_number, self._serialize(x, y)))
+        buffered += 1
+        if buffered >= self.MAX_BUFFERED_ROWS:
+          yield from self._flush(buffers, file_index)
+          buffered = 0
+    yield from self._flush(buffers, file_index)
+    self._valid.inc(valid)
     self._rows.inc(rows)
     yield beam.pvalue.TaggedOutput(self.STATS, json.dumps({
         'kind': 'file', 'split': self._split, 'file': path, 'rows_read': rows,
@@ -456,19 +484,17 @@ class WriteClientFileFn(beam.DoFn):
     self._examples = Metrics.counter(METRICS_NAMESPACE, 'examples_written')
 
   def process(self, element: tuple[str, Any]) -> Iterator[str]:
-    key, examples = element
+    key, chunks = element
     split, client_id = key.split('/', 1)
-    examples = sorted(examples, key=lambda e: (e[0], e[1]))
+    examples = sorted((file_index, line, example)
+                      for file_index, rows in chunks for line, example in rows)
     written = len(examples) >= self._min_examples
     if written:
       path = _join(self._output_dir, manifest_lib.client_file(split, client_id))
       tmp = f'{path}.tmp-{uuid.uuid4().hex}'
       with tf.io.TFRecordWriter(tmp) as writer:
-        for _, _, x, y in examples:
-          writer.write(tf.train.Example(features=tf.train.Features(feature={
-              'x': tf.train.Feature(float_list=tf.train.FloatList(value=x)),
-              'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[y])),
-          })).SerializeToString())
+        for _, _, example in examples:
+          writer.write(example)
       tf.io.gfile.rename(tmp, path, overwrite=True)
       self._written.inc()
       self._examples.inc(len(examples))

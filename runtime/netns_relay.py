@@ -54,7 +54,8 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
 
-def _bring_loopback_up() -> None:
+def bring_loopback_up() -> None:
+  """Brings up `lo` in the current network namespace (needs CAP_NET_ADMIN there)."""
   with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     request = struct.pack('16sH22x', b'lo', 0)
     flags_now = struct.unpack('16sH22x', fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
@@ -158,7 +159,7 @@ def main(argv: list[str]) -> int:
   ready_fd = _READY_FD.value
   try:
     if _REQUIRE_ISOLATION.value:
-      _bring_loopback_up()
+      bring_loopback_up()
       _check_isolated()
   except (OSError, RuntimeError) as e:
     _report_failure(ready_fd, f'cannot set up the private network namespace: {e}')

@@ -1,0 +1,84 @@
+"""Benchmark 2: cost and memory as the population and the round size grow."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from benchmarks import harness
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+
+
+def run(*, quick: bool = False) -> list[harness.Table]:
+  grid = [(10, 10), (100, 10), (1000, 10), (10000, 10), (10000, 100), (10000, 1000)]
+  if quick:
+    grid = [(10, 10), (1000, 10), (1000, 100)]
+  rounds = 4
+  rows = []
+  per_round_cost = {}
+  for population, per_round in grid:
+    r = harness.measure('benchmarks.measure_scale', {
+        'population': population, 'clients_per_round': per_round, 'rounds': rounds})
+    per_round_cost[(population, per_round)] = r['median_s']
+    rows.append([f'{population:,}', per_round, r['median_s'], 1000 * r['median_s'] / per_round,
+                 r['coordinator_peak_mb'], r['worker_peak_mb']])
+  biggest = max(p for p, _ in grid)
+  sizes = sorted(m for p, m in grid if p == biggest)
+  notes = ['Virtual silos (one isolated worker), `tiny` workload: 8 examples a client, '
+           '16-16-2 MLP, DP-FedAvg, fixed-size sampling; median of rounds 2..'
+           f'{rounds}.']
+  if len(sizes) >= 2:
+    costs = [per_round_cost[(biggest, m)] for m in sizes]
+    slope, intercept = np.polyfit(sizes, costs, 1)
+    predicted = np.polyval([slope, intercept], sizes)
+    worst = max(abs(c - p) / c for c, p in zip(costs, predicted))
+    notes.append(f'Linear fit over clients per round at population {biggest:,}: '
+                 f'{1000 * slope:.1f} ms per client + {intercept:.2f} s per round; largest '
+                 f'deviation from the line {100 * worst:.0f}% (target: linear).')
+  small = [r for r in rows if r[1] == 10]
+  notes.append('Population at 10 clients per round, from '
+               f'{small[0][0]} to {small[-1][0]} clients: coordinator peak '
+               f'{small[0][4]:.0f} -> {small[-1][4]:.0f} MB, worker peak '
+               f'{small[0][5]:.0f} -> {small[-1][5]:.0f} MB (target: flat).')
+  tables = [harness.Table(
+      'Scale in clients: seconds per round and peak memory',
+      ['population', 'clients / round', 's / round', 'ms / client', 'coordinator peak MB',
+       'worker peak MB'], rows, notes)]
+  tables.append(_memory_over_rounds(quick))
+  return tables
+
+
+def _memory_over_rounds(quick: bool) -> harness.Table:
+  rounds = 60 if quick else 240
+  population = 1000 if quick else 10000
+  r = harness.measure('benchmarks.measure_scale', {
+      'population': population, 'clients_per_round': 10, 'rounds': rounds,
+      'memory_every': 20})
+  memory = r['memory']
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([m[0] for m in memory], [m[1] for m in memory], marker='o', label='coordinator')
+  ax.plot([m[0] for m in memory], [m[2] for m in memory], marker='o', label='worker')
+  ax.set_xlabel('round')
+  ax.set_ylabel('resident memory (MB)')
+  ax.set_title(f'Memory over {rounds} rounds, population {population:,}')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(RESULTS_DIR, 'memory_over_rounds.png'), dpi=100)
+  plt.close(fig)
+  first, last = memory[1] if len(memory) > 1 else memory[0], memory[-1]
+  growth_c = last[1] - first[1]
+  growth_w = last[2] - first[2]
+  return harness.Table(
+      f'Memory over {rounds} rounds (population {population:,}, 10 clients a round)',
+      ['round', 'coordinator MB', 'worker MB'],
+      [[m[0], m[1], m[2]] for m in memory],
+      [f'From round {first[0]} to {last[0]}: coordinator {growth_c:+.0f} MB, worker '
+       f'{growth_w:+.0f} MB (target: no growth). Plot: '
+       'benchmarks/results/memory_over_rounds.png'])

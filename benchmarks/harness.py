@@ -1,0 +1,186 @@
+"""Shared benchmark plumbing: isolated measurements, medians, ratios, tables.
+
+Every measurement runs in a subprocess of its own (`python -m <module>
+<json args>` printing one JSON line), so its timings and peak memory are its
+own and a crashed baseline cannot take the others down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import tempfile
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_PREFIX = 'BENCH_RESULT '
+
+
+class MeasurementError(RuntimeError):
+  """A measurement subprocess failed; the message holds the end of its output."""
+
+
+def emit(result: dict[str, Any]) -> None:
+  """Called by a measurement subprocess to hand its result back."""
+  print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def _isolation_prefix() -> list[str]:
+  unshare = shutil.which('unshare')
+  if unshare is None:
+    raise MeasurementError('benchmarks run in a private network namespace; install util-linux')
+  return [unshare, '--net'] if os.geteuid() == 0 else [unshare, '--map-root-user', '--net']
+
+
+def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
+            python: Optional[str] = None, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+  """Runs `module` with JSON `args` in a private network namespace; returns its result.
+
+  The subprocess gets its own session; everything left in it afterwards
+  (e.g. TFF's own worker, which outlives its parent) is killed. The result
+  gains `wall_s` and `peak_rss_mb` (the measurement process's peak resident
+  memory, from the kernel's accounting of waited-for children).
+  """
+  started = time.monotonic()
+  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  command = _isolation_prefix() + [python or sys.executable, '-m', 'benchmarks.private_network',
+                                   module, json.dumps(args)]
+  # Files, not pipes: a leftover grandchild holding a pipe would block reads.
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
+        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': REPO_ROOT, **(env or {})})
+    try:
+      process.wait(timeout=timeout_s)
+    finally:
+      try:
+        os.killpg(process.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+      process.wait()
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+  wall = time.monotonic() - started
+  after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  if process.returncode != 0 or not lines:
+    tail = (stdout + stderr)[-3000:]
+    raise MeasurementError(f'{module} {args} failed (exit {process.returncode}):\n{tail}')
+  result = json.loads(lines[-1][len(RESULT_PREFIX):])
+  result.setdefault('wall_s', wall)
+  # ru_maxrss of children is a running max: only meaningful when it grew.
+  result.setdefault('peak_rss_mb', after / 1024 if after > before else None)
+  return result
+
+
+def median(values: Sequence[float]) -> float:
+  return float(statistics.median(values))
+
+
+def timed_repetitions(fn, *, warmup: int = 1, repetitions: int = 3) -> list[float]:
+  """Seconds of each of `repetitions` calls of `fn` after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repetitions):
+    started = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - started)
+  return times
+
+
+def peak_rss_mb(pid: Optional[int] = None) -> float:
+  """Peak resident memory (VmHWM) of a live process, in MiB."""
+  with open(f'/proc/{pid or "self"}/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) / 1024
+  return float('nan')
+
+
+def rss_mb(pid: Optional[int] = None) -> float:
+  """Current resident memory (VmRSS) of a live process, in MiB."""
+  with open(f'/proc/{pid or "self"}/status') as f:
+    for line in f:
+      if line.startswith('VmRSS:'):
+        return int(line.split()[1]) / 1024
+  return float('nan')
+
+
+def descendants(pid: int) -> list[int]:
+  """All live descendant pids of `pid`."""
+  out = subprocess.run(['ps', '-eo', 'pid=,ppid='], capture_output=True, text=True).stdout
+  children: dict[int, list[int]] = {}
+  for line in out.splitlines():
+    if line.strip():
+      child, parent = map(int, line.split())
+      children.setdefault(parent, []).append(child)
+  found, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.append(child)
+      todo.append(child)
+  return found
+
+
+def worker_pids_of(pid: int) -> list[int]:
+  """The TFF worker_binary processes below `pid`."""
+  pids = []
+  for child in descendants(pid):
+    try:
+      with open(f'/proc/{child}/cmdline', 'rb') as f:
+        if b'worker_binary' in f.read():
+          pids.append(child)
+    except FileNotFoundError:
+      pass
+  return pids
+
+
+@dataclasses.dataclass
+class Table:
+  """A markdown table with a title and notes."""
+
+  title: str
+  columns: list[str]
+  rows: list[list[Any]]
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def markdown(self) -> str:
+    def cell(v):
+      if isinstance(v, float):
+        return f'{v:.3g}' if abs(v) < 1000 else f'{v:,.0f}'
+      return str(v)
+    lines = [f'### {self.title}', '', '| ' + ' | '.join(self.columns) + ' |',
+             '|' + '|'.join('---' for _ in self.columns) + '|']
+    lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in self.rows]
+    if self.notes:
+      lines.append('')
+      lines += [f'- {n}' for n in self.notes]
+    return '\n'.join(lines) + '\n'
+
+
+def machine_description() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '?')
+  except OSError:
+    model = platform.processor() or '?'
+  mem_gb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
+  return (f'{os.cpu_count()} CPU cores ({model}), {mem_gb:.0f} GiB RAM, '
+          f'{platform.system()} {platform.release()}, Python {platform.python_version()}')
+
+
+def verdict(value: float, target: float, *, lower_is_better: bool = True) -> str:
+  ok = value <= target if lower_is_better else value >= target
+  return 'met' if ok else 'MISSED'

@@ -1,0 +1,105 @@
+"""Benchmark workloads: the same examples, model and batching for every system.
+
+`digits`: scikit-learn's digits (1,797 examples, 64 features), the 64-64-10
+MLP. `synthetic`: 200,000 examples of 128 features labelled by a fixed random
+teacher network, a 128-256-256-10 MLP (101,642 parameters). Clients get
+near-equal shuffled shares. Per-client TFRecords (fedpipe's format, see
+pipelines/manifest.py) are cached under benchmarks/.cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from pipelines import manifest as manifest_lib
+
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache')
+BATCH_SIZE = 16
+LEARNING_RATE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  name: str
+  x: np.ndarray
+  y: np.ndarray
+  hidden_units: tuple[int, ...]
+  num_classes: int
+
+  @property
+  def num_features(self) -> int:
+    return self.x.shape[1]
+
+
+def load(name: str, *, num_examples: int = 200_000) -> Workload:
+  """The named workload (deterministic)."""
+  if name == 'digits':
+    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    x, y = load_digits(return_X_y=True)
+    return Workload('digits', (x / 16.0).astype(np.float32), y.astype(np.int64), (64, 64), 10)
+  if name == 'digits_train':  # The peer comparison's training split.
+    x_train, _, y_train, _ = digits_split()
+    return Workload('digits_train', x_train, y_train, (64, 64), 10)
+  if name == 'synthetic':
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(num_examples, 128)).astype(np.float32)
+    w1 = rng.normal(size=(128, 32)) / np.sqrt(128)
+    w2 = rng.normal(size=(32, 10)) / np.sqrt(32)
+    y = np.argmax(np.tanh(x @ w1) @ w2, axis=1).astype(np.int64)
+    return Workload('synthetic', x, y, (256, 256), 10)
+  if name == 'tiny':  # Scale benchmarks: cheap per-client work.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(num_examples, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    return Workload('tiny', x, y, (16,), 2)
+  raise ValueError(f'unknown workload {name!r}')
+
+
+def digits_split():
+  """Digits scaled to [0, 1], split 80/20 stratified with seed 0: (x_train, x_test, y_train, y_test)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  x, y = load_digits(return_X_y=True)
+  return train_test_split((x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.2,
+                          random_state=0, stratify=y)
+
+
+def partition(num_examples: int, num_clients: int) -> list[np.ndarray]:
+  """Near-equal shuffled index shares, one per client (seeded)."""
+  order = np.random.default_rng(1).permutation(num_examples)
+  return np.array_split(order, num_clients)
+
+
+def client_id(i: int) -> str:
+  return f'c{i:05d}'
+
+
+def client_data_dir(workload: Workload, num_clients: int) -> str:
+  """Writes (once) the workload as per-client TFRecords + manifest; returns the dir."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  out = os.path.join(CACHE_DIR, f'{workload.name}-{len(workload.y)}-{num_clients}')
+  if os.path.exists(manifest_lib.manifest_path(out)):
+    return out
+  os.makedirs(os.path.join(out, manifest_lib.TRAIN_SPLIT), exist_ok=True)
+  os.makedirs(os.path.join(out, manifest_lib.EVAL_SPLIT), exist_ok=True)
+  counts = {}
+  for i, idx in enumerate(partition(len(workload.y), num_clients)):
+    cid = client_id(i)
+    counts[cid] = len(idx)
+    path = os.path.join(out, manifest_lib.client_file(manifest_lib.TRAIN_SPLIT, cid))
+    with tf.io.TFRecordWriter(path) as writer:
+      for j in idx:
+        writer.write(tf.train.Example(features=tf.train.Features(feature={
+            'x': tf.train.Feature(float_list=tf.train.FloatList(value=workload.x[j])),
+            'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[workload.y[j]])),
+        })).SerializeToString())
+  manifest_lib.write_manifest(out, manifest_lib.Manifest(
+      feature_spec={'benchmark': workload.name},
+      splits={manifest_lib.TRAIN_SPLIT: manifest_lib.SplitManifest(counts),
+              manifest_lib.EVAL_SPLIT: manifest_lib.SplitManifest({})},
+      num_features=workload.num_features, num_classes=workload.num_classes))
+  return out
