@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import shutil
 import signal
 import tempfile
@@ -48,11 +47,10 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
 
   The subprocess gets its own session; everything left in it afterwards
   (e.g. TFF's own worker, which outlives its parent) is killed. The result
-  gains `wall_s` and `peak_rss_mb` (the measurement process's peak resident
-  memory, from the kernel's accounting of waited-for children).
+  gains `wall_s` and `peak_rss_mb` (the peak, sampled every 0.25 s, of the
+  summed resident memory of the measurement process and its descendants).
   """
   started = time.monotonic()
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   command = _isolation_prefix() + [python or sys.executable, '-m', 'benchmarks.private_network',
                                    module, json.dumps(args)]
   # Files, not pipes: a leftover grandchild holding a pipe would block reads.
@@ -60,8 +58,14 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
         env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': REPO_ROOT, **(env or {})})
+    peak_tree_mb = 0.0
+    deadline = time.monotonic() + timeout_s
     try:
-      process.wait(timeout=timeout_s)
+      while process.poll() is None:
+        if time.monotonic() > deadline:
+          raise subprocess.TimeoutExpired(command, timeout_s)
+        peak_tree_mb = max(peak_tree_mb, tree_rss_mb(process.pid))
+        time.sleep(0.25)
     finally:
       try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -72,15 +76,14 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
     err.seek(0)
     stdout, stderr = out.read(), err.read()
   wall = time.monotonic() - started
-  after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
   if process.returncode != 0 or not lines:
     tail = (stdout + stderr)[-3000:]
     raise MeasurementError(f'{module} {args} failed (exit {process.returncode}):\n{tail}')
   result = json.loads(lines[-1][len(RESULT_PREFIX):])
   result.setdefault('wall_s', wall)
-  # ru_maxrss of children is a running max: only meaningful when it grew.
-  result.setdefault('peak_rss_mb', after / 1024 if after > before else None)
+  # Sampled every 0.25 s: the peak of the whole process tree's resident memory.
+  result.setdefault('peak_rss_mb', peak_tree_mb)
   return result
 
 
@@ -98,6 +101,17 @@ def timed_repetitions(fn, *, warmup: int = 1, repetitions: int = 3) -> list[floa
     fn()
     times.append(time.perf_counter() - started)
   return times
+
+
+def tree_rss_mb(pid: int) -> float:
+  """Summed current resident memory of `pid` and its descendants, in MiB."""
+  total = 0.0
+  for p in [pid, *descendants(pid)]:
+    try:
+      total += rss_mb(p)
+    except (FileNotFoundError, ProcessLookupError):
+      pass
+  return total
 
 
 def peak_rss_mb(pid: Optional[int] = None) -> float:

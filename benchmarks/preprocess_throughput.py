@@ -19,7 +19,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
                    r['peak_rss_mb'], r['clients']])
   return [harness.Table(
       'Beam preprocessing: raw CSV to per-client TFRecords (DirectRunner)',
-      ['rows', 'direct_running_mode', 'seconds', 'rows / s', 'peak RSS MB (largest process)',
+      ['rows', 'direct_running_mode', 'seconds', 'rows / s', 'peak RSS MB (all processes)',
        'clients'], rows,
       ['Synthetic CSV: 16 features, 1,000 client keys, 4 input files; the whole run '
        '(validation, GroupByKey, TFRecord writes, manifest). multi_processing uses 2 workers.',
