@@ -38,7 +38,7 @@ def main(args: dict) -> None:
       keras_model.build_model_fn(build, num_features=64),
       client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
       server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
-      dataset_computation=client_data.build_dataset_computation(
+      dataset_fn=client_data.make_dataset_fn(
           split='train', num_features=64, batch_size=16))
   times = []
   with execution_context.local_worker_context(data_dir):

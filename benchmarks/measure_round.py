@@ -83,7 +83,7 @@ def fedpipe_round(w: workloads.Workload, num_clients: int, repetitions: int, *,
       client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
       server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
       model_aggregator=aggregator,
-      dataset_computation=client_data.build_dataset_computation(
+      dataset_fn=client_data.make_dataset_fn(
           split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE,
           shuffle=False))
   with execution_context.local_worker_context(data_dir):

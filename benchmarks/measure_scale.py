@@ -52,7 +52,7 @@ def main(args: dict) -> None:
       model_aggregator=dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
           noise_multiplier=1.0, clip_norm=1.0, weight_cap=EXAMPLES_PER_CLIENT,
           expected_total_weight=float(per_round)),
-      dataset_computation=client_data.build_dataset_computation(
+      dataset_fn=client_data.make_dataset_fn(
           split='train', num_features=w.num_features, batch_size=16))
   memory = []
   with execution_context.local_worker_context(data_dir) as worker:

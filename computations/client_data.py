@@ -9,6 +9,7 @@ TensorFlow computation, executed by the worker at the data's site, opens
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -44,15 +45,15 @@ def parse_examples(serialized: tf.Tensor, num_features: int) -> collections.Orde
   ])
 
 
-def build_dataset_computation(
+def make_dataset_fn(
     *,
     split: str,
     num_features: int,
     batch_size: int,
     epochs: int = 1,
     shuffle: bool = True,
-) -> tff.Computation:
-  """A `tff.tensorflow.computation` from a client id to its batched dataset.
+) -> Callable[[tf.Tensor], tf.data.Dataset]:
+  """A function from a client-id tensor to its batched dataset, for use inside TFF computations.
 
   Args:
     split: `manifest.TRAIN_SPLIT` or `manifest.EVAL_SPLIT`.
@@ -62,8 +63,8 @@ def build_dataset_computation(
     shuffle: Reshuffle each pass (training); off for evaluation.
 
   Returns:
-    A computation of type `(str -> <x=float32[?,F],y=int64[?]>*)`. It fails at
-    the worker if the id is not a valid client id (no path components).
+    A function that fails at the worker if the id is not a valid client id
+    (no path components), and otherwise reads `<split>/<id>.tfrecord`.
 
   Raises:
     ValueError: For an unknown split or non-positive sizes.
@@ -76,8 +77,7 @@ def build_dataset_computation(
         f'{batch_size}, {epochs}, {num_features}'
     )
 
-  @tff.tensorflow.computation(np.str_)
-  def dataset_for_client(client_id):
+  def dataset_for_client(client_id: tf.Tensor) -> tf.data.Dataset:
     check = tf.debugging.Assert(
         tf.strings.regex_full_match(client_id, manifest.CLIENT_ID_PATTERN),
         ['invalid client id:', client_id],
@@ -89,8 +89,17 @@ def build_dataset_computation(
       dataset = dataset.shuffle(_SHUFFLE_BUFFER, reshuffle_each_iteration=True)
     if epochs > 1:
       dataset = dataset.repeat(epochs)
-    return dataset.batch(batch_size).map(
-        lambda s: parse_examples(s, num_features)
-    ).prefetch(1)
+    return dataset.batch(batch_size).map(lambda s: parse_examples(s, num_features))
+
+  return dataset_for_client
+
+
+def build_dataset_computation(**kwargs) -> tff.Computation:
+  """`make_dataset_fn(**kwargs)` as a `tff.tensorflow.computation` of type `(str -> B*)`."""
+  dataset_fn = make_dataset_fn(**kwargs)
+
+  @tff.tensorflow.computation(np.str_)
+  def dataset_for_client(client_id):
+    return dataset_fn(client_id)
 
   return dataset_for_client

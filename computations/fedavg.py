@@ -23,6 +23,8 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from computations import client_work
+
 
 def cosine_decay(
     learning_rate: float, *, rounds: int, final_fraction: float = 0.1
@@ -48,12 +50,13 @@ def build_fedavg_process(
     server_optimizer: tff.learning.optimizers.Optimizer,
     model_aggregator: Optional[tff.aggregators.WeightedAggregationFactory] = None,
     proximal_strength: float = 0.0,
-    dataset_computation: Optional[tff.Computation] = None,
+    dataset_fn: Optional[client_work.DatasetFn] = None,
 ) -> tff.learning.templates.LearningProcess:
   """Builds example-weighted FedAvg (or FedProx) as a `LearningProcess`.
 
-  Type signature, with `dataset_computation` of type `(I -> B*)`:
-  `next: (<S@SERVER, {I}@CLIENTS> -> <state=S@SERVER, metrics=M@SERVER>)`;
+  Type signature, with `dataset_fn`:
+  `next: (<S@SERVER, {str}@CLIENTS> -> <state=S@SERVER, metrics=M@SERVER>)`,
+  clients given by id and their data read where the computation runs;
   without it, clients take datasets `{B*}@CLIENTS` directly.
 
   Args:
@@ -64,8 +67,9 @@ def build_fedavg_process(
     model_aggregator: Aggregator of weighted client updates. `None`: TFF's
       weighted mean (no DP).
     proximal_strength: FedProx's μ; 0 is FedAvg.
-    dataset_computation: Optional TFF computation from a client id to its
-      dataset, run where the data is (see `client_data`).
+    dataset_fn: Optional function from a client-id tensor to its dataset
+      (see `client_data.make_dataset_fn`), run inside each client's training
+      computation.
 
   Returns:
     A `tff.learning.templates.LearningProcess`.
@@ -75,23 +79,26 @@ def build_fedavg_process(
   """
   if proximal_strength < 0:
     raise ValueError(f'proximal_strength must be >= 0, got {proximal_strength}')
+  if dataset_fn is not None:
+    return client_work.compose_fedavg_over_ids(
+        model_fn,
+        client_work=client_work.build_client_work_over_ids(
+            model_fn, dataset_fn=dataset_fn, optimizer=client_optimizer,
+            proximal_strength=proximal_strength),
+        server_optimizer=server_optimizer,
+        model_aggregator=model_aggregator,
+    )
   if proximal_strength > 0:
-    process = tff.learning.algorithms.build_weighted_fed_prox(
+    return tff.learning.algorithms.build_weighted_fed_prox(
         model_fn,
         proximal_strength=proximal_strength,
         client_optimizer_fn=client_optimizer,
         server_optimizer_fn=server_optimizer,
         model_aggregator=model_aggregator,
     )
-  else:
-    process = tff.learning.algorithms.build_weighted_fed_avg(
-        model_fn,
-        client_optimizer_fn=client_optimizer,
-        server_optimizer_fn=server_optimizer,
-        model_aggregator=model_aggregator,
-    )
-  if dataset_computation is not None:
-    process = tff.simulation.compose_dataset_computation_with_learning_process(
-        dataset_computation, process
-    )
-  return process
+  return tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn,
+      client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=server_optimizer,
+      model_aggregator=model_aggregator,
+  )

@@ -205,7 +205,7 @@ def build_experiment(
   )
   builder = keras_builder(config, manifest)
   model_fn = keras_model.build_model_fn(builder, num_features=manifest.num_features)
-  train_data = client_data.build_dataset_computation(
+  train_data = client_data.make_dataset_fn(
       split=manifest_lib.TRAIN_SPLIT,
       num_features=manifest.num_features,
       batch_size=training.batch_size,
@@ -225,7 +225,7 @@ def build_experiment(
       server_optimizer=_server_optimizer(training),
       model_aggregator=build_aggregator(config, privacy, sampling) if privacy else None,
       proximal_strength=training.proximal_strength,
-      dataset_computation=train_data,
+      dataset_fn=train_data,
   )
   eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
   return Experiment(
