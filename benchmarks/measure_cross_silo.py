@@ -77,7 +77,7 @@ def _silos_runtime(silo_dirs: dict[str, str], work_dir: str):
     for name, data_dir in silo_dirs.items():
       processes[name] = local_federation.start_silo(
           data_dir=data_dir, tls=certs.silo_tls(name),
-          log_path=os.path.join(work_dir, f'{name}.log'), extra_args=['--allow_ungoverned'])
+          log_path=os.path.join(work_dir, f'{name}.log'))  # Ungoverned: runtime overhead only.
     addresses = [cross_silo.SiloAddress(n, p.address) for n, p in processes.items()]
     with cross_silo.federation(addresses, certs.coordinator_tls()) as fed:
       yield fed.manifest

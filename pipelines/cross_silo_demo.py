@@ -92,15 +92,29 @@ def start_local_silos(data_dirs: dict[str, str], work_dir: str) -> LocalSilos:
   processes = {}
   try:
     for name, data_dir in data_dirs.items():
+      policy = local_federation.write_policy(os.path.join(work_dir, f'{name}-policy.toml'))
       processes[name] = local_federation.start_silo(
           data_dir=data_dir, tls=certs.silo_tls(name),
-          log_path=os.path.join(work_dir, f'{name}.log'))
+          log_path=os.path.join(work_dir, f'{name}.log'), policy=policy,
+          state_dir=os.path.join(work_dir, f'{name}-state'))
       print(f'{name}: serving on {processes[name].address} (log {work_dir}/{name}.log)')
   except BaseException:
     for process in processes.values():
       process.stop()
     raise
   return LocalSilos(processes, certs)
+
+
+def _approve_as_data_owner(work_dir: str, silo: str, study_id: str) -> None:
+  """What each silo's owner does after reviewing the study with `show`."""
+  command = [sys.executable, '-m', 'runtime.governance',
+             f'--state_dir={os.path.join(work_dir, f"{silo}-state")}',
+             f'--policy={os.path.join(work_dir, f"{silo}-policy.toml")}', 'approve', study_id]
+  print(f'{silo} data owner: fedpipe-governance {" ".join(command[3:])}', flush=True)
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  print('  ' + (result.stdout or result.stderr).strip(), flush=True)
+  if result.returncode:
+    cli.fail(f'{silo} did not approve the study')
 
 
 def main(argv: list[str]) -> int:
@@ -120,8 +134,12 @@ def main(argv: list[str]) -> int:
     config.runtime.silos = silos.silos_flag
     config.runtime.tls_ca, config.runtime.tls_cert, config.runtime.tls_key = (
         tls.ca, tls.cert, tls.key)
+    run_dir = os.path.join(work_dir, 'run')
     with shutdown.graceful_termination():
-      training_program.run(config, os.path.join(work_dir, "run"))
+      study_id = training_program.submit_study(config, run_dir)
+      for name in data_dirs:
+        _approve_as_data_owner(work_dir, name, study_id)
+      training_program.run(config, run_dir)
   except training_program.USER_ERRORS as e:
     cli.fail(str(e))
   finally:

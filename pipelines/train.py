@@ -41,6 +41,10 @@ _SILOS = flags.DEFINE_string(
 _TLS_CA = flags.DEFINE_string('tls_ca', None, 'CA certificate that signed the silos (PEM).')
 _TLS_CERT = flags.DEFINE_string('tls_cert', None, "This coordinator's client certificate (PEM).")
 _TLS_KEY = flags.DEFINE_string('tls_key', None, "This coordinator's private key (PEM).")
+_SUBMIT_STUDY = flags.DEFINE_bool(
+    'submit_study', False, "Only submit this run's study to the silos for approval, print "
+    'each silo\'s answer and the study id, and exit (docs/governance.md).'
+)
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Discard a previous run in --output_dir instead of resuming it.'
 )
@@ -64,7 +68,10 @@ def main(argv: list[str]) -> int:
   output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
   try:
     with shutdown.graceful_termination():
-      training_program.run(config, output_dir, overwrite=_OVERWRITE.value)
+      if _SUBMIT_STUDY.value:
+        training_program.submit_study(config, output_dir)
+      else:
+        training_program.run(config, output_dir, overwrite=_OVERWRITE.value)
   except training_program.USER_ERRORS as e:
     cli.fail(str(e))
   return 0

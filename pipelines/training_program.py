@@ -19,6 +19,7 @@ from pipelines import experiment as experiment_lib
 from pipelines import manifest as manifest_lib
 from pipelines import privacy_report
 from pipelines import run_directory
+from pipelines import study as study_lib
 from pipelines import training_loop
 from pipelines import training_plot
 from runtime import cross_silo
@@ -38,6 +39,7 @@ USER_ERRORS = (
     cross_silo.SiloError,
     cross_silo.FederationError,
     tls_lib.TlsConfigError,
+    study_lib.StudyNotApprovedError,
 )
 
 
@@ -61,7 +63,8 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
   """The client data's manifest and the TFF runtime, local or across silos.
 
   Yields:
-    (manifest, per-round runtime metrics function or None).
+    (manifest, per-round runtime metrics function or None, the
+    `cross_silo.Federation` or None).
   """
   runtime = config.runtime
   if runtime.mode == 'local':
@@ -72,7 +75,7 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
         allow_exposed_worker=runtime.allow_exposed_worker,
         max_concurrent_computation_calls=runtime.max_concurrent_computation_calls,
     ):
-      yield manifest, None
+      yield manifest, None, None
     return
   with cross_silo.federation(
       cross_silo.parse_silos(runtime.silos),
@@ -90,20 +93,64 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
     print(f'silos: {silos}', flush=True)
     for name, reason in fed.unavailable.items():
       print(f'warning: silo {name} left out: {reason}', flush=True)
-    yield fed.manifest, fed.context.pop_round_metrics
+    yield fed.manifest, fed.context.pop_round_metrics, fed
+
+
+def _completed_rounds(state_manager: tff.program.FileProgramStateManager) -> int:
+  versions = asyncio.run(state_manager.get_versions())
+  return max(versions) if versions else 0
+
+
+def _check_study(config, experiment, fed, rounds_needed: int) -> None:
+  """Submits the run's study to governed silos; raises unless all approve."""
+  request = study_lib.build_study_request(experiment, fed.context, name=config.name)
+  statuses = study_lib.submit_and_check(fed, request, rounds_needed=rounds_needed)
+  for s in statuses:
+    if s.status is None:
+      print(f'warning: silo {s.silo} is ungoverned: it runs any computation of any caller '
+            'with a valid certificate', flush=True)
+    else:
+      print(f'study {request.study_id} approved by {s.silo}: '
+            f'{s.status["rounds_remaining"]} of {s.status["rounds_approved"]} rounds left',
+            flush=True)
+
+
+def submit_study(config, output_dir: str) -> str:
+  """Submits the run's study to every silo and prints each silo's answer.
+
+  Returns:
+    The study id.
+  """
+  config = validation.validate(config)
+  if config.runtime.mode != 'silos':
+    raise validation.ConfigError(['a study is submitted to silos: give --silos (runtime.mode=silos)'])
+  run_dir = run_directory.prepare(output_dir, config, overwrite=False)
+  with open_runtime(config, run_dir) as (manifest, _, fed):
+    experiment = experiment_lib.build_experiment(config, manifest)
+    request = study_lib.build_study_request(experiment, fed.context, name=config.name)
+    try:
+      study_lib.submit_and_check(fed, request, rounds_needed=experiment.rounds)
+      print(f'study {request.study_id}: approved by every silo', flush=True)
+    except study_lib.StudyNotApprovedError as e:
+      print(str(e), flush=True)
+  print(f'study_id={request.study_id}', flush=True)
+  return request.study_id
 
 
 def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
   """Runs or resumes training; returns the privacy report."""
   config = validation.validate(config)
   run_dir = run_directory.prepare(output_dir, config, overwrite=overwrite)
-  with open_runtime(config, run_dir) as (manifest, runtime_metrics):
+  with open_runtime(config, run_dir) as (manifest, runtime_metrics, fed):
     experiment = experiment_lib.build_experiment(config, manifest)
     seed, seed_is_secret = run_directory.sampling_seed(run_dir, config.training.sampling_seed)
     _print_plan(experiment)
     state_manager = tff.program.FileProgramStateManager(
         run_dir.checkpoints, keep_total=config.training.keep_checkpoints
     )
+    if fed is not None:
+      _check_study(config, experiment, fed,
+                   rounds_needed=experiment.rounds - _completed_rounds(state_manager))
     release_managers = [
         tff.program.CSVFileReleaseManager(run_dir.metrics_csv, key_fieldname='key'),
         tff.program.TensorBoardReleaseManager(run_dir.tensorboard),

@@ -72,6 +72,10 @@ class SiloRoundError(SiloError):
   """A silo failed or timed out during a round."""
 
 
+class SiloNotGovernedError(SiloError):
+  """The silo takes no study requests: it runs with --allow_ungoverned."""
+
+
 class FederationError(ValueError):
   """The silos' configuration or manifests do not fit together."""
 
@@ -181,6 +185,24 @@ class SiloConnection:
     return str(payload.get('silo', '')), manifest
 
 
+  def call_json(self, method: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Calls a JSON method of `fedpipe.Silo` (e.g. SubmitStudy).
+
+    Raises:
+      SiloError: Naming this silo and what it answered.
+    """
+    call = self.channel.unary_unary(f'/{silo_server.SILO_SERVICE}/{method}')
+    try:
+      return json.loads(call(json.dumps(payload).encode(), timeout=timeout_s,
+                             wait_for_ready=True))
+    except grpc.RpcError as e:
+      if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        raise SiloNotGovernedError(self.name, f'silo {self.name} is not governed: it takes no study '
+                        'requests (it runs with --allow_ungoverned)') from e
+      raise SiloError(self.name, f'silo {self.name} ({self.address}) refused {method}: '
+                      f'{_rpc_summary(e)}') from e
+
+
 def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.Manifest:
   """One manifest over all silos, with `<silo>/<client>` ids.
 
@@ -275,6 +297,17 @@ class SiloRoutingContext(tff.framework.SyncContext):
   def _run(self, coro):
     return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+  def mergeable_form(self, comp) -> Any:
+    """The `MergeableCompForm` this context runs `comp` as (built once, then cached)."""
+    key = id(comp)
+    if key not in self._forms:
+      self._forms[key] = (comp, tff.backends.native.compile_to_mergeable_comp_form(comp))
+    return self._forms[key][1]
+
+  def silo_computation(self, comp) -> Any:
+    """The computation proto each silo receives for `comp` (its `up_to_merge`)."""
+    return execution_context.wire_computation(self.mergeable_form(comp).up_to_merge)
+
   def _split_by_silo(self, client_ids: list[str]) -> dict[str, list[str]]:
     by_silo: dict[str, list[str]] = {}
     for gid in client_ids:
@@ -287,10 +320,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
   def invoke(self, comp, arg):
     if not _has_clients_placement(comp.type_signature.parameter):
       return self._run(self._server.invoke(comp, arg))
-    key = id(comp)
-    if key not in self._forms:
-      self._forms[key] = (comp, tff.backends.native.compile_to_mergeable_comp_form(comp))
-    form = self._forms[key][1]
+    form = self.mergeable_form(comp)
     param_type = form.up_to_merge.type_signature.parameter
     assignment: dict[str, list[str]] = {}
 

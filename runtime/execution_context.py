@@ -107,6 +107,14 @@ def executor_factory_for_channel(
   return tff.framework.ResourceManagingExecutorFactory(executor_stack_fn=stack_fn)
 
 
+def wire_computation(comp: tff.Computation):
+  """The `Computation` proto a worker receives when these contexts run `comp`.
+
+  Governed silos approve computations by the fingerprint of this proto.
+  """
+  return tff.backends.native.desugar_and_transform_to_native(comp).to_building_block().proto
+
+
 def create_sync_context(channel: grpc.Channel) -> tff.framework.SyncExecutionContext:
   """A synchronous TFF context that runs everything on one worker."""
   return tff.framework.SyncExecutionContext(

@@ -51,6 +51,32 @@ def make_certs(
   return FederationCerts(ca=ca, silos=silos, coordinator=client)
 
 
+DEMO_POLICY = """\
+# A data owner's policy for trying fedpipe on one machine (docs/governance.md).
+allowed_callers = ["coordinator"]
+
+[privacy]
+delta = 1e-5
+max_epsilon = 8.0
+min_noise_multiplier = 0.8
+max_clip_norm = 1.0
+allow_adaptive_clipping = false
+
+[training]
+max_rounds = 500
+min_clients_per_round = 10
+max_clients_per_round = 1000
+min_clients_per_aggregate = 3
+"""
+
+
+def write_policy(path: str, text: str = DEMO_POLICY) -> str:
+  """Writes a policy file (default: `DEMO_POLICY`); returns its path."""
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+  return path
+
+
 class SiloProcess:
   """A `fedpipe-silo` subprocess; `address` is where it serves."""
 
@@ -88,9 +114,14 @@ def start_silo(
     log_path: str,
     listen: str = '127.0.0.1:0',
     name: Optional[str] = None,
+    policy: Optional[str] = None,
+    state_dir: Optional[str] = None,
     extra_args: Sequence[str] = (),
 ) -> SiloProcess:
   """Starts a silo server process and waits until it serves.
+
+  With `policy` and `state_dir` the silo is governed; without them it runs
+  with `--allow_ungoverned`.
 
   Raises:
     RuntimeError: If it exits or does not become ready; the message holds the
@@ -99,7 +130,10 @@ def start_silo(
   command = [
       sys.executable, '-m', 'runtime.silo', f'--data_dir={data_dir}', f'--listen={listen}',
       f'--tls_cert={tls.cert}', f'--tls_key={tls.key}', f'--client_ca={tls.ca}',
-      *([f'--name={name}'] if name else []), *extra_args,
+      *([f'--name={name}'] if name else []),
+      *([f'--policy={policy}', f'--state_dir={state_dir}'] if policy or state_dir
+        else ['--allow_ungoverned']),
+      *extra_args,
   ]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
   log = open(log_path, 'ab')  # pylint: disable=consider-using-with

@@ -2,10 +2,15 @@ r"""Runs a silo server on a data owner's machine (`fedpipe-silo`).
 
     fedpipe-silo --data_dir=/srv/fedpipe/clients --listen=0.0.0.0:8443 \
         --tls_cert=certs/silo-a.pem --tls_key=certs/silo-a.key \
-        --client_ca=certs/ca.pem
+        --client_ca=certs/ca.pem \
+        --policy=/etc/fedpipe/policy.toml --state_dir=/var/lib/fedpipe
 
 `--data_dir` is the output of the preprocessing pipeline. Coordinators must
-present a client certificate signed by `--client_ca`. Prints
+present a client certificate signed by `--client_ca`, be named in the
+policy's `allowed_callers`, and run only computations of studies the data
+owner approved with `fedpipe-governance` (docs/governance.md). Without a
+policy the silo refuses to start unless `--allow_ungoverned` says explicitly
+that any authenticated caller may run anything (for tests and trials). Prints
 `ready address=<host:port>` once serving; SIGTERM or Ctrl-C stops it
 gracefully, ending its worker. See docs/deploy-silo.md.
 """
@@ -25,7 +30,11 @@ import sys
 from absl import app
 from absl import flags
 
+from pipelines import manifest as manifest_lib
 from runtime import certificates
+from runtime import governance_gate
+from runtime import governance_store
+from runtime import silo_policy
 from runtime import silo_server
 from runtime import tls as tls_lib
 
@@ -39,6 +48,14 @@ _CLIENT_CA = flags.DEFINE_string(
     'client_ca', None, 'CA certificate (PEM) that signs the coordinators allowed to connect.')
 _NAME = flags.DEFINE_string('name', None, "Silo name; default: the certificate's common name.")
 _WORKER_LOG = flags.DEFINE_string('worker_log', None, 'File for the TFF worker output.')
+_POLICY = flags.DEFINE_string(
+    'policy', None, "The data owner's policy file (TOML; see docs/governance.md).")
+_STATE_DIR = flags.DEFINE_string(
+    'state_dir', None, 'Directory of the governance database (studies, round ledger, audit '
+    'log); keep it across restarts.')
+_ALLOW_UNGOVERNED = flags.DEFINE_bool(
+    'allow_ungoverned', False, 'Run without a policy: every caller with a valid certificate '
+    'may run any computation on this data. Only for tests and trials.')
 
 
 class _JsonLines(logging.Formatter):
@@ -65,6 +82,26 @@ def _configure_logging() -> None:
   logger.propagate = False
 
 
+def _governance(name: str):
+  """The governance gate from --policy/--state_dir; None with --allow_ungoverned."""
+  if _ALLOW_UNGOVERNED.value:
+    if _POLICY.value or _STATE_DIR.value:
+      raise ValueError('--allow_ungoverned contradicts --policy/--state_dir; give one or the other')
+    logging.getLogger('fedpipe.silo').warning(json.dumps({
+        'event': 'ungoverned', 'silo': name,
+        'warning': 'no policy: any caller with a valid certificate may run any computation'}))
+    return None
+  if not _POLICY.value or not _STATE_DIR.value:
+    raise ValueError(
+        '--policy and --state_dir are required: a silo runs only studies its owner approved '
+        '(docs/governance.md). For a trial without governance pass --allow_ungoverned')
+  policy = silo_policy.load_policy(_POLICY.value)
+  store = governance_store.GovernanceStore(_STATE_DIR.value)
+  manifest = manifest_lib.read_manifest(_DATA_DIR.value)
+  client_ids = [c for split in manifest.splits.values() for c in split.clients]
+  return governance_gate.GovernanceGate(policy, store, client_ids=client_ids, silo_name=name)
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -78,9 +115,15 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError, IndexError) as e:
       print(f'error: cannot read --tls_cert {tls.cert!r}: {e}', file=sys.stderr)
       return 2
+  try:
+    gate = _governance(name)
+  except (silo_policy.PolicyError, governance_store.GovernanceError,
+          manifest_lib.ManifestError, ValueError) as e:
+    print(f'error: silo {name}: {e}', file=sys.stderr)
+    return 2
   server = silo_server.SiloServer(
       data_dir=_DATA_DIR.value, listen=_LISTEN.value, tls=tls, silo_name=name,
-      worker_log=_WORKER_LOG.value)
+      worker_log=_WORKER_LOG.value, gate=gate)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: server.request_stop())
   try:

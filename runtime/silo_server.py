@@ -13,7 +13,9 @@ The server a data owner runs on their own infrastructure:
   `fedpipe.Silo/GetManifest`, never record contents;
 * answers standard gRPC health checks (`grpc.health.v1.Health`);
 * logs one JSON object per event;
-* restarts its worker if it dies, and ends it on shutdown.
+* restarts its worker if it dies, and ends it on shutdown;
+* with a governance gate, also takes study requests (`fedpipe.Silo/SubmitStudy`,
+  `StudyStatus`) and runs only approved computations (see governance_gate).
 
 Every executor call passes through `ExecutorProxy`, where a `CallGate` (the
 data owner's policy, see governance) may refuse it before it reaches the
@@ -210,9 +212,28 @@ class SiloServer:
 
   def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
     del request
-    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name,
-                         'caller': tls_lib.peer_identity(context)}))
+    caller = tls_lib.peer_identity(context)
+    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': caller}))
+    policy = getattr(self._gate, 'policy', None)
+    if policy is not None and not policy.allows_caller(caller):
+      context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                    f"silo {self.silo_name}: caller {caller!r} is not allowed by this silo's "
+                    'policy (allowed_callers)')
     return self._manifest_json
+
+  def _study_method(self, name: str) -> Callable:
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+      caller = tls_lib.peer_identity(context)
+      try:
+        result = getattr(self._gate, name)(request, caller)
+      except PermissionError as e:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self.silo_name}: {e}')
+      except KeyError as e:
+        context.abort(grpc.StatusCode.NOT_FOUND, f'silo {self.silo_name}: {e.args[0]}')
+      except ValueError as e:  # Malformed requests (StudyRequestError, JSON).
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'silo {self.silo_name}: {e}')
+      return json.dumps(result).encode()
+    return handle
 
   def start(self) -> 'SiloServer':
     """Loads the manifest, starts the worker, then serves.
@@ -239,9 +260,14 @@ class SiloServer:
     executor_pb2_grpc.add_ExecutorGroupServicer_to_server(
         ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate), server)
     health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+    silo_methods = {'GetManifest': self._get_manifest}
+    if hasattr(self._gate, 'submit_study'):
+      silo_methods['SubmitStudy'] = self._study_method('submit_study')
+      silo_methods['StudyStatus'] = self._study_method('study_status')
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SILO_SERVICE, {
-        'GetManifest': grpc.unary_unary_rpc_method_handler(
-            self._get_manifest, request_deserializer=None, response_serializer=None),
+        name: grpc.unary_unary_rpc_method_handler(
+            handler, request_deserializer=None, response_serializer=None)
+        for name, handler in silo_methods.items()
     })])
     try:
       self.port = server.add_secure_port(self._listen, credentials)
@@ -259,6 +285,7 @@ class SiloServer:
     LOG.info(json.dumps({
         'event': 'serving', 'silo': self.silo_name, 'address': self.address,
         'clients': {s: len(m.clients) for s, m in manifest.splits.items()},
+        'governed': self._gate is not None,
         'worker_target': self._link.worker.target,
     }))
     return self

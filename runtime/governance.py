@@ -1,0 +1,214 @@
+r"""The data owner's governance command (`fedpipe-governance`).
+
+    fedpipe-governance --state_dir=/var/lib/fedpipe --policy=policy.toml list
+    fedpipe-governance --state_dir=... --policy=... show STUDY_ID
+    fedpipe-governance --state_dir=... --policy=... approve STUDY_ID [--rounds=N]
+    fedpipe-governance --state_dir=... --policy=... reject STUDY_ID --reason="..."
+    fedpipe-governance --state_dir=... audit [--study=STUDY_ID] [--verify]
+
+`show` says what would run on the silo's data (each computation's fingerprint,
+type signature, what leaves the silo, the TensorFlow ops it uses and which of
+them touch files), the model, the privacy cost recomputed by the silo and
+whether the study fits the policy. `approve` re-checks the policy and refuses a
+study that breaks it. Study ids may be abbreviated. Works while the silo
+server runs (they share the SQLite database in --state_dir).
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import datetime
+import json
+import sys
+from typing import Optional
+
+from absl import app
+from absl import flags
+
+from runtime import computation_fingerprint
+from runtime import governance_store
+from runtime import silo_policy
+
+_STATE_DIR = flags.DEFINE_string('state_dir', None, "The silo's --state_dir.")
+_POLICY = flags.DEFINE_string('policy', None, "The silo's --policy file (for show/approve).")
+_ROUNDS = flags.DEFINE_integer('rounds', None, 'approve: rounds to allow (default: as requested).')
+_REASON = flags.DEFINE_string('reason', '', 'reject: why (the coordinator is told).')
+_STATUS = flags.DEFINE_enum('status', None, ['pending', 'approved', 'rejected'],
+                            'list: only studies with this status.')
+_STUDY = flags.DEFINE_string('study', None, 'audit: only entries of this study.')
+_VERIFY = flags.DEFINE_bool('verify', False, "audit: check the log's hash chain.")
+_FULL = flags.DEFINE_bool('full', False, 'show: full type signatures and op lists.')
+
+_COMMANDS = ('list', 'show', 'approve', 'reject', 'audit')
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _when(t: Optional[float]) -> str:
+  if t is None:
+    return '-'
+  return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+      '%Y-%m-%d %H:%M:%SZ')
+
+
+def _clip(text: str, limit: int = 300) -> str:
+  return text if _FULL.value or len(text) <= limit else text[:limit] + ' …'
+
+
+def _policy() -> silo_policy.SiloPolicy:
+  if not _POLICY.value:
+    raise UsageError('--policy is required for this command: the study is judged against it')
+  return silo_policy.load_policy(_POLICY.value)
+
+
+def _review(study: governance_store.Study, policy: silo_policy.SiloPolicy) -> dict:
+  """The silo's review of the study under the current policy."""
+  from runtime import governance_gate  # pylint: disable=g-import-not-at-top
+  from runtime import study_request  # pylint: disable=g-import-not-at-top
+
+  request = study_request.StudyRequest.from_json(study.request)
+  return governance_gate.review_study(
+      request, policy, silo_clients=int(study.review.get('silo_clients', 0)))
+
+
+def _list(store: governance_store.GovernanceStore) -> None:
+  studies = store.studies(_STATUS.value)
+  if not studies:
+    print('no studies' + (f' with status {_STATUS.value}' if _STATUS.value else ''))
+    return
+  print(f'{"study":<17} {"status":<9} {"rounds":>9} {"caller":<16} {"submitted":<21} name')
+  for s in studies:
+    rounds = f'{s.rounds_used}/{s.rounds_approved}' if s.status == 'approved' else (
+        f'-/{s.request.get("rounds")}')
+    print(f'{s.study_id:<17} {s.status:<9} {rounds:>9} {s.caller:<16} '
+          f'{_when(s.submitted_at):<21} {s.name}')
+
+
+def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
+  study = store.find(study_id)
+  policy = _policy()
+  review = _review(study, policy)
+  p = study.request['privacy']
+  model = study.request['model']
+  print(f'study {study.study_id} "{study.name}"')
+  print(f'  status: {study.status}' + (f' ({study.reason})' if study.reason else '')
+        + f'; submitted by {study.caller} at {_when(study.submitted_at)}'
+        + (f'; decided at {_when(study.decided_at)}' if study.decided_at else ''))
+  print(f'  rounds requested: {study.request["rounds"]}; approved: {study.rounds_approved}; '
+        f'used: {study.rounds_used}')
+  print("\nWhat runs on this silo's data:")
+  for c in review['computations']:
+    reads = ', '.join(c['io_ops']) or 'none'
+    print(f'  {c["role"]}: computation {c["fingerprint"]}')
+    print(f'    type: {_clip(c["type_signature"])}')
+    print(f'    leaves the silo: {_clip(c["leaves_silo"])}')
+    print(f'    file/IO ops: {reads} (TFRecordDataset reads client data by id)')
+    ops = ', '.join(c['tensorflow_ops'])
+    print(f'    TensorFlow ops ({len(c["tensorflow_ops"])}): {_clip(ops, 200)}')
+  print(f'\nModel: {model.get("name")}, {model.get("parameters"):,} parameters')
+  if _FULL.value:
+    print(model.get('summary', ''))
+  print('\nPrivacy (client-level DP; the noise is added by the coordinator after merging '
+        'silo aggregates):')
+  print(f'  noise multiplier {p["noise_multiplier"]}, {p["clipping"]} clipping at '
+        f'{p["clip_norm"]}, {p["sampling"]} sampling of {p["clients_per_round"]} of '
+        f'{p["population_size"]} clients per round')
+  eps = review['epsilon_at_policy_delta']
+  print(f'  epsilon at the policy delta {policy.delta:g}: '
+        f'{"unbounded" if eps is None else f"{eps:.3f}"} (recomputed here with dp-accounting; '
+        f'the coordinator stated {p.get("epsilon")} at delta {p.get("delta")})')
+  if review['violations']:
+    print(f'\nPolicy {policy.source}: does NOT fit')
+    for v in review['violations']:
+      print(f'  - {v}')
+  else:
+    print(f'\nPolicy {policy.source}: fits')
+
+
+def _decide(store: governance_store.GovernanceStore, study_id: str, approve: bool) -> None:
+  study = store.find(study_id)
+  if approve:
+    policy = _policy()
+    review = _review(study, policy)
+    rounds = _ROUNDS.value if _ROUNDS.value is not None else int(study.request['rounds'])
+    violations = list(review['violations'])
+    if rounds > policy.max_rounds:
+      violations.append(f'rounds {rounds} exceeds max_rounds {policy.max_rounds}')
+    if rounds < 1:
+      violations.append('--rounds must be >= 1')
+    if violations:
+      raise governance_store.GovernanceError(
+          f'study {study.study_id} cannot be approved under {policy.source}:\n  - '
+          + '\n  - '.join(violations))
+    study = store.decide(study.study_id, approve=True, rounds=rounds)
+    print(f'approved study {study.study_id} for {study.rounds_approved} rounds')
+  else:
+    if not _REASON.value:
+      raise UsageError('reject needs --reason="..." (the coordinator is told)')
+    study = store.decide(study.study_id, approve=False, reason=_REASON.value)
+    print(f'rejected study {study.study_id}: {_REASON.value}')
+
+
+def _audit(store: governance_store.GovernanceStore) -> int:
+  study_id = store.find(_STUDY.value).study_id if _STUDY.value else None
+  for e in store.audit(study_id=study_id):
+    detail = dict(e.detail)
+    clients = detail.pop('clients', None)
+    if clients is not None:
+      detail['clients'] = (f'{len(clients)}: {", ".join(clients[:4])}'
+                           + (', …' if len(clients) > 4 else ''))
+    fp = computation_fingerprint.short(e.fingerprint) if e.fingerprint else '-'
+    print(f'{e.seq:>6} {_when(e.time)} {e.event:<16} {e.caller or "-":<14} '
+          f'{e.study_id or "-":<17} {fp:<12} {json.dumps(detail, ensure_ascii=False)}')
+  if _VERIFY.value:
+    broken = store.verify_audit()
+    if broken:
+      print(f'audit log TAMPERED: {broken}', file=sys.stderr)
+      return 1
+    print(f'audit log intact: {len(store.audit())} entries, hash chain verified')
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  args = argv[1:]
+  try:
+    if not args or args[0] not in _COMMANDS:
+      raise UsageError(f'give a command: one of {", ".join(_COMMANDS)}')
+    command, rest = args[0], args[1:]
+    needs_id = command in ('show', 'approve', 'reject')
+    if needs_id != (len(rest) == 1) or len(rest) > 1:
+      raise UsageError(f'{command} takes {"one study id" if needs_id else "no arguments"}')
+    if not _STATE_DIR.value:
+      raise UsageError('--state_dir is required (the silo server\'s --state_dir)')
+    if not os.path.exists(os.path.join(_STATE_DIR.value, governance_store.DB_FILENAME)):
+      raise UsageError(f'no governance state in {_STATE_DIR.value!r}: is it the silo\'s '
+                       '--state_dir?')
+    store = governance_store.GovernanceStore(_STATE_DIR.value)
+    try:
+      if command == 'list':
+        _list(store)
+      elif command == 'show':
+        _show(store, rest[0])
+      elif command in ('approve', 'reject'):
+        _decide(store, rest[0], approve=command == 'approve')
+      else:
+        return _audit(store)
+    finally:
+      store.close()
+  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+def run() -> None:
+  """Console-script entrypoint."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  run()

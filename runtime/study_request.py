@@ -1,0 +1,155 @@
+"""A study request: what a coordinator asks to run on a silo's data, for approval.
+
+The coordinator packages the computations that will run at the silo (the
+client-side halves of training and evaluation, serialized), the model, the DP
+parameters and the rounds. The silo does not take the coordinator's word for
+what the computations are: it recomputes their fingerprints and type
+signatures from the serialized protos and recomputes ε with dp-accounting.
+A study's id is a hash of its content, so resubmitting the same study (e.g.
+when a killed run is restarted) finds the stored one.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from tensorflow_federated.proto.v0 import computation_pb2
+
+from runtime import computation_fingerprint
+
+FORMAT = 'fedpipe-study/1'
+ROLE_TRAIN = 'train_round'
+ROLE_EVALUATE = 'evaluate'
+ROLES = (ROLE_TRAIN, ROLE_EVALUATE)
+_PRIVACY_KEYS = ('noise_multiplier', 'clipping', 'clip_norm', 'delta', 'epsilon', 'accountant',
+                 'sampling', 'population_size', 'clients_per_round')
+# Ops that reach outside the computation: files, the network, processes.
+_IO_OPS = frozenset({
+    'ReadFile', 'WriteFile', 'MatchingFiles', 'TFRecordDataset', 'TFRecordDatasetV2',
+    'TextLineDataset', 'TextLineDatasetV2', 'FixedLengthRecordDataset',
+    'FixedLengthRecordDatasetV2', 'SaveV2', 'RestoreV2', 'Save', 'Restore', 'PyFunc',
+    'EagerPyFunc', 'PyFuncStateless', 'DeleteFile', 'RecursivelyCreateDir', 'FileExists',
+    'IsDirectory', 'GetChildren', 'LoadDataset', 'SaveDataset', 'SnapshotDataset',
+    'ExperimentalSnapshotDataset', 'CSVDataset', 'ExperimentalCSVDataset',
+})
+
+
+class StudyRequestError(ValueError):
+  """A study request is malformed; the message says which part."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyComputation:
+  """One computation of a study, as the silo will receive it."""
+
+  role: str
+  proto: computation_pb2.Computation
+
+  @property
+  def fingerprint(self) -> str:
+    return computation_fingerprint.fingerprint(self.proto)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRequest:
+  """What runs, on what terms (see the module docstring)."""
+
+  name: str
+  computations: tuple[StudyComputation, ...]
+  model: dict[str, Any]
+  privacy: dict[str, Any]
+  rounds: int
+
+  def identity(self) -> dict[str, Any]:
+    """The content the study id hashes: fingerprints, not protos."""
+    return {
+        'format': FORMAT, 'name': self.name, 'rounds': self.rounds,
+        'computations': sorted([c.role, c.fingerprint] for c in self.computations),
+        'model': self.model, 'privacy': self.privacy,
+    }
+
+  @property
+  def study_id(self) -> str:
+    canonical = json.dumps(self.identity(), sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        'format': FORMAT, 'name': self.name, 'rounds': self.rounds, 'model': self.model,
+        'privacy': self.privacy,
+        'computations': [
+            {'role': c.role, 'fingerprint': c.fingerprint,
+             'proto': base64.b64encode(c.proto.SerializeToString()).decode()}
+            for c in self.computations],
+    }
+
+  @classmethod
+  def from_json(cls, data: Any) -> 'StudyRequest':
+    """Parses a request; fingerprints are recomputed, not read.
+
+    Raises:
+      StudyRequestError: If a field is missing or malformed, or a stated
+        fingerprint does not match its computation.
+    """
+    try:
+      if data.get('format') != FORMAT:
+        raise StudyRequestError(f'unknown study format {data.get("format")!r}; expected {FORMAT}')
+      computations = []
+      for item in data['computations']:
+        if item['role'] not in ROLES:
+          raise StudyRequestError(f'unknown computation role {item["role"]!r}')
+        proto = computation_pb2.Computation.FromString(base64.b64decode(item['proto']))
+        computation = StudyComputation(role=item['role'], proto=proto)
+        if item.get('fingerprint') not in (None, computation.fingerprint):
+          raise StudyRequestError(
+              f'the {item["role"]} computation does not match its stated fingerprint')
+        computations.append(computation)
+      privacy = {k: data['privacy'][k] for k in _PRIVACY_KEYS}
+      rounds = int(data['rounds'])
+      name = str(data['name'])
+      model = dict(data['model'])
+    except StudyRequestError:
+      raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise StudyRequestError(f'malformed study request: {type(e).__name__}: {e}') from e
+    if not computations:
+      raise StudyRequestError('a study request must contain at least one computation')
+    return cls(name=name, computations=tuple(computations), model=model, privacy=privacy,
+               rounds=rounds)
+
+
+def describe_computation(proto: computation_pb2.Computation) -> dict[str, Any]:
+  """What a computation is, read from its proto: type, TF ops, I/O ops."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  ops: set[str] = set()
+
+  def visit(message) -> None:
+    for field, value in message.ListFields():
+      if field.name == 'graph_def' and hasattr(value, 'value'):
+        graph = tf.compat.v1.GraphDef()
+        graph.ParseFromString(value.value)
+        ops.update(node.op for node in graph.node)
+        for function in graph.library.function:
+          ops.update(node.op for node in function.node_def)
+        continue
+      if field.type != field.TYPE_MESSAGE:
+        continue
+      repeated = field.label == field.LABEL_REPEATED
+      for item in (value if repeated else [value]):
+        if not field.message_type.GetOptions().map_entry:
+          visit(item)
+
+  visit(proto)
+  signature = tff.framework.deserialize_computation(proto).type_signature
+  return {
+      'type_signature': str(signature),
+      'leaves_silo': str(signature.result),
+      'tensorflow_ops': sorted(ops),
+      'io_ops': sorted(ops & _IO_OPS),
+  }
