@@ -27,7 +27,6 @@ from computations import client_sampling
 from configs import digits_dp
 from pipelines import bundled_data
 from pipelines import experiment as experiment_lib
-from pipelines import feature_spec as feature_spec_lib
 from pipelines import manifest as manifest_lib
 from pipelines import silo_partition
 from runtime import cross_silo
@@ -41,14 +40,8 @@ CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache', 'cros
 def _preprocess(raw_dir: str, out_dir: str) -> None:
   if os.path.exists(manifest_lib.manifest_path(out_dir)):
     return
-  from apache_beam.options.pipeline_options import PipelineOptions
   from pipelines import preprocess_pipeline
-  preprocess_pipeline.run_preprocessing(
-      train_files=os.path.join(raw_dir, 'train.csv'),
-      eval_files=os.path.join(raw_dir, 'test.csv'),
-      feature_spec=feature_spec_lib.FeatureSpec.load(os.path.join(raw_dir, 'feature_spec.json')),
-      output_dir=out_dir, min_examples_per_client=1, max_malformed_fraction=0.0,
-      pipeline_options=PipelineOptions([]))
+  preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
 
 
 def prepare(num_clients: int) -> tuple[str, dict[str, str]]:

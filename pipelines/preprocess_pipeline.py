@@ -820,3 +820,19 @@ def _absolute(path: str) -> str:
 def _join(*parts: str) -> str:
   return FileSystems.join(*parts) if '://' in parts[0] else os.path.join(*parts)
 
+
+
+def run_on_bundled_layout(raw_dir: str, output_dir: str, *,
+                          min_examples_per_client: int = 1) -> PreprocessSummary:
+  """Preprocesses a raw directory in the bundled layout, on the default local runner.
+
+  The layout `bundled_data` and `silo_partition` write: `train.csv`,
+  `test.csv` and `feature_spec.json` in `raw_dir`. For demos, tests and
+  benchmarks; the `preprocess` program takes the same from a config.
+  """
+  return run_preprocessing(
+      train_files=os.path.join(raw_dir, 'train.csv'),
+      eval_files=os.path.join(raw_dir, 'test.csv'),
+      feature_spec=feature_spec_lib.FeatureSpec.load(os.path.join(raw_dir, 'feature_spec.json')),
+      output_dir=output_dir, min_examples_per_client=min_examples_per_client,
+      max_malformed_fraction=0.0, pipeline_options=PipelineOptions([]))

@@ -4,10 +4,12 @@ A data owner approves computations by hash; the silo recomputes the hash of
 every computation a caller sends and runs only approved ones. TFF's
 serialized computations are not byte-stable across processes: the compiler
 names intermediate values with a per-process counter (`_var12`, `_fed3`) and
-stamps a `cache_key` on some nodes. The fingerprint renames every such
-generated name in depth-first order of first appearance and clears cache keys,
-then hashes the deterministic serialization, so two builds of the same
-computation agree and a computation that differs by one op does not.
+stamps a `cache_key` on some nodes, and TensorFlow suffixes each traced
+function's name with a process-wide counter (`__inference_map_lambda_2806`).
+The fingerprint renames every such generated name in depth-first order of
+first reference, clears cache keys, orders function libraries by the new
+names, then hashes the deterministic serialization: two builds of the same
+computation agree, and a computation that differs by one op does not.
 """
 
 from __future__ import annotations
@@ -16,16 +18,85 @@ import hashlib
 import re
 
 from google.protobuf import message as message_lib
+from tensorflow.core.framework import graph_pb2
 from tensorflow_federated.proto.v0 import computation_pb2
 
 _GENERATED_NAME = re.compile(r'^_[a-z]{3}\d+$')
 _CLEARED_FIELDS = frozenset({'cache_key'})
+_TRACED_FUNCTION = re.compile(r'^__(inference|forward|backward)_')
+_COUNTER_SUFFIX = re.compile(r'(_\d+)+$')
+
+
+def _function_refs(attr_values) -> list[str]:
+  """Function names referenced by a node's or function's attributes."""
+  refs = []
+  for attr in attr_values:
+    if attr.HasField('func'):
+      refs.append(attr.func.name)
+      refs += _function_refs(attr.func.attr.values())
+    elif attr.HasField('list'):
+      for func in attr.list.func:
+        refs.append(func.name)
+        refs += _function_refs(func.attr.values())
+  return refs
+
+
+def _rename_attrs(attr_values, names: dict[str, str]) -> None:
+  for attr in attr_values:
+    if attr.HasField('s'):  # Forward/backward function names in gradient attrs.
+      text = attr.s.decode('utf-8', 'replace')
+      if text in names:
+        attr.s = names[text].encode()
+      elif _TRACED_FUNCTION.match(text):
+        attr.s = _COUNTER_SUFFIX.sub('', text).encode()
+    funcs = [attr.func] if attr.HasField('func') else (
+        list(attr.list.func) if attr.HasField('list') else [])
+    for func in funcs:
+      func.name = names.get(func.name, func.name)
+      _rename_attrs(func.attr.values(), names)
+
+
+def _canonical_graph(serialized: bytes) -> bytes:
+  """A GraphDef with its library's functions renamed by first reference, then sorted."""
+  graph = graph_pb2.GraphDef.FromString(serialized)
+  functions = {f.signature.name: f for f in graph.library.function}
+  names: dict[str, str] = {}
+
+  def visit_nodes(nodes) -> None:
+    for node in nodes:
+      for ref in [node.op] + _function_refs(node.attr.values()):
+        if ref in functions and ref not in names:
+          names[ref] = f'__fn{len(names)}'
+          visit_nodes(functions[ref].node_def)
+
+  visit_nodes(graph.node)
+  unreferenced = sorted((f.SerializeToString(deterministic=True), n)
+                        for n, f in functions.items() if n not in names)
+  for _, n in unreferenced:
+    names[n] = f'__fn{len(names)}'
+  for node in list(graph.node) + [n for f in graph.library.function for n in f.node_def]:
+    node.ClearField('experimental_debug_info')  # Names of traced functions: counters again.
+    node.op = names.get(node.op, node.op)
+    _rename_attrs(node.attr.values(), names)
+  for function in graph.library.function:
+    function.signature.name = names[function.signature.name]
+    _rename_attrs(function.attr.values(), names)
+  for gradient in graph.library.gradient:
+    gradient.function_name = names.get(gradient.function_name, gradient.function_name)
+    gradient.gradient_func = names.get(gradient.gradient_func, gradient.gradient_func)
+  ordered = sorted(graph.library.function, key=lambda f: f.signature.name)
+  del graph.library.function[:]
+  graph.library.function.extend(ordered)
+  return graph.SerializeToString(deterministic=True)
 
 
 def _canonicalize(message: message_lib.Message, names: dict[str, str]) -> None:
   for field, value in message.ListFields():
     if field.name in _CLEARED_FIELDS:
       message.ClearField(field.name)
+      continue
+    if field.name == 'graph_def' and field.message_type.full_name == 'google.protobuf.Any':
+      value.value = _canonical_graph(value.value)
       continue
     repeated = field.label == field.LABEL_REPEATED
     if field.type == field.TYPE_MESSAGE:

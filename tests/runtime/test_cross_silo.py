@@ -15,7 +15,6 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 
 from pipelines import bundled_data
-from pipelines import feature_spec as feature_spec_lib
 from pipelines import silo_partition
 from runtime import certificates
 from runtime import local_federation
@@ -29,15 +28,9 @@ NUM_CLIENTS = 30
 
 
 def _preprocess(raw_dir, out_dir):
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipelines import preprocess_pipeline  # pylint: disable=g-import-not-at-top
 
-  preprocess_pipeline.run_preprocessing(
-      train_files=os.path.join(raw_dir, 'train.csv'),
-      eval_files=os.path.join(raw_dir, 'test.csv'),
-      feature_spec=feature_spec_lib.FeatureSpec.load(os.path.join(raw_dir, 'feature_spec.json')),
-      output_dir=out_dir, min_examples_per_client=1, max_malformed_fraction=0.0,
-      pipeline_options=PipelineOptions([]))
+  preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
 
 
 @pytest.fixture(scope='module')
@@ -328,4 +321,4 @@ def test_silo_stops_gracefully_on_sigterm_and_ends_its_worker(fed, tmp_path):
   assert _wait_until(lambda: not any(_alive(p) for p in tree))
   with open(tmp_path / 'a.log') as f:
     events = [json.loads(l)['event'] for l in f if l.startswith('{')]
-  assert events[0] == 'serving' and events[-1] == 'stopped'
+  assert events[:2] == ['ungoverned', 'serving'] and events[-1] == 'stopped'

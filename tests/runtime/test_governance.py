@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from pipelines import bundled_data
-from pipelines import feature_spec as feature_spec_lib
 from runtime import certificates
 from runtime import governance_store
 from runtime import local_federation
@@ -29,15 +28,9 @@ FITTING_PRIVACY = {
 
 
 def _preprocess(raw_dir, out_dir):
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipelines import preprocess_pipeline  # pylint: disable=g-import-not-at-top
 
-  preprocess_pipeline.run_preprocessing(
-      train_files=os.path.join(raw_dir, 'train.csv'),
-      eval_files=os.path.join(raw_dir, 'test.csv'),
-      feature_spec=feature_spec_lib.FeatureSpec.load(os.path.join(raw_dir, 'feature_spec.json')),
-      output_dir=out_dir, min_examples_per_client=1, max_malformed_fraction=0.0,
-      pipeline_options=PipelineOptions([]))
+  preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
 
 
 @pytest.fixture(scope='module')
