@@ -132,7 +132,7 @@ def submit_study(config, output_dir: str) -> str:
       study_lib.submit_and_check(fed, request, rounds_needed=experiment.rounds)
       print(f'study {request.study_id}: approved by every silo', flush=True)
     except study_lib.StudyNotApprovedError as e:
-      print(str(e), flush=True)
+      print(str(e).split('\nRerun', 1)[0], flush=True)
   print(f'study_id={request.study_id}', flush=True)
   return request.study_id
 
