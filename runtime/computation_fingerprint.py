@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 
 from google.protobuf import message as message_lib
 from tensorflow.core.framework import graph_pb2
@@ -27,17 +28,20 @@ _TRACED_FUNCTION = re.compile(r'^__(inference|forward|backward)_')
 _COUNTER_SUFFIX = re.compile(r'(_\d+)+$')
 
 
+def _funcs(attr) -> list:
+  """The function references (`NameAttrList`) an attribute value holds."""
+  if attr.HasField('func'):
+    return [attr.func]
+  return list(attr.list.func) if attr.HasField('list') else []
+
+
 def _function_refs(attr_values) -> list[str]:
   """Function names referenced by a node's or function's attributes."""
   refs = []
   for attr in attr_values:
-    if attr.HasField('func'):
-      refs.append(attr.func.name)
-      refs += _function_refs(attr.func.attr.values())
-    elif attr.HasField('list'):
-      for func in attr.list.func:
-        refs.append(func.name)
-        refs += _function_refs(func.attr.values())
+    for func in _funcs(attr):
+      refs.append(func.name)
+      refs += _function_refs(func.attr.values())
   return refs
 
 
@@ -49,9 +53,7 @@ def _rename_attrs(attr_values, names: dict[str, str]) -> None:
         attr.s = names[text].encode()
       elif _TRACED_FUNCTION.match(text):
         attr.s = _COUNTER_SUFFIX.sub('', text).encode()
-    funcs = [attr.func] if attr.HasField('func') else (
-        list(attr.list.func) if attr.HasField('list') else [])
-    for func in funcs:
+    for func in _funcs(attr):
       func.name = names.get(func.name, func.name)
       _rename_attrs(func.attr.values(), names)
 
@@ -95,17 +97,34 @@ def _canonicalize(message: message_lib.Message, names: dict[str, str]) -> None:
     if field.name in _CLEARED_FIELDS:
       message.ClearField(field.name)
       continue
-    if field.name == 'graph_def' and field.message_type.full_name == 'google.protobuf.Any':
+    if _is_graph_def(field):
       value.value = _canonical_graph(value.value)
       continue
-    repeated = field.label == field.LABEL_REPEATED
-    if field.type == field.TYPE_MESSAGE:
-      for item in (value if repeated else [value]):
-        if field.message_type.GetOptions().map_entry:
-          continue
-        _canonicalize(item, names)
-    elif field.type == field.TYPE_STRING and not repeated and _GENERATED_NAME.match(value):
+    for item in _nested_messages(field, value):
+      _canonicalize(item, names)
+    if (field.type == field.TYPE_STRING and field.label != field.LABEL_REPEATED
+        and _GENERATED_NAME.match(value)):
       setattr(message, field.name, names.setdefault(value, f'_n{len(names)}'))
+
+
+def _is_graph_def(field) -> bool:
+  return field.name == 'graph_def' and field.message_type.full_name == 'google.protobuf.Any'
+
+
+def _nested_messages(field, value) -> list[message_lib.Message]:
+  if field.type != field.TYPE_MESSAGE or field.message_type.GetOptions().map_entry:
+    return []
+  return list(value) if field.label == field.LABEL_REPEATED else [value]
+
+
+def graph_defs(message: message_lib.Message) -> Iterator[graph_pb2.GraphDef]:
+  """Every TensorFlow graph inside a computation proto, parsed."""
+  for field, value in message.ListFields():
+    if _is_graph_def(field):
+      yield graph_pb2.GraphDef.FromString(value.value)
+      continue
+    for item in _nested_messages(field, value):
+      yield from graph_defs(item)
 
 
 def fingerprint(computation: computation_pb2.Computation) -> str:

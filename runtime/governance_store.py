@@ -200,14 +200,17 @@ class GovernanceStore:
                                  'violations': review.get('violations', [])})
       return self._get(db, study_id)
 
-  def _get(self, db: sqlite3.Connection, study_id: str) -> Optional[Study]:
-    row = db.execute(
+  @staticmethod
+  def _select(db: sqlite3.Connection, where: str, params: tuple) -> list[Study]:
+    rows = db.execute(
         'SELECT study_id, caller, name, status, submitted_at, decided_at, reason, request,'
-        ' review, rounds_approved, rounds_used FROM studies WHERE study_id = ?',
-        (study_id,)).fetchone()
-    if row is None:
-      return None
-    return Study(*row[:7], json.loads(row[7]), json.loads(row[8]), row[9], row[10])
+        f' review, rounds_approved, rounds_used FROM studies WHERE {where}'
+        ' ORDER BY submitted_at', params).fetchall()
+    return [Study(*r[:7], json.loads(r[7]), json.loads(r[8]), r[9], r[10]) for r in rows]
+
+  def _get(self, db: sqlite3.Connection, study_id: str) -> Optional[Study]:
+    found = self._select(db, 'study_id = ?', (study_id,))
+    return found[0] if found else None
 
   def get(self, study_id: str) -> Optional[Study]:
     with self._lock:
@@ -220,20 +223,17 @@ class GovernanceStore:
       GovernanceError: If none or several match.
     """
     with self._lock:
-      rows = self._db.execute("SELECT study_id FROM studies WHERE study_id LIKE ? || '%'",
-                              (prefix,)).fetchall()
-    if not rows:
+      found = self._select(self._db, "study_id LIKE ? || '%'", (prefix,))
+    if not found:
       raise GovernanceError(f'no study with id {prefix!r}; `list` shows the studies')
-    if len(rows) > 1:
-      raise GovernanceError(f'study id {prefix!r} is ambiguous: {", ".join(r[0] for r in rows)}')
-    return self.get(rows[0][0])
+    if len(found) > 1:
+      raise GovernanceError(
+          f'study id {prefix!r} is ambiguous: {", ".join(s.study_id for s in found)}')
+    return found[0]
 
   def studies(self, status: Optional[str] = None) -> list[Study]:
     with self._lock:
-      ids = [r[0] for r in self._db.execute(
-          'SELECT study_id FROM studies WHERE (? IS NULL OR status = ?) ORDER BY submitted_at',
-          (status, status))]
-    return [self.get(i) for i in ids]
+      return self._select(self._db, '(? IS NULL OR status = ?)', (status, status))
 
   def decide(self, study_id: str, *, approve: bool, rounds: int = 0, reason: str = '',
              decided_by: str = 'data owner') -> Study:
@@ -267,9 +267,9 @@ class GovernanceStore:
 
   def studies_with(self, fingerprint: str) -> list[Study]:
     with self._lock:
-      ids = [r[0] for r in self._db.execute(
-          'SELECT study_id FROM computations WHERE fingerprint = ?', (fingerprint,))]
-    return [self.get(i) for i in ids]
+      return self._select(
+          self._db, 'study_id IN (SELECT study_id FROM computations WHERE fingerprint = ?)',
+          (fingerprint,))
 
   def charge_round(self, study_id: str, *, caller: str, fingerprint: str,
                    clients: Sequence[str]) -> int:

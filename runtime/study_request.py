@@ -124,28 +124,13 @@ class StudyRequest:
 
 def describe_computation(proto: computation_pb2.Computation) -> dict[str, Any]:
   """What a computation is, read from its proto: type, TF ops, I/O ops."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
 
   ops: set[str] = set()
-
-  def visit(message) -> None:
-    for field, value in message.ListFields():
-      if field.name == 'graph_def' and hasattr(value, 'value'):
-        graph = tf.compat.v1.GraphDef()
-        graph.ParseFromString(value.value)
-        ops.update(node.op for node in graph.node)
-        for function in graph.library.function:
-          ops.update(node.op for node in function.node_def)
-        continue
-      if field.type != field.TYPE_MESSAGE:
-        continue
-      repeated = field.label == field.LABEL_REPEATED
-      for item in (value if repeated else [value]):
-        if not field.message_type.GetOptions().map_entry:
-          visit(item)
-
-  visit(proto)
+  for graph in computation_fingerprint.graph_defs(proto):
+    ops.update(node.op for node in graph.node)
+    for function in graph.library.function:
+      ops.update(node.op for node in function.node_def)
   signature = tff.framework.deserialize_computation(proto).type_signature
   return {
       'type_signature': str(signature),
