@@ -1,14 +1,15 @@
 """One measurement of round cost (run by the harness in its own process).
 
-    python -m benchmarks.measure_round '{"system": "fedpipe", "workload": "digits",
+    python -m benchmarks.measure_round '{"system": "interleaved", "workload": "digits",
                                          "num_clients": 10, "repetitions": 5}'
 
 Systems: `keras` (one centralized epoch: the same arithmetic without
-federation), `plain_tff` (`build_weighted_fed_avg` over in-memory datasets on
-TFF's default local context, as a hand-written TFF program does), `fedpipe`
-(fedpipe's process over client ids, data read by the worker from TFRecords,
-on its isolated worker) and `fedpipe_dp` (the same with the capped-weight DP
-aggregator). Emits seconds per round (or epoch) of each repetition.
+federation) and `interleaved`: plain TFF (`build_weighted_fed_avg` over
+in-memory datasets on TFF's default local context, as a hand-written TFF
+program does), fedpipe (its process over client ids, data read by the worker
+from TFRecords, on its isolated worker) and, with `with_dp`, fedpipe with the
+capped-weight DP aggregator, taking turns round by round in one process.
+Emits seconds per round (or epoch) of each repetition.
 """
 
 import os
@@ -46,39 +47,33 @@ def keras_epoch(w: workloads.Workload, repetitions: int) -> list[float]:
                                    repetitions=repetitions)
 
 
-def plain_tff_round(w: workloads.Workload, num_clients: int, repetitions: int) -> list[float]:
+_KEEP_ALIVE = []
+
+
+def _plain_tff(w: workloads.Workload, num_clients: int):
+  """Plain TFF's process and its in-memory client datasets."""
   datasets = [
       tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
           x=w.x[idx], y=w.y[idx])).batch(workloads.BATCH_SIZE)
       for idx in workloads.partition(len(w.y), num_clients)
   ]
   model_fn = keras_model.build_model_fn(_keras_builder(w), num_features=w.num_features)
-  tff.backends.native.set_sync_local_cpp_execution_context()
   process = tff.learning.algorithms.build_weighted_fed_avg(
       model_fn,
       client_optimizer_fn=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
-  state = [process.initialize()]
-
-  def one_round():
-    state[0] = process.next(state[0], datasets).state
-
-  return harness.timed_repetitions(one_round, repetitions=repetitions)
+  return process, datasets
 
 
-def fedpipe_round(w: workloads.Workload, num_clients: int, repetitions: int, *,
-                  dp: bool) -> list[float]:
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
-
-  data_dir = workloads.client_data_dir(w, num_clients)
-  ids = [workloads.client_id(i) for i in range(num_clients)]
+def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
+  """fedpipe's process over client ids (data read by the worker from TFRecords)."""
   model_fn = keras_model.build_model_fn(_keras_builder(w), num_features=w.num_features)
   aggregator = None
   if dp:
     aggregator = dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
         noise_multiplier=1.0, clip_norm=1.0, weight_cap=len(w.y) / num_clients,
         expected_total_weight=float(num_clients))
-  process = fedavg.build_fedavg_process(
+  return fedavg.build_fedavg_process(
       model_fn,
       client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
       server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
@@ -86,13 +81,53 @@ def fedpipe_round(w: workloads.Workload, num_clients: int, repetitions: int, *,
       dataset_fn=client_data.make_dataset_fn(
           split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE,
           shuffle=False))
-  with execution_context.local_worker_context(data_dir):
-    state = [process.initialize()]
 
-    def one_round():
-      state[0] = process.next(state[0], ids).state
 
-    return harness.timed_repetitions(one_round, repetitions=repetitions)
+def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int, *,
+                       with_dp: bool) -> dict[str, list[float]]:
+  """Seconds per round of plain TFF and fedpipe (and fedpipe DP), rounds interleaved.
+
+  All systems live in this one process and take turns round by round (the
+  order rotating each repetition), so a slow spell of this noisy machine
+  hits every system alike; the ratio of each turn is reported too. Plain
+  TFF runs on TFF's own local context, fedpipe on its isolated worker.
+  """
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  plain_process, datasets = _plain_tff(w, num_clients)
+  ids = [workloads.client_id(i) for i in range(num_clients)]
+  systems = {'fedpipe': _fedpipe(w, num_clients, dp=False)}
+  if with_dp:
+    systems['fedpipe_dp'] = _fedpipe(w, num_clients, dp=True)
+  plain_context = tff.backends.native.create_sync_local_cpp_execution_context()
+  # Its finalizer stops its worker and can wait on it forever: keep it alive
+  # until `os._exit` below.
+  _KEEP_ALIVE.append(plain_context)
+  stack = tff.framework.get_context_stack()
+  with execution_context.local_worker_context(workloads.client_data_dir(w, num_clients)):
+    with stack.install(plain_context):
+      plain_state = plain_process.initialize()
+    states = {name: process.initialize() for name, process in systems.items()}
+
+    def plain_round():
+      nonlocal plain_state
+      with stack.install(plain_context):
+        plain_state = plain_process.next(plain_state, datasets).state
+
+    def fedpipe_round(name):
+      def one_round():
+        states[name] = systems[name].next(states[name], ids).state
+      return one_round
+
+    rounds = {'plain_tff': plain_round, **{name: fedpipe_round(name) for name in systems}}
+    for one_round in rounds.values():  # Warm-up: tracing, first-call set-up.
+      one_round()
+    times: dict[str, list[float]] = {name: [] for name in rounds}
+    order = list(rounds)
+    for r in range(repetitions):
+      for name in order[r % len(order):] + order[:r % len(order)]:
+        times[name].extend(harness.timed_repetitions(rounds[name], warmup=0, repetitions=1))
+  return times
 
 
 def main(args: dict) -> None:
@@ -100,15 +135,23 @@ def main(args: dict) -> None:
   system, reps = args['system'], args.get('repetitions', 3)
   if system == 'keras':
     times = keras_epoch(w, reps)
-  elif system == 'plain_tff':
-    times = plain_tff_round(w, args['num_clients'], reps)
-  elif system in ('fedpipe', 'fedpipe_dp'):
-    times = fedpipe_round(w, args['num_clients'], reps, dp=system == 'fedpipe_dp')
+    harness.emit({'times': times, 'median_s': harness.median(times),
+                  'examples': int(len(w.y))})
+  elif system == 'interleaved':
+    times = interleaved_rounds(w, args['num_clients'], reps, with_dp=args.get('with_dp', False))
+    harness.emit({
+        'times': times,
+        'median_s': {name: harness.median(t) for name, t in times.items()},
+        'median_ratio': {name: harness.median([a / b for a, b in zip(t, times['plain_tff'])])
+                         for name, t in times.items() if name != 'plain_tff'},
+        'examples': int(len(w.y))})
   else:
     raise ValueError(f'unknown system {system!r}')
-  harness.emit({'times': times, 'median_s': harness.median(times),
-                'examples': int(len(w.y))})
 
 
 if __name__ == '__main__':
   main(json.loads(sys.argv[1]))
+  # TFF's local context stops its worker in a finalizer that can wait on it
+  # forever; the harness kills whatever this process leaves behind.
+  sys.stdout.flush()
+  os._exit(0)

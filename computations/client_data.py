@@ -20,6 +20,11 @@ from pipelines import manifest
 FEATURES_KEY = 'x'
 LABEL_KEY = 'y'
 _SHUFFLE_BUFFER = 1024
+_READ_BUFFER_BYTES = 256 * 1024
+# Examples parsed per call. Parsing has a fixed cost per call: parsing each
+# 16-example batch on its own made a 200k-example round 40% more CPU than
+# training from memory; parsing 512 at a time and re-batching matches it.
+_PARSE_CHUNK = 512
 
 
 def batch_spec(num_features: int) -> collections.OrderedDict:
@@ -30,19 +35,24 @@ def batch_spec(num_features: int) -> collections.OrderedDict:
   ])
 
 
-def parse_examples(serialized: tf.Tensor, num_features: int) -> collections.OrderedDict:
-  """Parses a batch of serialized `tf.train.Example`s in the manifest's format."""
-  parsed = tf.io.parse_example(
-      serialized,
-      {
-          FEATURES_KEY: tf.io.FixedLenFeature([num_features], tf.float32),
-          LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
-      },
-  )
-  return collections.OrderedDict([
-      (FEATURES_KEY, parsed[FEATURES_KEY]),
-      (LABEL_KEY, parsed[LABEL_KEY]),
-  ])
+def _feature_description(num_features: int) -> dict[str, tf.io.FixedLenFeature]:
+  return {
+      FEATURES_KEY: tf.io.FixedLenFeature([num_features], tf.float32),
+      LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+  }
+
+
+def read_records(path: tf.Tensor) -> tf.data.Dataset:
+  """The serialized records of one TFRecord file.
+
+  `tf.data.TFRecordDataset` wraps its reader in a `flat_map`, and TF
+  instantiates that function again for every iterator: about 10 ms per client
+  per round on this project's machine, as long as training a small client.
+  The reader op alone has no function to instantiate.
+  """
+  variant = tf.raw_ops.TFRecordDataset(
+      filenames=path, compression_type='', buffer_size=_READ_BUFFER_BYTES)
+  return tf.data.experimental.from_variant(variant, tf.TensorSpec([], tf.string))
 
 
 def make_dataset_fn(
@@ -84,12 +94,16 @@ def make_dataset_fn(
     )
     with tf.control_dependencies([check]):
       path = tf.strings.join([split, '/', client_id, manifest.RECORD_EXTENSION])
-    dataset = tf.data.TFRecordDataset(path)
+    dataset = read_records(path)
     if shuffle:
       dataset = dataset.shuffle(_SHUFFLE_BUFFER, reshuffle_each_iteration=True)
     if epochs > 1:
       dataset = dataset.repeat(epochs)
-    return dataset.batch(batch_size).map(lambda s: parse_examples(s, num_features))
+    # A parsing dataset op rather than `map(parse_examples)`: no function to
+    # instantiate per client (see `read_records`).
+    parsed = dataset.batch(_PARSE_CHUNK).apply(
+        tf.data.experimental.parse_example_dataset(_feature_description(num_features)))
+    return parsed.unbatch().batch(batch_size)
 
   return dataset_for_client
 
