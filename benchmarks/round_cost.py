@@ -37,8 +37,8 @@ def run(*, quick: bool = False) -> list[harness.Table]:
         'with_dp': digits})
     plain, fedpipe = r['median_s']['plain_tff'], r['median_s']['fedpipe']
     fedpipe_dp = r['median_s'].get('fedpipe_dp', '-')
-    ratio_plain = r['median_ratio']['fedpipe']
-    turns = [f / p for f, p in zip(r['times']['fedpipe'], r['times']['plain_tff'])]
+    turns = r['turn_ratios']['fedpipe']
+    ratio_plain = harness.median(turns)
     ratio_keras = fedpipe / keras
     examples = 1797 if digits else synthetic_examples
     rows.append([workload, f'{examples:,}', clients, reps, keras, plain, fedpipe, fedpipe_dp,
