@@ -4,9 +4,10 @@
 
 A pipeline with no real work (100 elements through a shuffle into a DoFn) on
 2 worker processes. With `import_tensorflow` the DoFn imports TensorFlow in
-its `setup`, as every worker of fedpipe's preprocessing does today (its DoFns
-build `tf.train.Example`s and write with `tf.io`): the difference is what TF
-costs each run before the first row.
+its `setup`, as every worker of fedpipe's preprocessing did when its DoFns
+built `tf.train.Example`s and wrote with `tf.io` (they now use
+`pipelines.example_records`): the difference is what TF would cost each run
+before the first row.
 """
 
 import json

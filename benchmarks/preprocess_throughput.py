@@ -24,10 +24,10 @@ def run(*, quick: bool = False) -> list[harness.Table]:
       'Synthetic CSV: 16 features, 1,000 client keys, 4 input files; the whole run '
       '(validation, GroupByKey, TFRecord writes, manifest). multi_processing uses 2 workers.',
       f'Target: >= {TARGET_ROWS_PER_S:,} rows/s on this machine, memory bounded as rows grow.',
-      'Where multi_processing\'s fixed cost goes (benchmarks/measure_beam_startup.py, a '
-      f'pipeline with no work on 2 workers): {startup[False]:.1f} s start-up, '
-      f'{startup[True]:.1f} s when each worker imports TensorFlow, as the preprocessing '
-      'workers do to build tf.train.Examples and write with tf.io.',
+      'multi_processing\'s fixed cost (benchmarks/measure_beam_startup.py, a pipeline with no '
+      f'work on 2 workers): {startup[False]:.1f} s start-up as fedpipe\'s workers run (their '
+      'DoFns, pipelines/preprocess_dofns.py, do not import TensorFlow); '
+      f'{startup[True]:.1f} s if each worker imported TensorFlow, as they did before.',
   ]
   return [harness.Table(
       'Beam preprocessing: raw CSV to per-client TFRecords (DirectRunner)',

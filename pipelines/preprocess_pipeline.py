@@ -17,6 +17,8 @@ output untouched; the dead letters of a rejected run are kept in
 
 Each CSV or JSONL file is read by one worker (to number its lines for the dead
 letter); shard large inputs into several files to read them in parallel.
+The DoFns live in `preprocess_dofns`, which does not import TensorFlow, so
+Beam's worker processes start without it.
 
 Without `--runner`, the pipeline runs on Beam's FnApiRunner (the DirectRunner's
 batch engine) in `in_memory` mode: on 2 cores it was 1.5-5x faster than
@@ -25,30 +27,27 @@ batch engine) in `in_memory` mode: on 2 cores it was 1.5-5x faster than
 
 import csv
 import dataclasses
-import functools
 import json
 import os
 import time
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.runner import PipelineState
 import tensorflow as tf
 
-from pipelines import client_ids
 from pipelines import feature_spec as feature_spec_lib
 from pipelines import manifest as manifest_lib
+from pipelines import preprocess_dofns
 
-CSV_FORMAT = 'csv'
-JSONL_FORMAT = 'jsonl'
+CSV_FORMAT = preprocess_dofns.CSV_FORMAT
+JSONL_FORMAT = preprocess_dofns.JSONL_FORMAT
 _FORMAT_BY_EXTENSION = {'.csv': CSV_FORMAT, '.jsonl': JSONL_FORMAT, '.json': JSONL_FORMAT,
                         '.ndjson': JSONL_FORMAT}
 DEAD_LETTER_DIR = 'dead_letter'
@@ -56,9 +55,8 @@ _STATS_DIR = '_stats'
 STAGING_SUFFIX = '.staging'
 PREVIOUS_SUFFIX = '.previous'
 REJECTED_SUFFIX = '.rejected'
-# Dead-letter `raw` fields are cut to this many characters.
-MAX_RAW_CHARS = 10_000
-METRICS_NAMESPACE = 'fedpipe.preprocess'
+METRICS_NAMESPACE = preprocess_dofns.METRICS_NAMESPACE
+_join = preprocess_dofns.join_path
 # The runner when none is given (see `resolve_pipeline_options`).
 DEFAULT_RUNNER = 'FnApiRunner'
 _LOCAL_RUNNERS = ('DirectRunner', 'direct', 'FnApiRunner', 'SwitchingDirectRunner')
@@ -247,14 +245,14 @@ def read_csv_header(path: str) -> list[str]:
   """
   try:
     with FileSystems.open(path) as f:
-      lines = _LineReader(f)
+      lines = preprocess_dofns.LineReader(f)
       header = next(csv.reader(lines), None)
   except (OSError, csv.Error) as e:
     raise InputFilesError(f'cannot read the header of {path!r}: {type(e).__name__}: {e}') from e
   if not header:
     raise InputFilesError(
         f'{path!r} has no header line; CSV inputs start with a line naming the columns.')
-  return _clean_header(header)
+  return preprocess_dofns.clean_header(header)
 
 
 def resolve_pipeline_options(options: PipelineOptions) -> PipelineOptions:
@@ -290,220 +288,6 @@ def resolve_pipeline_options(options: PipelineOptions) -> PipelineOptions:
   return options
 
 
-class _LineReader:
-  """Iterates a binary file's lines as text, remembering what the current record consumed."""
-
-  def __init__(self, f):
-    self._f = f
-    self.line_number = 0
-    self.consumed: list[str] = []
-    self.bad_encoding = False
-
-  def start_record(self) -> None:
-    self.consumed = []
-    self.bad_encoding = False
-
-  def raw(self) -> str:
-    text = ''.join(self.consumed).rstrip('\r\n')
-    return text if len(text) <= MAX_RAW_CHARS else text[:MAX_RAW_CHARS] + '...[truncated]'
-
-  def __iter__(self) -> '_LineReader':
-    return self
-
-  def __next__(self) -> str:
-    data = self._f.readline()
-    if not data:
-      raise StopIteration
-    self.line_number += 1
-    try:
-      text = data.decode('utf-8')
-    except UnicodeDecodeError:
-      text = data.decode('utf-8', 'replace')
-      self.bad_encoding = True
-    if self.line_number == 1 and text.startswith('\ufeff'):
-      text = text[1:]
-    self.consumed.append(text)
-    return text
-
-
-def _clean_header(header: Sequence[str]) -> list[str]:
-  return [name.strip() for name in header]
-
-
-class ReadAndValidateFn(beam.DoFn):
-  """Reads one input file and validates its rows against the feature spec.
-
-  Input: `(file_index, path, format)`. Main output: `(split/client_id,
-  (file_index, [(line_number, serialized tf.train.Example), ...]))`: rows are
-  combined per client before the shuffle (at most `MAX_BUFFERED_ROWS` held at
-  once), so GroupByKey moves a few elements per client instead of one per row.
-  Tagged outputs: `dead_letter` (JSON lines) and `stats` (one JSON line per
-  file with its row and reason counts).
-  """
-
-  MAX_BUFFERED_ROWS = 20_000
-
-  DEAD_LETTER = 'dead_letter'
-  STATS = 'stats'
-
-  def __init__(self, split: str, spec: feature_spec_lib.FeatureSpec):
-    self._split = split
-    self._spec = spec
-
-  def setup(self):
-    self._example = tf.train.Example()
-    self._x = self._example.features.feature['x'].float_list.value
-    self._y = self._example.features.feature['y'].int64_list.value
-    self._client_id = functools.lru_cache(maxsize=65536)(client_ids.client_id_for_key)
-    self._rows = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_read')
-    self._valid = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_valid')
-    self._reasons = {r: Metrics.counter(METRICS_NAMESPACE, f'{self._split}_malformed_{r}')
-                     for r in feature_spec_lib.REASONS}
-
-  def _serialize(self, x: list[float], y: int) -> bytes:
-    self._x[:] = x
-    self._y[:] = [y]
-    return self._example.SerializeToString()
-
-  def _flush(self, buffers: dict[str, list], file_index: int) -> Iterator[Any]:
-    for client_id, rows in buffers.items():
-      yield f'{self._split}/{client_id}', (file_index, rows)
-    buffers.clear()
-
-  def process(self, element: tuple[int, str, str]) -> Iterator[Any]:
-    file_index, path, fmt = element
-    rows, valid, malformed, blank = 0, 0, {}, 0
-    buffers: dict[str, list] = {}
-    buffered = 0
-    with FileSystems.open(path) as f:
-      records = self._csv_records(f) if fmt == CSV_FORMAT else self._jsonl_records(f)
-      for line_number, record, raw, error in records:
-        if record is None and error is None:
-          blank += 1
-          continue
-        rows += 1
-        if error is None:
-          try:
-            key, x, y = self._spec.parse_record(record)
-          except feature_spec_lib.MalformedRecordError as e:
-            error = e
-        if error is not None:
-          malformed[error.reason] = malformed.get(error.reason, 0) + 1
-          self._reasons[error.reason].inc()
-          yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, json.dumps({
-              'file': path, 'line_number': line_number, 'reason': error.reason,
-              'detail': error.detail, 'raw': raw}))
-          continue
-        valid += 1
-        buffers.setdefault(self._client_id(key), []).append(
-            (line_number, self._serialize(x, y)))
-        buffered += 1
-        if buffered >= self.MAX_BUFFERED_ROWS:
-          yield from self._flush(buffers, file_index)
-          buffered = 0
-    yield from self._flush(buffers, file_index)
-    self._valid.inc(valid)
-    self._rows.inc(rows)
-    yield beam.pvalue.TaggedOutput(self.STATS, json.dumps({
-        'kind': 'file', 'split': self._split, 'file': path, 'rows_read': rows,
-        'blank_lines': blank, 'malformed': malformed}))
-
-  def _csv_records(self, f) -> Iterator[tuple[int, Any, str, Any]]:
-    """Yields `(line_number, record | None, raw, error | None)`; both None for blank lines."""
-    lines = _LineReader(f)
-    reader = csv.reader(lines)
-    try:
-      header = _clean_header(next(reader))
-    except StopIteration:
-      return
-    while True:
-      lines.start_record()
-      line_number = lines.line_number + 1
-      try:
-        row = next(reader)
-      except StopIteration:
-        return
-      except csv.Error as e:
-        yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_CSV, str(e))
-        continue
-      if lines.bad_encoding:
-        yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8')
-      elif not row:
-        yield line_number, None, '', None
-      elif len(row) != len(header):
-        yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.WRONG_COLUMN_COUNT,
-            f'{len(row)} columns, the header has {len(header)}')
-      else:
-        yield line_number, dict(zip(header, row)), lines.raw(), None
-
-  def _jsonl_records(self, f) -> Iterator[tuple[int, Any, str, Any]]:
-    lines = _LineReader(f)
-    for text in lines:
-      raw = lines.raw()
-      bad_encoding = lines.bad_encoding
-      lines.start_record()
-      if bad_encoding:
-        yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8')
-        continue
-      if not text.strip():
-        yield lines.line_number, None, '', None
-        continue
-      try:
-        record = json.loads(text)
-      except (json.JSONDecodeError, RecursionError) as e:
-        yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_JSON, f'not JSON: {e}')
-        continue
-      if not isinstance(record, dict):
-        yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_JSON, f'a JSON {type(record).__name__}, not an object')
-        continue
-      yield lines.line_number, record, raw, None
-
-
-class WriteClientFileFn(beam.DoFn):
-  """Writes one client's examples to `<split>/<client_id>.tfrecord`, or excludes the client.
-
-  The file is written under a temporary name and renamed into place, so a
-  retried bundle rewrites the same file. Examples are written in input order
-  (file, line), so reruns write identical files. Output: one JSON line with
-  the client's count and whether it was written.
-  """
-
-  def __init__(self, output_dir: str, min_examples: int):
-    self._output_dir = output_dir
-    self._min_examples = min_examples
-
-  def setup(self):
-    self._written = Metrics.counter(METRICS_NAMESPACE, 'clients_written')
-    self._excluded = Metrics.counter(METRICS_NAMESPACE, 'clients_excluded')
-    self._examples = Metrics.counter(METRICS_NAMESPACE, 'examples_written')
-
-  def process(self, element: tuple[str, Any]) -> Iterator[str]:
-    key, chunks = element
-    split, client_id = key.split('/', 1)
-    examples = sorted((file_index, line, example)
-                      for file_index, rows in chunks for line, example in rows)
-    written = len(examples) >= self._min_examples
-    if written:
-      path = _join(self._output_dir, manifest_lib.client_file(split, client_id))
-      tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-      with tf.io.TFRecordWriter(tmp) as writer:
-        for _, _, example in examples:
-          writer.write(example)
-      tf.io.gfile.rename(tmp, path, overwrite=True)
-      self._written.inc()
-      self._examples.inc(len(examples))
-    else:
-      self._excluded.inc()
-    yield json.dumps({'kind': 'client', 'split': split, 'client_id': client_id,
-                      'count': len(examples), 'written': written})
-
-
 def build_pipeline(pipeline: beam.Pipeline, *, inputs: Mapping[str, Sequence[InputFile]],
                    spec: feature_spec_lib.FeatureSpec, output_dir: str,
                    min_examples_per_client: int) -> None:
@@ -518,22 +302,23 @@ def build_pipeline(pipeline: beam.Pipeline, *, inputs: Mapping[str, Sequence[Inp
     min_examples_per_client: Clients with fewer valid rows are not written.
   """
   stats = []
+  read_fn = preprocess_dofns.ReadAndValidateFn
   for split, files in inputs.items():
     read = (
         pipeline
         | f'{split}/ListFiles' >> beam.Create(
             [(i, f.path, f.format) for i, f in enumerate(files)])
         | f'{split}/SpreadFiles' >> beam.Reshuffle()
-        | f'{split}/ReadAndValidate' >> beam.ParDo(ReadAndValidateFn(split, spec)).with_outputs(
-            ReadAndValidateFn.DEAD_LETTER, ReadAndValidateFn.STATS, main='valid'))
-    _ = (read[ReadAndValidateFn.DEAD_LETTER]
+        | f'{split}/ReadAndValidate' >> beam.ParDo(read_fn(split, spec)).with_outputs(
+            read_fn.DEAD_LETTER, read_fn.STATS, main='valid'))
+    _ = (read[read_fn.DEAD_LETTER]
          | f'{split}/WriteDeadLetter' >> beam.io.WriteToText(
              _join(output_dir, DEAD_LETTER_DIR, split), file_name_suffix='.jsonl'))
     clients = (read.valid
                | f'{split}/GroupByClient' >> beam.GroupByKey()
                | f'{split}/WriteClientFiles' >> beam.ParDo(
-                   WriteClientFileFn(output_dir, min_examples_per_client)))
-    stats.extend([read[ReadAndValidateFn.STATS], clients])
+                   preprocess_dofns.WriteClientFileFn(output_dir, min_examples_per_client)))
+    stats.extend([read[read_fn.STATS], clients])
   _ = (stats
        | 'FlattenStats' >> beam.Flatten()
        | 'WriteStats' >> beam.io.WriteToText(_join(output_dir, _STATS_DIR, 'stats'),
@@ -817,8 +602,6 @@ def _absolute(path: str) -> str:
   return path if '://' in path else os.path.abspath(path)
 
 
-def _join(*parts: str) -> str:
-  return FileSystems.join(*parts) if '://' in parts[0] else os.path.join(*parts)
 
 
 

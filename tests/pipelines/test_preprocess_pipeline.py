@@ -319,3 +319,21 @@ def test_argument_and_runner_checks(tmp_path):
   assert options.get_all_options()['runner'] == pp.DEFAULT_RUNNER
   options = pp.resolve_pipeline_options(PipelineOptions(['--runner=FlinkRunner']))
   assert options.get_all_options()['runner'] == 'FlinkRunner'
+
+
+def test_multi_processing_workers_write_the_same_files(digits, tmp_path):
+  # Worker processes run preprocess_dofns without TensorFlow; their files must
+  # be byte-identical to the in-process run's.
+  raw, spec, output_dir, summary = digits
+  again = _run(raw.train_file, raw.test_file, spec=spec, output_dir=tmp_path / 'mp',
+               flags=['--direct_running_mode=multi_processing', '--direct_num_workers=2'])
+  assert again.clients_written == summary.clients_written
+  assert again.examples_written == summary.examples_written
+
+  def client_files_and_manifest(d):
+    return {k: v for k, v in _snapshot(d).items()
+            if k.startswith(('train/', 'eval/')) or k == 'manifest.json'}
+
+  expected = client_files_and_manifest(output_dir)
+  assert len(expected) == 25
+  assert client_files_and_manifest(tmp_path / 'mp') == expected
