@@ -9,6 +9,9 @@ in-memory datasets on TFF's default local context, as a hand-written TFF
 program does), fedpipe (its process over client ids, data read by the worker
 from TFRecords, on its isolated worker) and, with `with_dp`, fedpipe with the
 capped-weight DP aggregator, taking turns round by round in one process.
+With `with_all_at_once`, also fedpipe on a second worker that runs every
+client at once (TFF's default concurrency; fedpipe's worker runs two
+clients per core): the gain of that default, measured side by side.
 Emits seconds per round (or epoch) of each repetition.
 """
 
@@ -19,9 +22,11 @@ os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import collections
+import contextlib
 import json
 import sys
 
+import grpc
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -84,7 +89,7 @@ def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
 
 
 def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int, *,
-                       with_dp: bool) -> dict[str, list[float]]:
+                       with_dp: bool, with_all_at_once: bool = False) -> dict[str, list[float]]:
   """Seconds per round of plain TFF and fedpipe (and fedpipe DP), rounds interleaved.
 
   All systems live in this one process and take turns round by round (the
@@ -93,6 +98,7 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
   TFF runs on TFF's own local context, fedpipe on its isolated worker.
   """
   from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  from runtime import isolated_worker  # pylint: disable=g-import-not-at-top
 
   plain_process, datasets = _plain_tff(w, num_clients)
   ids = [workloads.client_id(i) for i in range(num_clients)]
@@ -104,10 +110,22 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
   # until `os._exit` below.
   _KEEP_ALIVE.append(plain_context)
   stack = tff.framework.get_context_stack()
-  with execution_context.local_worker_context(workloads.client_data_dir(w, num_clients)):
+  data_dir = workloads.client_data_dir(w, num_clients)
+  with contextlib.ExitStack() as cleanup:
+    all_at_once_context = None
+    if with_all_at_once:
+      worker = cleanup.enter_context(isolated_worker.IsolatedWorker(
+          working_dir=data_dir, max_concurrent_computation_calls=-1))
+      channel = grpc.insecure_channel(worker.target, options=execution_context.CHANNEL_OPTIONS)
+      cleanup.callback(channel.close)
+      all_at_once_context = execution_context.create_sync_context(channel)
+    cleanup.enter_context(execution_context.local_worker_context(data_dir))
     with stack.install(plain_context):
       plain_state = plain_process.initialize()
     states = {name: process.initialize() for name, process in systems.items()}
+    if all_at_once_context is not None:
+      with stack.install(all_at_once_context):
+        all_at_once_state = systems['fedpipe'].initialize()
 
     def plain_round():
       nonlocal plain_state
@@ -119,7 +137,14 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
         states[name] = systems[name].next(states[name], ids).state
       return one_round
 
+    def all_at_once_round():
+      nonlocal all_at_once_state
+      with stack.install(all_at_once_context):
+        all_at_once_state = systems['fedpipe'].next(all_at_once_state, ids).state
+
     rounds = {'plain_tff': plain_round, **{name: fedpipe_round(name) for name in systems}}
+    if all_at_once_context is not None:
+      rounds['fedpipe_all_at_once'] = all_at_once_round
     for one_round in rounds.values():  # Warm-up: tracing, first-call set-up.
       one_round()
     times: dict[str, list[float]] = {name: [] for name in rounds}
@@ -138,7 +163,8 @@ def main(args: dict) -> None:
     harness.emit({'times': times, 'median_s': harness.median(times),
                   'examples': int(len(w.y))})
   elif system == 'interleaved':
-    times = interleaved_rounds(w, args['num_clients'], reps, with_dp=args.get('with_dp', False))
+    times = interleaved_rounds(w, args['num_clients'], reps, with_dp=args.get('with_dp', False),
+                               with_all_at_once=args.get('with_all_at_once', False))
     harness.emit({
         'times': times,
         'median_s': {name: harness.median(t) for name, t in times.items()},

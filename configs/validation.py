@@ -188,7 +188,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.check(
       'runtime.max_concurrent_computation_calls',
       lambda v: isinstance(v, int) and not isinstance(v, bool),
-      'an integer (<= 0: no limit)',
+      'an integer (0: two per CPU core; < 0: no limit)',
   )
   if c.problems:
     raise ConfigError(c.problems)

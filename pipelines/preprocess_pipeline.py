@@ -21,8 +21,10 @@ The DoFns live in `preprocess_dofns`, which does not import TensorFlow, so
 Beam's worker processes start without it.
 
 Without `--runner`, the pipeline runs on Beam's FnApiRunner (the DirectRunner's
-batch engine) in `in_memory` mode: on 2 cores it was 1.5-5x faster than
-`multi_processing` from 50k to 1M rows. See `resolve_pipeline_options`.
+batch engine) in `in_memory` mode: on 2 cores it was as fast as
+`multi_processing` at 1M rows and faster below, where the worker processes'
+start-up (about 3 s) dominates (benchmarks/RESULTS.md). See
+`resolve_pipeline_options`.
 """
 
 import csv

@@ -48,6 +48,9 @@ _CLIENT_CA = flags.DEFINE_string(
     'client_ca', None, 'CA certificate (PEM) that signs the coordinators allowed to connect.')
 _NAME = flags.DEFINE_string('name', None, "Silo name; default: the certificate's common name.")
 _WORKER_LOG = flags.DEFINE_string('worker_log', None, 'File for the TFF worker output.')
+_MAX_CONCURRENT = flags.DEFINE_integer(
+    'max_concurrent_computation_calls', 0, 'Clients the TFF worker trains at once: 0 = two '
+    'per CPU core this silo may use, < 0 = no limit.')
 _POLICY = flags.DEFINE_string(
     'policy', None, "The data owner's policy file (TOML; see docs/governance.md).")
 _STATE_DIR = flags.DEFINE_string(
@@ -123,7 +126,8 @@ def main(argv: list[str]) -> int:
     return 2
   server = silo_server.SiloServer(
       data_dir=_DATA_DIR.value, listen=_LISTEN.value, tls=tls, silo_name=name,
-      worker_log=_WORKER_LOG.value, gate=gate)
+      worker_log=_WORKER_LOG.value, gate=gate,
+      max_concurrent_computation_calls=_MAX_CONCURRENT.value)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: server.request_stop())
   try:

@@ -174,7 +174,7 @@ class SiloServer:
       silo_name: str,
       gate: Optional[CallGate] = None,
       worker_log: Optional[str] = None,
-      max_concurrent_computation_calls: int = -1,
+      max_concurrent_computation_calls: int = isolated_worker.AUTO_CONCURRENT_CALLS,
       max_workers: int = 16,
   ):
     """Configures the silo; `start()` starts it.
@@ -188,7 +188,8 @@ class SiloServer:
       silo_name: Name reported to coordinators and in logs.
       gate: Optional policy deciding which calls may run.
       worker_log: File for the worker's output.
-      max_concurrent_computation_calls: Passed to the worker.
+      max_concurrent_computation_calls: Computations the silo's worker runs at
+        once (see `isolated_worker.resolve_concurrent_calls`).
       max_workers: gRPC server threads.
     """
     self._data_dir = data_dir

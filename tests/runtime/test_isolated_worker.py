@@ -71,6 +71,24 @@ def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
   assert not os.path.exists(path)
 
 
+@pytest.mark.parametrize('configured,expected', [
+    (isolated_worker.AUTO_CONCURRENT_CALLS, 2 * len(os.sched_getaffinity(0))),
+    (-5, -1),
+    (3, 3),
+])
+def test_worker_runs_the_configured_number_of_clients_at_once(tmp_path, configured, expected):
+  assert isolated_worker.resolve_concurrent_calls(configured) == expected
+  before = _worker_binary_pids()
+  with isolated_worker.IsolatedWorker(working_dir=str(tmp_path),
+                                      max_concurrent_computation_calls=configured):
+    argvs = []
+    for pid in _worker_binary_pids() - before:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        argvs.append(f.read().decode().split('\0'))
+  (argv,) = [a for a in argvs if a[0].endswith('/worker_binary')]
+  assert f'--max_concurrent_computation_calls={expected}' in argv
+
+
 def test_runs_computations_reading_files_relative_to_its_working_dir(tmp_path, worker_dir):
   del worker_dir
   import numpy as np  # pylint: disable=g-import-not-at-top
