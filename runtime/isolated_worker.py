@@ -41,10 +41,11 @@ AUTO_CONCURRENT_CALLS = 0
 def resolve_concurrent_calls(value: int) -> int:
   """The `worker_binary` concurrency for a configured value.
 
-  TFF runs every client of a round at once by default (-1). On 2 cores, 10
-  or 100 concurrent clients trained 6-19% slower per round than 4 at a time
-  (benchmarks/measure_concurrency.py), and fewer than 2 per core left cores
-  idle while clients waited on data or the coordinator.
+  TFF runs every client of a round at once by default (-1). On 2 cores,
+  4 at a time made rounds of 10 and 100 clients 0.81-0.91x as long on the
+  synthetic workload and about even (0.91-1.04x) on digits, whose clients
+  are tiny (the round-cost benchmark's last column); 2 at a time left cores
+  idle while clients waited on data or the coordinator (up to 1.13x).
 
   Args:
     value: `AUTO_CONCURRENT_CALLS` (0) for two per CPU core this process may
