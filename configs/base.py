@@ -104,7 +104,8 @@ def get_base_config() -> config_dict.ConfigDict:
   # Run the TFF worker on a host port if no private network namespace can be
   # made. It is then reachable, unauthenticated, from any network.
   runtime.allow_exposed_worker = False
-  # Clients the TFF worker trains at once: 0 = two per CPU core (measured
-  # faster than TFF's all-at-once on 2 cores), < 0 = no limit, else the limit.
-  runtime.max_concurrent_computation_calls = 0
+  # Clients the TFF worker trains at once: < 0 = no limit (TFF's default; best
+  # for many small clients), 0 = two per CPU core (faster for large clients,
+  # see runtime/isolated_worker.py), else the limit.
+  runtime.max_concurrent_computation_calls = -1
   return config

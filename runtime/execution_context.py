@@ -141,7 +141,7 @@ def local_worker_context(
     *,
     log_path: Optional[str] = None,
     allow_exposed_worker: bool = False,
-    max_concurrent_computation_calls: int = isolated_worker.AUTO_CONCURRENT_CALLS,
+    max_concurrent_computation_calls: int = isolated_worker.NO_LIMIT,
 ) -> Iterator[isolated_worker.IsolatedWorker]:
   """Starts an isolated worker and makes it TFF's default context for the block.
 

@@ -34,27 +34,30 @@ from runtime import process_lifetime
 
 _READY_TIMEOUT_S = 240.0
 _STOP_TIMEOUT_S = 10.0
-# `max_concurrent_computation_calls` value meaning "two per available CPU core".
-AUTO_CONCURRENT_CALLS = 0
+# `max_concurrent_computation_calls` values: two per available CPU core; no limit.
+TWO_PER_CORE = 0
+NO_LIMIT = -1
 
 
 def resolve_concurrent_calls(value: int) -> int:
   """The `worker_binary` concurrency for a configured value.
 
-  TFF runs every client of a round at once by default (-1). On 2 cores,
-  4 at a time made rounds of 10 and 100 clients 0.81-0.91x as long on the
-  synthetic workload and about even (0.91-1.04x) on digits, whose clients
-  are tiny (the round-cost benchmark's last column); 2 at a time left cores
-  idle while clients waited on data or the coordinator (up to 1.13x).
+  The default is TFF's: every client of a round at once. It suits many small
+  clients, whose time is mostly fixed per-call latency that overlaps: on 2
+  cores, 1,000 clients of 8 examples a round took 11.7 s at once and 23.6 s
+  4 at a time (benchmarks/RESULTS.md, scale table, two runs). Large clients
+  contend instead: 4 at a time made rounds of 10 and 100 clients of a
+  100k-parameter model 0.81-0.98x as long (the round-cost benchmark's last
+  column). `TWO_PER_CORE` is for such workloads.
 
   Args:
-    value: `AUTO_CONCURRENT_CALLS` (0) for two per CPU core this process may
-      use; a negative value for no limit; otherwise the limit itself.
+    value: `TWO_PER_CORE` (0) for two per CPU core this process may use; a
+      negative value (`NO_LIMIT`) for no limit; otherwise the limit itself.
 
   Returns:
     The value for `--max_concurrent_computation_calls` (-1: no limit).
   """
-  if value == AUTO_CONCURRENT_CALLS:
+  if value == TWO_PER_CORE:
     return 2 * len(os.sched_getaffinity(0))
   return -1 if value < 0 else value
 
@@ -109,7 +112,7 @@ class IsolatedWorker:
       *,
       working_dir: str,
       log_path: Optional[str] = None,
-      max_concurrent_computation_calls: int = AUTO_CONCURRENT_CALLS,
+      max_concurrent_computation_calls: int = NO_LIMIT,
       grpc_max_message_length_megabytes: int = 2000,
       allow_exposed: bool = False,
   ):
@@ -121,8 +124,8 @@ class IsolatedWorker:
       log_path: Where the worker's and relay's output goes. Defaults to a file
         in the worker's private temporary directory.
       max_concurrent_computation_calls: How many computations (clients) the
-        worker runs at once; see `resolve_concurrent_calls` (default: two
-        per CPU core).
+        worker runs at once; see `resolve_concurrent_calls` (default: no
+        limit, as TFF).
       grpc_max_message_length_megabytes: Passed to `worker_binary`.
       allow_exposed: If isolation is impossible, run the worker on a host port
         (reachable by anyone who can reach this host) instead of failing.

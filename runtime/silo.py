@@ -49,8 +49,9 @@ _CLIENT_CA = flags.DEFINE_string(
 _NAME = flags.DEFINE_string('name', None, "Silo name; default: the certificate's common name.")
 _WORKER_LOG = flags.DEFINE_string('worker_log', None, 'File for the TFF worker output.')
 _MAX_CONCURRENT = flags.DEFINE_integer(
-    'max_concurrent_computation_calls', 0, 'Clients the TFF worker trains at once: 0 = two '
-    'per CPU core this silo may use, < 0 = no limit.')
+    'max_concurrent_computation_calls', -1, 'Clients the TFF worker trains at once: < 0 = no '
+    'limit (TFF\'s default; best for many small clients), 0 = two per CPU core this silo may '
+    'use (faster for large clients), else the limit.')
 _POLICY = flags.DEFINE_string(
     'policy', None, "The data owner's policy file (TOML; see docs/governance.md).")
 _STATE_DIR = flags.DEFINE_string(

@@ -174,7 +174,7 @@ class SiloServer:
       silo_name: str,
       gate: Optional[CallGate] = None,
       worker_log: Optional[str] = None,
-      max_concurrent_computation_calls: int = isolated_worker.AUTO_CONCURRENT_CALLS,
+      max_concurrent_computation_calls: int = isolated_worker.NO_LIMIT,
       max_workers: int = 16,
   ):
     """Configures the silo; `start()` starts it.

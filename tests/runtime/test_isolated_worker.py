@@ -72,7 +72,8 @@ def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
 
 
 @pytest.mark.parametrize('configured,expected', [
-    (isolated_worker.AUTO_CONCURRENT_CALLS, 2 * len(os.sched_getaffinity(0))),
+    (isolated_worker.TWO_PER_CORE, 2 * len(os.sched_getaffinity(0))),
+    (isolated_worker.NO_LIMIT, -1),
     (-5, -1),
     (3, 3),
 ])
