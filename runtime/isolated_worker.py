@@ -44,11 +44,12 @@ def resolve_concurrent_calls(value: int) -> int:
 
   The default is TFF's: every client of a round at once. It suits many small
   clients, whose time is mostly fixed per-call latency that overlaps: on 2
-  cores, 1,000 clients of 8 examples a round took 11.7 s at once and 23.6 s
-  4 at a time (benchmarks/RESULTS.md, scale table, two runs). Large clients
-  contend instead: 4 at a time made rounds of 10 and 100 clients of a
-  100k-parameter model 0.81-0.98x as long (the round-cost benchmark's last
-  column). `TWO_PER_CORE` is for such workloads.
+  cores, 4 at a time made rounds of 100 digits clients (18 examples each)
+  1.11x as long, side by side (the round-cost benchmark's last column), and
+  a round of 1,000 clients of 8 examples took 23.6 s against 18.1 s at once
+  (scale benchmark, two runs the same evening). Large clients contend
+  instead: 4 at a time made rounds of 10 and 100 clients of a
+  100k-parameter model 0.81-0.98x as long. `TWO_PER_CORE` is for those.
 
   Args:
     value: `TWO_PER_CORE` (0) for two per CPU core this process may use; a
