@@ -123,31 +123,29 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
       cleanup.callback(channel.close)
       two_per_core_context = execution_context.create_sync_context(channel)
     cleanup.enter_context(execution_context.local_worker_context(data_dir))
-    with stack.install(plain_context):
-      plain_state = plain_process.initialize()
-    states = {name: process.initialize() for name, process in systems.items()}
+    # name -> (process, its round argument, context to install; None: the default).
+    entries = {'plain_tff': (plain_process, datasets, plain_context)}
+    entries.update({name: (process, ids, None) for name, process in systems.items()})
     if two_per_core_context is not None:
-      with stack.install(two_per_core_context):
-        two_per_core_state = systems['fedpipe'].initialize()
+      entries['fedpipe_two_per_core'] = (systems['fedpipe'], ids, two_per_core_context)
 
-    def plain_round():
-      nonlocal plain_state
-      with stack.install(plain_context):
-        plain_state = plain_process.next(plain_state, datasets).state
+    def in_context(context):
+      return contextlib.nullcontext() if context is None else stack.install(context)
 
-    def fedpipe_round(name):
+    states = {}
+    for name, (process, _, context) in entries.items():
+      with in_context(context):
+        states[name] = process.initialize()
+
+    def round_of(name):
+      process, data, context = entries[name]
+
       def one_round():
-        states[name] = systems[name].next(states[name], ids).state
+        with in_context(context):
+          states[name] = process.next(states[name], data).state
       return one_round
 
-    def two_per_core_round():
-      nonlocal two_per_core_state
-      with stack.install(two_per_core_context):
-        two_per_core_state = systems['fedpipe'].next(two_per_core_state, ids).state
-
-    rounds = {'plain_tff': plain_round, **{name: fedpipe_round(name) for name in systems}}
-    if two_per_core_context is not None:
-      rounds['fedpipe_two_per_core'] = two_per_core_round
+    rounds = {name: round_of(name) for name in entries}
     for one_round in rounds.values():  # Warm-up: tracing, first-call set-up.
       one_round()
     times: dict[str, list[float]] = {name: [] for name in rounds}
