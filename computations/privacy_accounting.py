@@ -11,9 +11,11 @@ only relation dp-accounting supports for it, and the larger ε).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import dp_accounting
+import numpy as np
 
 Sampling = Literal['poisson', 'fixed_size']
 Accountant = Literal['rdp', 'pld']
@@ -117,9 +119,28 @@ def compute_epsilon(
     return 0.0
   if noise_multiplier == 0:
     return float('inf')
+  if accountant == 'rdp':
+    # What the RDP accountant computes for `rounds` self-compositions
+    # (rounds x one round's RDP), with one round's RDP, the costly part
+    # (0.15-0.45 s), computed once per mechanism: ε is asked after every round.
+    orders, one_round = _one_round_rdp(noise_multiplier, sampling)
+    return float(dp_accounting.rdp.compute_epsilon(orders, rounds * one_round, delta)[0])
   acc = make_accountant(accountant, sampling)
   acc.compose(run_event(noise_multiplier, sampling, rounds))
   return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=32)
+def _one_round_rdp(
+    noise_multiplier: float, sampling: SamplingScheme
+) -> tuple[np.ndarray, np.ndarray]:
+  """The RDP accountant's orders and the RDP of one round at each of them."""
+  acc = make_accountant('rdp', sampling)
+  acc.compose(round_event(noise_multiplier, sampling))
+  orders, rdp = acc.orders, acc.rdp  # Copies, made read-only: they are cached.
+  orders.flags.writeable = False
+  rdp.flags.writeable = False
+  return orders, rdp
 
 
 def noise_multiplier_for_epsilon(

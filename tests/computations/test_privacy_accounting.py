@@ -27,6 +27,20 @@ def test_fixed_size_uses_sampling_without_replacement_and_replace_one():
   assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
 
 
+@pytest.mark.parametrize('method', ['poisson', 'fixed_size'])
+def test_rdp_epsilon_after_each_round_equals_a_fresh_accountant(method):
+  # ε is asked after every round; one round's RDP is computed once and
+  # scaled. Each answer must equal a fresh accountant's, in any order.
+  scheme = pa.SamplingScheme(method, population_size=300, clients_per_round=60)
+  relation = (dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE if method == 'poisson'
+              else dp_accounting.NeighboringRelation.REPLACE_ONE)
+  for rounds in (1, 7, 1000, 2, 7):
+    ours = pa.compute_epsilon(noise_multiplier=1.3, sampling=scheme, rounds=rounds, delta=1e-6)
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    accountant.compose(pa.run_event(1.3, scheme, rounds))
+    assert ours == pytest.approx(accountant.get_epsilon(1e-6), rel=1e-12), rounds
+
+
 def test_pld_epsilon_equals_dp_accounting_pld():
   scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
   ours = pa.compute_epsilon(
