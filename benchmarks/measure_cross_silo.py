@@ -1,12 +1,14 @@
-"""One measurement of DP-FedAvg seconds per round, local runtime or three silos.
+"""DP-FedAvg seconds per round, local runtime and three silos, taking turns.
 
-    python -m benchmarks.measure_cross_silo '{"mode": "silos", "rounds": 10}'
+    python -m benchmarks.measure_cross_silo '{"rounds": 12, "clients_per_round": 60}'
 
-Both modes train the demo config (digits, 300 clients, DP-FedAvg) from the
+Both runtimes train the demo config (digits, 300 clients, DP-FedAvg) from the
 same Beam-written data: `local` on one isolated worker; `silos` across three
 `fedpipe-silo` processes over mutual TLS on loopback, each holding a third of
-the clients, with the coordinator's merge on its own worker. Rounds sample a
-fixed number of clients so both modes do the same work.
+the clients, with the coordinator's merge on its own worker. Both are up at
+once in this process and take turns round by round (the order alternating),
+so a slow spell of the machine hits both alike. Rounds sample a fixed number
+of clients so both do the same work.
 """
 
 import os
@@ -82,30 +84,43 @@ def _silos_runtime(silo_dirs: dict[str, str], work_dir: str):
 def main(args: dict) -> None:
   import tempfile
   num_clients = args.get('num_clients', 300)
+  rounds = args.get('rounds', 10)
   all_dir, silo_dirs = prepare(num_clients)
   config = digits_dp.get_config()
   config.training.sampling = 'fixed_size'
   config.training.clients_per_round = args.get('clients_per_round', 60)
-  with tempfile.TemporaryDirectory() as work_dir:
-    if args['mode'] == 'local':
-      runtime = contextlib.ExitStack()
-      runtime.enter_context(execution_context.local_worker_context(all_dir))
-      manifest = manifest_lib.read_manifest(all_dir)
-    else:
-      runtime = contextlib.ExitStack()
-      manifest = runtime.enter_context(_silos_runtime(silo_dirs, work_dir))
-    with runtime:
+  stack = tff.framework.get_context_stack()
+  with tempfile.TemporaryDirectory() as work_dir, contextlib.ExitStack() as runtimes:
+    silo_manifest = runtimes.enter_context(_silos_runtime(silo_dirs, work_dir))
+    silo_context = stack.current
+    runtimes.enter_context(execution_context.local_worker_context(all_dir))
+    local_context = stack.current
+    runtimes_by_name = {
+        'local': (local_context, manifest_lib.read_manifest(all_dir)),
+        'silos': (silo_context, silo_manifest),
+    }
+    turns = {}
+    for name, (context, manifest) in runtimes_by_name.items():
       experiment = experiment_lib.build_experiment(config, manifest)
-      state = experiment.train_process.initialize()
-      times = []
-      for round_num in range(1, args.get('rounds', 10) + 1):
+      with stack.install(context):
+        turns[name] = [experiment, experiment.train_process.initialize()]
+    times: dict[str, list[float]] = {name: [] for name in turns}
+    order = list(turns)
+    for round_num in range(1, rounds + 1):
+      for name in order if round_num % 2 else order[::-1]:
+        experiment, state = turns[name]
         clients = client_sampling.sample_clients(
             experiment.train_client_ids, scheme=experiment.sampling, round_num=round_num, seed=0)
-        started = time.perf_counter()
-        state = experiment.train_process.next(state, clients).state
-        times.append(time.perf_counter() - started)
-  harness.emit({'times': times[1:], 'median_s': harness.median(times[1:]),
-                'first_round_s': times[0]})
+        with stack.install(runtimes_by_name[name][0]):
+          started = time.perf_counter()
+          turns[name][1] = experiment.train_process.next(state, clients).state
+          times[name].append(time.perf_counter() - started)
+  harness.emit({
+      'times': {name: t[1:] for name, t in times.items()},
+      'median_s': {name: harness.median(t[1:]) for name, t in times.items()},
+      'first_round_s': {name: t[0] for name, t in times.items()},
+      'turn_ratios': [s / l for s, l in zip(times['silos'][1:], times['local'][1:])],
+  })
 
 
 if __name__ == '__main__':

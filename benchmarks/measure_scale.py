@@ -8,6 +8,11 @@ each (the `tiny` workload), DP-FedAvg over `clients_per_round` clients drawn
 without replacement each round. Reports seconds per round and the peak
 resident memory of this coordinator process and of the worker; with
 `memory_every` > 0 also their current memory every that many rounds.
+
+With `arena_control`, a second worker started with glibc's malloc arenas
+capped (MALLOC_ARENA_MAX=2) runs the same rounds, the two taking turns
+round by round: the control that tells allocator fragmentation from state
+kept across rounds, and what the cap costs in round time.
 """
 
 import os
@@ -16,9 +21,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import contextlib
 import json
 import sys
 import time
+
+import grpc
 
 import tensorflow_federated as tff
 
@@ -31,6 +39,7 @@ from computations import fedavg
 from computations import keras_model
 from computations import privacy_accounting
 from runtime import execution_context
+from runtime import isolated_worker
 
 EXAMPLES_PER_CLIENT = 8
 
@@ -54,27 +63,53 @@ def main(args: dict) -> None:
           expected_total_weight=float(per_round)),
       dataset_fn=client_data.make_dataset_fn(
           split='train', num_features=w.num_features, batch_size=16))
-  memory = []
-  with execution_context.local_worker_context(data_dir) as worker:
-    worker_pid = harness.worker_pids_of(worker.pid)[0]
-    state = process.initialize()
-    times = []
+  every = args.get('memory_every', 0)
+  stack = tff.framework.get_context_stack()
+  with contextlib.ExitStack() as workers:
+    # name -> (context, worker_binary pid)
+    runs = {}
+    worker = workers.enter_context(execution_context.local_worker_context(data_dir))
+    runs['worker'] = (stack.current, harness.worker_pids_of(worker.pid)[0])
+    if args.get('arena_control'):
+      os.environ['MALLOC_ARENA_MAX'] = '2'  # The worker inherits it.
+      try:
+        capped = workers.enter_context(isolated_worker.IsolatedWorker(working_dir=data_dir))
+      finally:
+        del os.environ['MALLOC_ARENA_MAX']
+      channel = grpc.insecure_channel(capped.target, options=execution_context.CHANNEL_OPTIONS)
+      workers.callback(channel.close)
+      runs['capped'] = (execution_context.create_sync_context(channel),
+                        harness.worker_pids_of(capped.pid)[0])
+    states = {}
+    for name, (context, _) in runs.items():
+      with stack.install(context):
+        states[name] = process.initialize()
+    times = {name: [] for name in runs}
+    memory = []
     for round_num in range(1, args['rounds'] + 1):
       clients = client_sampling.sample_clients(ids, scheme=scheme, round_num=round_num, seed=0)
-      started = time.perf_counter()
-      state = process.next(state, clients).state
-      times.append(time.perf_counter() - started)
-      every = args.get('memory_every', 0)
+      order = list(runs) if round_num % 2 else list(runs)[::-1]
+      for name in order:
+        with stack.install(runs[name][0]):
+          started = time.perf_counter()
+          states[name] = process.next(states[name], clients).state
+          times[name].append(time.perf_counter() - started)
       if every and (round_num % every == 0 or round_num == 1):
-        memory.append([round_num, harness.rss_mb(), harness.rss_mb(worker_pid)])
-    worker_peak = harness.peak_rss_mb(worker_pid)
-  harness.emit({
-      'median_s': harness.median(times[1:] if len(times) > 1 else times),
-      'first_round_s': times[0],
+        memory.append([round_num, harness.rss_mb()] +
+                      [harness.rss_mb(pid) for _, pid in runs.values()])
+    peaks = {name: harness.peak_rss_mb(pid) for name, (_, pid) in runs.items()}
+  steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
+  result = {
+      'median_s': harness.median(steady['worker']),
+      'first_round_s': times['worker'][0],
       'coordinator_peak_mb': harness.peak_rss_mb(),
-      'worker_peak_mb': worker_peak,
+      'worker_peak_mb': peaks['worker'],
       'memory': memory,
-  })
+  }
+  if 'capped' in runs:
+    result['capped_median_s'] = harness.median(steady['capped'])
+    result['capped_turn_ratios'] = [c / w for c, w in zip(steady['capped'], steady['worker'])]
+  harness.emit(result)
 
 
 if __name__ == '__main__':
