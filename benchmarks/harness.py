@@ -81,6 +81,7 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
     tail = (stdout + stderr)[-3000:]
     raise MeasurementError(f'{module} {args} failed (exit {process.returncode}):\n{tail}')
   result = json.loads(lines[-1][len(RESULT_PREFIX):])
+  print(f'  {module} {json.dumps(args)}: {wall:.0f} s', flush=True)  # Progress of long runs.
   result.setdefault('wall_s', wall)
   # Sampled every 0.25 s: the peak of the whole process tree's resident memory.
   result.setdefault('peak_rss_mb', peak_tree_mb)
