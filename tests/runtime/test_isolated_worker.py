@@ -90,6 +90,21 @@ def test_worker_runs_the_configured_number_of_clients_at_once(tmp_path, configur
   assert f'--max_concurrent_computation_calls={expected}' in argv
 
 
+def test_worker_inherits_the_allocator_settings_of_its_owner(tmp_path, monkeypatch):
+  # docs/deploy-silo.md tells operators to cap glibc's malloc arenas this way.
+  monkeypatch.setenv('MALLOC_ARENA_MAX', '2')
+  before = _worker_binary_pids()
+  with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)):
+    environs = {}
+    for pid in _worker_binary_pids() - before:
+      with open(f'/proc/{pid}/cmdline', 'rb') as f:
+        program = f.read().split(b'\0')[0]
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        environs[program] = f.read().split(b'\0')
+  (environ,) = [e for program, e in environs.items() if program.endswith(b'/worker_binary')]
+  assert b'MALLOC_ARENA_MAX=2' in environ
+
+
 def test_runs_computations_reading_files_relative_to_its_working_dir(tmp_path, worker_dir):
   del worker_dir
   import numpy as np  # pylint: disable=g-import-not-at-top
