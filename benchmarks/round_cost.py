@@ -32,7 +32,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     keras = keras_cache[workload]
     # digits rounds are short and noisier: more turns. DP on digits only, to keep
     # `make bench` under 30 minutes.
-    reps = (30 if clients == 10 else 5) if digits else (5 if clients == 10 else 3)
+    reps = (30 if clients == 10 else 10) if digits else (5 if clients == 10 else 3)
     if quick:
       reps = 3
     r = harness.measure('benchmarks.measure_round', {
