@@ -49,7 +49,7 @@ def resolve_concurrent_calls(value: int) -> int:
   a round of 1,000 clients of 8 examples took 23.6 s against 18.1 s at once
   (scale benchmark, two runs the same evening). Large clients contend
   instead: 4 at a time made rounds of 10 and 100 clients of a
-  100k-parameter model 0.81-1.02x as long over several side-by-side runs.
+  100k-parameter model 0.72-1.02x as long over several side-by-side runs.
   `TWO_PER_CORE` is for those.
 
   Args:
