@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +101,26 @@ def timed_repetitions(fn, *, warmup: int = 1, repetitions: int = 3) -> list[floa
     started = time.perf_counter()
     fn()
     times.append(time.perf_counter() - started)
+  return times
+
+
+def take_turns(rounds: dict[str, Callable[[int], None]], repetitions: int, *,
+               after_each: Optional[Callable[[int], None]] = None) -> dict[str, list[float]]:
+  """Seconds of each system's round, the systems taking turns.
+
+  Repetition r runs every system once, the order rotated by r, so a slow
+  spell of the machine hits every system alike. `rounds[name](r)` runs one
+  round; `after_each(r)`, if given, runs untimed after each repetition.
+  """
+  times: dict[str, list[float]] = {name: [] for name in rounds}
+  order = list(rounds)
+  for r in range(repetitions):
+    for name in order[r % len(order):] + order[:r % len(order)]:
+      started = time.perf_counter()
+      rounds[name](r)
+      times[name].append(time.perf_counter() - started)
+    if after_each is not None:
+      after_each(r)
   return times
 
 

@@ -20,7 +20,6 @@ os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 import contextlib
 import json
 import sys
-import time
 
 import tensorflow_federated as tff
 
@@ -94,27 +93,27 @@ def main(args: dict) -> None:
     silo_manifest = runtimes.enter_context(_silos_runtime(silo_dirs, work_dir))
     silo_context = stack.current
     runtimes.enter_context(execution_context.local_worker_context(all_dir))
-    local_context = stack.current
-    runtimes_by_name = {
-        'local': (local_context, manifest_lib.read_manifest(all_dir)),
-        'silos': (silo_context, silo_manifest),
-    }
-    turns = {}
-    for name, (context, manifest) in runtimes_by_name.items():
-      experiment = experiment_lib.build_experiment(config, manifest)
-      with stack.install(context):
-        turns[name] = [experiment, experiment.train_process.initialize()]
-    times: dict[str, list[float]] = {name: [] for name in turns}
-    order = list(turns)
-    for round_num in range(1, rounds + 1):
-      for name in order if round_num % 2 else order[::-1]:
-        experiment, state = turns[name]
-        clients = client_sampling.sample_clients(
-            experiment.train_client_ids, scheme=experiment.sampling, round_num=round_num, seed=0)
-        with stack.install(runtimes_by_name[name][0]):
-          started = time.perf_counter()
-          turns[name][1] = experiment.train_process.next(state, clients).state
-          times[name].append(time.perf_counter() - started)
+    contexts = {'local': stack.current, 'silos': silo_context}
+    manifests = {'local': manifest_lib.read_manifest(all_dir), 'silos': silo_manifest}
+    experiments = {name: experiment_lib.build_experiment(config, manifests[name])
+                   for name in contexts}
+    states = {}
+    for name, experiment in experiments.items():
+      with stack.install(contexts[name]):
+        states[name] = experiment.train_process.initialize()
+
+    def round_of(name):
+      experiment = experiments[name]
+      clients = [client_sampling.sample_clients(
+          experiment.train_client_ids, scheme=experiment.sampling, round_num=r + 1, seed=0)
+                 for r in range(rounds)]
+
+      def one_round(r):
+        with stack.install(contexts[name]):
+          states[name] = experiment.train_process.next(states[name], clients[r]).state
+      return one_round
+
+    times = harness.take_turns({name: round_of(name) for name in contexts}, rounds)
   harness.emit({
       'times': {name: t[1:] for name, t in times.items()},
       'median_s': {name: harness.median(t[1:]) for name, t in times.items()},

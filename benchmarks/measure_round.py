@@ -27,7 +27,6 @@ import contextlib
 import json
 import sys
 
-import grpc
 import tensorflow as tf
 import tensorflow_federated as tff
 
@@ -105,55 +104,44 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
 
   plain_process, datasets = _plain_tff(w, num_clients)
   ids = [workloads.client_id(i) for i in range(num_clients)]
-  systems = {'fedpipe': _fedpipe(w, num_clients, dp=False)}
-  if with_dp:
-    systems['fedpipe_dp'] = _fedpipe(w, num_clients, dp=True)
   plain_context = tff.backends.native.create_sync_local_cpp_execution_context()
   # Its finalizer stops its worker and can wait on it forever: keep it alive
   # until `os._exit` below.
   _KEEP_ALIVE.append(plain_context)
   stack = tff.framework.get_context_stack()
   data_dir = workloads.client_data_dir(w, num_clients)
-  with contextlib.ExitStack() as cleanup:
-    two_per_core_context = None
-    if with_two_per_core:
-      worker = cleanup.enter_context(isolated_worker.IsolatedWorker(
-          working_dir=data_dir, max_concurrent_computation_calls=isolated_worker.TWO_PER_CORE))
-      channel = grpc.insecure_channel(worker.target, options=execution_context.CHANNEL_OPTIONS)
-      cleanup.callback(channel.close)
-      two_per_core_context = execution_context.create_sync_context(channel)
-    cleanup.enter_context(execution_context.local_worker_context(data_dir))
-    # name -> (process, its round argument, context to install; None: the default).
+  with contextlib.ExitStack() as workers:
+    # name -> (process, its round argument, context).
     entries = {'plain_tff': (plain_process, datasets, plain_context)}
-    entries.update({name: (process, ids, None) for name, process in systems.items()})
-    if two_per_core_context is not None:
-      entries['fedpipe_two_per_core'] = (systems['fedpipe'], ids, two_per_core_context)
-
-    def in_context(context):
-      return contextlib.nullcontext() if context is None else stack.install(context)
+    if with_two_per_core:
+      workers.enter_context(execution_context.local_worker_context(
+          data_dir, max_concurrent_computation_calls=isolated_worker.TWO_PER_CORE))
+      two_per_core_context = stack.current
+    workers.enter_context(execution_context.local_worker_context(data_dir))
+    fedpipe = _fedpipe(w, num_clients, dp=False)
+    entries['fedpipe'] = (fedpipe, ids, stack.current)
+    if with_dp:
+      entries['fedpipe_dp'] = (_fedpipe(w, num_clients, dp=True), ids, stack.current)
+    if with_two_per_core:
+      entries['fedpipe_two_per_core'] = (fedpipe, ids, two_per_core_context)
 
     states = {}
     for name, (process, _, context) in entries.items():
-      with in_context(context):
+      with stack.install(context):
         states[name] = process.initialize()
 
     def round_of(name):
       process, data, context = entries[name]
 
-      def one_round():
-        with in_context(context):
+      def one_round(_):
+        with stack.install(context):
           states[name] = process.next(states[name], data).state
       return one_round
 
     rounds = {name: round_of(name) for name in entries}
     for one_round in rounds.values():  # Warm-up: tracing, first-call set-up.
-      one_round()
-    times: dict[str, list[float]] = {name: [] for name in rounds}
-    order = list(rounds)
-    for r in range(repetitions):
-      for name in order[r % len(order):] + order[:r % len(order)]:
-        times[name].extend(harness.timed_repetitions(rounds[name], warmup=0, repetitions=1))
-  return times
+      one_round(0)
+    return harness.take_turns(rounds, repetitions)
 
 
 def main(args: dict) -> None:

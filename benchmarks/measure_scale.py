@@ -24,9 +24,7 @@ os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 import contextlib
 import json
 import sys
-import time
 
-import grpc
 
 import tensorflow_federated as tff
 
@@ -39,7 +37,6 @@ from computations import fedavg
 from computations import keras_model
 from computations import privacy_accounting
 from runtime import execution_context
-from runtime import isolated_worker
 
 EXAMPLES_PER_CLIENT = 8
 
@@ -68,35 +65,37 @@ def main(args: dict) -> None:
   with contextlib.ExitStack() as workers:
     # name -> (context, worker_binary pid)
     runs = {}
-    worker = workers.enter_context(execution_context.local_worker_context(data_dir))
-    runs['worker'] = (stack.current, harness.worker_pids_of(worker.pid)[0])
     if args.get('arena_control'):
       os.environ['MALLOC_ARENA_MAX'] = '2'  # The worker inherits it.
       try:
-        capped = workers.enter_context(isolated_worker.IsolatedWorker(working_dir=data_dir))
+        capped = workers.enter_context(execution_context.local_worker_context(data_dir))
       finally:
         del os.environ['MALLOC_ARENA_MAX']
-      channel = grpc.insecure_channel(capped.target, options=execution_context.CHANNEL_OPTIONS)
-      workers.callback(channel.close)
-      runs['capped'] = (execution_context.create_sync_context(channel),
-                        harness.worker_pids_of(capped.pid)[0])
+      runs['capped'] = (stack.current, harness.worker_pids_of(capped.pid)[0])
+    worker = workers.enter_context(execution_context.local_worker_context(data_dir))
+    runs = {'worker': (stack.current, harness.worker_pids_of(worker.pid)[0]), **runs}
     states = {}
     for name, (context, _) in runs.items():
       with stack.install(context):
         states[name] = process.initialize()
-    times = {name: [] for name in runs}
-    memory = []
-    for round_num in range(1, args['rounds'] + 1):
-      clients = client_sampling.sample_clients(ids, scheme=scheme, round_num=round_num, seed=0)
-      order = list(runs) if round_num % 2 else list(runs)[::-1]
-      for name in order:
+    clients = [client_sampling.sample_clients(ids, scheme=scheme, round_num=r + 1, seed=0)
+               for r in range(args['rounds'])]
+
+    def round_of(name):
+      def one_round(r):
         with stack.install(runs[name][0]):
-          started = time.perf_counter()
-          states[name] = process.next(states[name], clients).state
-          times[name].append(time.perf_counter() - started)
-      if every and (round_num % every == 0 or round_num == 1):
-        memory.append([round_num, harness.rss_mb()] +
+          states[name] = process.next(states[name], clients[r]).state
+      return one_round
+
+    memory = []
+
+    def sample_memory(r):
+      if every and ((r + 1) % every == 0 or r == 0):
+        memory.append([r + 1, harness.rss_mb()] +
                       [harness.rss_mb(pid) for _, pid in runs.values()])
+
+    times = harness.take_turns({name: round_of(name) for name in runs}, args['rounds'],
+                               after_each=sample_memory)
     peaks = {name: harness.peak_rss_mb(pid) for name, (_, pid) in runs.items()}
   steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
   result = {

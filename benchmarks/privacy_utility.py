@@ -16,8 +16,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   curve = [{'dp': False}] + [{'noise_multiplier': z, 'clipping': clipping}
                              for clipping in points for z in noise]
   # A process per point: a crashed point cannot take the others down.
-  results = [harness.measure('benchmarks.measure_privacy_utility',
-                             {'rounds': rounds, 'points': [point]})['points'][0]
+  results = [harness.measure('benchmarks.measure_privacy_utility', {'rounds': rounds, **point})
              for point in curve]
   rows = []
   ceiling = None
