@@ -9,14 +9,28 @@ lifetime to the starting process: it is ended on normal exit, on exceptions,
 on Ctrl-C and SIGTERM (callers use it as a context manager), and by the
 kernel when the starting process is killed outright.
 
+The worker is also confined to its data: `runtime.worker_sandbox` runs it in
+its own mount and PID namespaces, where the only files are its working
+directory (read-only), a scratch tmpfs and what the binary needs, as uid
+65534 with no capabilities. Computations cannot read the host's files (the
+silo's TLS key, /etc) nor write into the data.
+
 Where no private namespace can be made (no root, unprivileged user
 namespaces disabled), `start()` raises `WorkerIsolationError`; only an
-explicit `allow_exposed=True` then runs the worker on a host port.
+explicit `allow_exposed=True` then runs the worker on a host port (and
+unconfined). Where the network namespace works but the filesystem cannot be
+confined, `start()` raises `WorkerIsolationError` unless
+`allow_unconfined_filesystem=True`.
+
+The worker's private temporary directory (its socket; its log unless
+`log_path` is given) is removed when it stops. The directory of a process
+that was killed outright is removed by the next `start()` on the host.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -31,9 +45,17 @@ from typing import Optional
 from absl import logging
 
 from runtime import process_lifetime
+from runtime import worker_sandbox
 
 _READY_TIMEOUT_S = 240.0
 _STOP_TIMEOUT_S = 10.0
+_TMPDIR_PREFIX = 'fedpipe-worker-'
+# fedpipe-worker-<owner pid>-<owner start time in clock ticks>-<random>
+_TMPDIR_RE = re.compile(r'fedpipe-worker-(\d+)-(\d+)-[a-z0-9_]+')
+# Directories of fedpipe before owners were recorded: fedpipe-worker-<random>.
+_LEGACY_TMPDIR_RE = re.compile(r'fedpipe-worker-[a-z0-9_]{8}')
+_LEGACY_TMPDIR_MIN_AGE_S = 900.0
+_MAX_UNIX_SOCKET_PATH = 107
 # `max_concurrent_computation_calls` values: two per available CPU core; no limit.
 TWO_PER_CORE = 0
 NO_LIMIT = -1
@@ -68,8 +90,77 @@ class WorkerIsolationError(RuntimeError):
   """The TFF worker cannot be isolated from the network on this host."""
 
 
+class WorkerConfinementError(WorkerIsolationError):
+  """The TFF worker cannot be confined to its working directory on this host."""
+
+
 class WorkerStartError(RuntimeError):
   """The TFF worker process did not start serving."""
+
+
+def _process_start_time(pid: int) -> Optional[int]:
+  """The start time (clock ticks after boot) of a live process; None if none."""
+  try:
+    with open(f'/proc/{pid}/stat', 'rb') as f:
+      fields = f.read().rsplit(b')', 1)[1].split()
+  except (FileNotFoundError, ProcessLookupError, IndexError):
+    return None
+  if fields[0] == b'Z':
+    return None
+  return int(fields[19])
+
+
+def _socket_accepts(path: str) -> bool:
+  with socket.socket(socket.AF_UNIX) as s:
+    try:
+      s.connect(path)
+    except OSError:
+      return False
+  return True
+
+
+def remove_stale_tmpdirs(tmp_root: Optional[str] = None) -> list[str]:
+  """Removes worker directories whose owning process is gone.
+
+  A directory is stale when the process named in it is not alive, or a
+  process with that pid started at another time (pid reuse). Directories of
+  older fedpipe versions, which name no owner, are stale when this user owns
+  them, nothing listens on their socket and they are older than 15 minutes.
+
+  Args:
+    tmp_root: Where to look; default: `tempfile.gettempdir()`.
+
+  Returns:
+    The directories removed.
+  """
+  tmp_root = tmp_root or tempfile.gettempdir()
+  removed = []
+  try:
+    entries = list(os.scandir(tmp_root))
+  except OSError:
+    return removed
+  now = time.time()
+  for entry in entries:
+    if not entry.name.startswith(_TMPDIR_PREFIX):
+      continue
+    try:
+      st = entry.stat(follow_symlinks=False)
+    except OSError:
+      continue
+    if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.geteuid():
+      continue
+    match = _TMPDIR_RE.fullmatch(entry.name)
+    if match:
+      pid, started = int(match.group(1)), int(match.group(2))
+      if _process_start_time(pid) == started:
+        continue
+    elif not _LEGACY_TMPDIR_RE.fullmatch(entry.name) or (
+        now - st.st_mtime < _LEGACY_TMPDIR_MIN_AGE_S
+        or _socket_accepts(os.path.join(entry.path, 'worker.sock'))):
+      continue
+    shutil.rmtree(entry.path, ignore_errors=True)
+    removed.append(entry.path)
+  return removed
 
 
 def worker_binary_path() -> str:
@@ -112,37 +203,48 @@ class IsolatedWorker:
   def __init__(
       self,
       *,
-      working_dir: str,
+      working_dir: Optional[str],
       log_path: Optional[str] = None,
       max_concurrent_computation_calls: int = NO_LIMIT,
       grpc_max_message_length_megabytes: int = 2000,
       allow_exposed: bool = False,
+      allow_unconfined_filesystem: bool = False,
   ):
     """Configures, but does not start, a worker.
 
     Args:
       working_dir: The worker's working directory; relative paths inside
-        computations (client datasets) resolve against it.
+        computations (client datasets) resolve against it. None: an empty
+        directory of its own, removed with it (a worker that holds no data).
       log_path: Where the worker's and relay's output goes. Defaults to a file
-        in the worker's private temporary directory.
+        in the worker's private temporary directory, removed with it when the
+        worker stops.
       max_concurrent_computation_calls: How many computations (clients) the
         worker runs at once; see `resolve_concurrent_calls` (default: no
         limit, as TFF).
       grpc_max_message_length_megabytes: Passed to `worker_binary`.
       allow_exposed: If isolation is impossible, run the worker on a host port
         (reachable by anyone who can reach this host) instead of failing.
+        Such a worker is not confined to its working directory either.
+      allow_unconfined_filesystem: If the worker cannot be confined to its
+        working directory (see `runtime.worker_sandbox`), run it with the
+        relay's view of the filesystem and privileges instead of failing.
     """
-    if not os.path.isdir(working_dir):
+    if working_dir is not None and not os.path.isdir(working_dir):
       raise FileNotFoundError(f'worker working directory does not exist: {working_dir}')
-    self._working_dir = os.path.abspath(working_dir)
+    self._working_dir = os.path.abspath(working_dir) if working_dir is not None else None
+    self._empty_working_dir = working_dir is None
     self._log_path = log_path
+    self._owns_log = False
     self._max_concurrent = resolve_concurrent_calls(max_concurrent_computation_calls)
     self._max_message_mb = grpc_max_message_length_megabytes
     self._allow_exposed = allow_exposed
+    self._allow_unconfined = allow_unconfined_filesystem
     self._process: Optional[subprocess.Popen] = None
     self._tmpdir: Optional[str] = None
     self._target: Optional[str] = None
     self.exposed = False
+    self.confined = False
 
   @property
   def target(self) -> str:
@@ -168,18 +270,29 @@ class IsolatedWorker:
       The gRPC target of the worker.
 
     Raises:
+      WorkerConfinementError: If the worker cannot be confined to its working
+        directory and that was not allowed.
       WorkerIsolationError: If the worker cannot be isolated and exposure was
         not allowed.
       WorkerStartError: If the worker does not come up.
     """
     if self._process is not None:
       return self.target
-    self._tmpdir = tempfile.mkdtemp(prefix='fedpipe-worker-')
+    remove_stale_tmpdirs()
+    pid = os.getpid()
+    self._tmpdir = tempfile.mkdtemp(prefix=f'{_TMPDIR_PREFIX}{pid}-{_process_start_time(pid)}-')
     os.chmod(self._tmpdir, 0o700)
-    if self._log_path is None:
+    if self._empty_working_dir:
+      self._working_dir = os.path.join(self._tmpdir, 'empty')
+      os.mkdir(self._working_dir, 0o755)
+    if self._log_path is None or self._owns_log:
       self._log_path = os.path.join(self._tmpdir, 'worker.log')
+      self._owns_log = True
     try:
       self._target = self._start_isolated()
+    except WorkerConfinementError:
+      self.stop()
+      raise
     except WorkerIsolationError:
       if not self._allow_exposed:
         self.stop()
@@ -227,7 +340,24 @@ class IsolatedWorker:
     ]
 
   def _start_isolated(self) -> str:
+    try:
+      target = self._start_relay(confine=True)
+      self.confined = True
+      return target
+    except WorkerConfinementError as e:
+      if not self._allow_unconfined:
+        raise
+      logging.warning(
+          'SECURITY: starting the TFF worker with the filesystem view and privileges of '
+          'its relay, as explicitly allowed: %s', e)
+    return self._start_relay(confine=False)
+
+  def _start_relay(self, *, confine: bool) -> str:
     socket_path = os.path.join(self._tmpdir, 'worker.sock')
+    if len(socket_path) > _MAX_UNIX_SOCKET_PATH:
+      raise WorkerStartError(
+          f'worker socket path {socket_path} is longer than {_MAX_UNIX_SOCKET_PATH} bytes; '
+          'set TMPDIR to a shorter directory.')
     read_fd, write_fd = os.pipe()
     command = _unshare_command() + [
         sys.executable,
@@ -238,6 +368,7 @@ class IsolatedWorker:
         f'--worker_cwd={self._working_dir}',
         f'--worker_log={self._log_path}',
         f'--ready_fd={write_fd}',
+        f'--confine_filesystem={str(confine).lower()}',
     ] + self._worker_flags()
     try:
       self._spawn(command, pass_fds=(write_fd,))
@@ -247,10 +378,20 @@ class IsolatedWorker:
     if message == 'ready':
       return f'unix://{socket_path}'
     self._reap()
+    if message.startswith(worker_sandbox.CONFINEMENT_FAILED):
+      raise WorkerConfinementError(
+          f'{message}. Confining the worker needs Linux >= 5.12 and root or unprivileged '
+          'user namespaces; as root, also a working directory on a filesystem with '
+          'ID-mapped mounts (ext4, xfs, btrfs, tmpfs; not NFS) or owned by uid 65534. '
+          'Otherwise allow an unconfined worker explicitly '
+          '(fedpipe-silo --allow_unconfined_worker, --config.runtime.allow_unconfined_worker'
+          '=true; every approved computation '
+          'can then read every file the silo process can read).'
+      )
     if 'private network namespace' in message or 'unshare' in message or not message:
       raise WorkerIsolationError(
           'cannot start the TFF worker in a private network namespace '
-          f'({message or self._log_tail()}). Run as root, or enable '
+          f'({message or self.log_tail()}). Run as root, or enable '
           'unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1'
           ' / user.max_user_namespaces>0), or allow an exposed worker explicitly '
           '(--config.runtime.allow_exposed_worker=true; it then listens '
@@ -299,7 +440,8 @@ class IsolatedWorker:
         time.sleep(0.1)
     raise WorkerStartError(f'TFF worker did not listen on port {port}')
 
-  def _log_tail(self, lines: int = 5) -> str:
+  def log_tail(self, lines: int = 5) -> str:
+    """The last `lines` lines of the worker's log, joined by ' | ' ('' if none)."""
     try:
       with open(self._log_path, 'rb') as f:
         return ' | '.join(f.read().decode(errors='replace').strip().splitlines()[-lines:])
@@ -328,17 +470,16 @@ class IsolatedWorker:
       process.wait()
 
   def stop(self) -> None:
-    """Ends the worker and its relay; safe to call more than once."""
+    """Ends the worker and its relay and removes its temporary directory.
+
+    Safe to call more than once. A log in that directory (no `log_path`
+    given) goes with it.
+    """
     self._reap()
     self._target = None
     if self._tmpdir:
-      log_in_tmp = self._log_path and self._log_path.startswith(self._tmpdir)
-      if not log_in_tmp:
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-      else:
-        sock = os.path.join(self._tmpdir, 'worker.sock')
-        if os.path.exists(sock):
-          os.unlink(sock)
+      shutil.rmtree(self._tmpdir, ignore_errors=True)
+      self._tmpdir = None
 
   def __enter__(self) -> 'IsolatedWorker':
     self.start()

@@ -6,7 +6,10 @@ interface is a loopback that is still down. It then
 
 1. brings the loopback up and checks that no other interface exists;
 2. starts TFF's `worker_binary` on 127.0.0.1 of that namespace (the binary
-   listens on every interface of its namespace, which here is only `lo`);
+   listens on every interface of its namespace, which here is only `lo`),
+   with `--confine_filesystem` confined by `runtime.worker_sandbox`: its own
+   PID and mount namespaces, a root with only the data directory (read-only)
+   and what the binary needs, no capabilities, uid 65534;
 3. accepts connections on a unix socket (mode 0600) and relays each one, byte
    for byte, to the worker's TCP port.
 
@@ -28,12 +31,14 @@ import struct
 import subprocess
 import sys
 import time
+from typing import BinaryIO
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from runtime import process_lifetime
+from runtime import worker_sandbox
 
 _SOCKET = flags.DEFINE_string('socket', None, 'Unix socket path to serve on.')
 _WORKER_BINARY = flags.DEFINE_string('worker_binary', None, 'TFF worker_binary path.')
@@ -43,6 +48,11 @@ _PORT = flags.DEFINE_integer('port', 8000, 'Worker port inside the private names
 _MAX_CONCURRENT = flags.DEFINE_integer('max_concurrent_computation_calls', -1, 'Worker flag.')
 _MAX_MESSAGE_MB = flags.DEFINE_integer('grpc_max_message_length_megabytes', 2000, 'Worker flag.')
 _READY_FD = flags.DEFINE_integer('ready_fd', -1, 'File descriptor to report readiness on.')
+_CONFINE_FILESYSTEM = flags.DEFINE_bool(
+    'confine_filesystem', True, 'Confine the worker to its data directory (worker_sandbox).')
+_SANDBOX_ROOT = flags.DEFINE_string(
+    'sandbox_root', None, 'Directory to create and mount the confined root over; default: '
+    '`root` next to the socket.')
 _REQUIRE_ISOLATION = flags.DEFINE_bool(
     'require_isolation', True, 'Refuse to run if any interface but lo exists.'
 )
@@ -154,6 +164,43 @@ def _report_failure(ready_fd: int, message: str) -> None:
       pass
 
 
+def _start_worker(command: list[str], log: BinaryIO) -> subprocess.Popen:
+  """Starts the worker, confined unless `--noconfine_filesystem`.
+
+  Args:
+    command: The worker's argv.
+    log: Where its output goes.
+
+  Returns:
+    The worker process.
+
+  Raises:
+    worker_sandbox.SandboxError: If the worker cannot be confined.
+  """
+  if not _CONFINE_FILESYSTEM.value:
+    return subprocess.Popen(  # pylint: disable=consider-using-with
+        command, cwd=_WORKER_CWD.value, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        preexec_fn=process_lifetime.die_with_parent_hook(os.getpid()))
+  staging = _SANDBOX_ROOT.value or os.path.join(os.path.dirname(_SOCKET.value), 'root')
+  try:
+    os.mkdir(staging, 0o700)
+    sandbox = worker_sandbox.prepare(
+        staging_dir=staging, data_dir=_WORKER_CWD.value, executable=command[0])
+  except OSError as e:
+    raise worker_sandbox.SandboxError(str(e)) from e
+  try:
+    hook = sandbox.preexec_hook()
+    # Nothing may fork between these two lines: the first child is the namespace's init.
+    worker_sandbox.enter_pid_namespace()
+    return subprocess.Popen(  # pylint: disable=consider-using-with
+        command, env=dict(os.environ, TMPDIR=worker_sandbox.SCRATCH_DIR_INSIDE),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=hook)
+  except (OSError, subprocess.SubprocessError) as e:
+    raise worker_sandbox.SandboxError(sandbox.read_error() or str(e)) from e
+  finally:
+    sandbox.close()
+
+
 def main(argv: list[str]) -> int:
   del argv
   ready_fd = _READY_FD.value
@@ -164,20 +211,18 @@ def main(argv: list[str]) -> int:
   except (OSError, RuntimeError) as e:
     _report_failure(ready_fd, f'cannot set up the private network namespace: {e}')
     return 2
-  log = open(_WORKER_LOG.value, 'ab')  # pylint: disable=consider-using-with
-  worker = subprocess.Popen(  # pylint: disable=consider-using-with
-      [
-          _WORKER_BINARY.value,
-          f'--port={_PORT.value}',
-          f'--max_concurrent_computation_calls={_MAX_CONCURRENT.value}',
-          f'--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}',
-      ],
-      cwd=_WORKER_CWD.value,
-      stdin=subprocess.DEVNULL,
-      stdout=log,
-      stderr=log,
-      preexec_fn=process_lifetime.die_with_parent_hook(os.getpid()),
-  )
+  command = [
+      _WORKER_BINARY.value,
+      f'--port={_PORT.value}',
+      f'--max_concurrent_computation_calls={_MAX_CONCURRENT.value}',
+      f'--grpc_max_message_length_megabytes={_MAX_MESSAGE_MB.value}',
+  ]
+  with open(_WORKER_LOG.value, 'ab') as log:
+    try:
+      worker = _start_worker(command, log)
+    except worker_sandbox.SandboxError as e:
+      _report_failure(ready_fd, f'{worker_sandbox.CONFINEMENT_FAILED}: {e}')
+      return 2
   code = 1
   try:
     _wait_for_port(_PORT.value, worker)
@@ -186,12 +231,9 @@ def main(argv: list[str]) -> int:
     _report_failure(ready_fd, str(e))
   finally:
     if worker.poll() is None:
-      worker.terminate()
-      try:
-        worker.wait(timeout=5)
-      except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+      # As the init of its PID namespace the worker ignores SIGTERM; it keeps no state.
+      worker.kill()
+      worker.wait()
     try:
       os.unlink(_SOCKET.value)
     except FileNotFoundError:

@@ -1,10 +1,12 @@
 """The TFF worker runs unreachable from any network and never outlives its owner."""
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -196,3 +198,182 @@ def test_no_isolation_fails_with_the_fix_or_runs_exposed_only_when_allowed(tmp_p
     assert w.target.startswith('localhost:')
     pid = w.pid
   assert _wait_dead({pid})
+
+
+_FAKE_TLS_KEY = b'-----BEGIN PRIVATE KEY-----\nnot a real key\n-----END PRIVATE KEY-----\n'
+
+
+def _private_data_dir(tmp_path):
+  """A silo data dir as the pipeline leaves it, but private to root (0700 / 0600)."""
+  data = tmp_path / 'data'
+  (data / 'train').mkdir(parents=True)
+  (data / 'train' / 'c0.txt').write_text('client zero')
+  os.chmod(data / 'train' / 'c0.txt', 0o600)
+  os.chmod(data, 0o700)
+  return data
+
+
+def _worker_of(relay_pid):
+  (pid,) = [p for p in _worker_binary_pids()
+            if f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()]
+  return pid
+
+
+def _status(pid):
+  with open(f'/proc/{pid}/status') as f:
+    return dict(line.rstrip('\n').split(':\t', 1) for line in f if ':\t' in line)
+
+
+def test_computations_read_only_files_in_the_working_dir(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  data = _private_data_dir(tmp_path)
+  key = tmp_path / 'silo.key'
+  key.write_bytes(_FAKE_TLS_KEY)
+  os.chmod(key, 0o600)
+
+  @tff.tensorflow.computation(np.str_)
+  def read(path):
+    return tf.io.read_file(path)
+
+  with execution_context.local_worker_context(str(data)) as worker:
+    assert worker.confined
+    assert read('train/c0.txt') == b'client zero'
+    for path in (str(key), '/etc/shadow', '/etc/passwd', os.path.join(str(data), 'train/c0.txt'),
+                 f'{REPO_ROOT}/runtime/silo.py', '/root/.bashrc'):
+      with pytest.raises(Exception, match='No such file or directory|NOT_FOUND|Permission denied') as error:
+        read(path)
+      assert b'PRIVATE KEY' not in str(error.value).encode()
+
+
+def test_computations_cannot_write_into_the_working_dir(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  data = _private_data_dir(tmp_path)
+
+  @tff.tensorflow.computation(np.str_)
+  def write_and_read(path):
+    with tf.control_dependencies([tf.io.write_file(path, 'written')]):
+      return tf.io.read_file(path)
+
+  with execution_context.local_worker_context(str(data)):
+    for path in ('train/c0.txt', 'new.txt', '/data/new.txt'):
+      with pytest.raises(Exception, match='Read-only file system|Permission denied'):
+        write_and_read(path)
+    # The private scratch tmpfs takes writes, the host's path among them.
+    assert write_and_read('/tmp/scratch.txt') == b'written'
+    assert write_and_read(f'{data}/new.txt') == b'written'
+  assert sorted(os.listdir(data)) == ['train']
+  assert (data / 'train' / 'c0.txt').read_text() == 'client zero'
+  assert not os.path.exists('/tmp/scratch.txt')
+
+
+def test_worker_runs_unprivileged_in_its_own_mount_and_pid_namespaces(tmp_path):
+  data = _private_data_dir(tmp_path)
+  with isolated_worker.IsolatedWorker(working_dir=str(data)) as worker:
+    pid = _worker_of(worker.pid)
+    status = _status(pid)
+    if os.geteuid() == 0:
+      assert set(status['Uid'].split()) == {'65534'}
+      assert set(status['Gid'].split()) == {'65534'}
+      assert status['Groups'].strip() == ''
+    for caps in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb'):
+      assert int(status[caps], 16) == 0, caps
+    assert status['NoNewPrivs'] == '1'
+    assert status['NSpid'].split()[-1] == '1'  # The init of its own PID namespace.
+    for ns in ('mnt', 'pid', 'net'):
+      assert os.readlink(f'/proc/{pid}/ns/{ns}') != os.readlink(f'/proc/self/ns/{ns}'), ns
+    # Its root holds only what it needs; its working dir is the data, read-only.
+    assert set(os.listdir(f'/proc/{pid}/root')) <= {
+        'bin', 'data', 'dev', 'lib', 'lib32', 'lib64', 'libx32', 'proc', 'sbin', 'tmp', 'usr',
+        isolated_worker.worker_binary_path().split('/')[1]}
+    assert not os.path.exists(f'/proc/{pid}/root/etc')
+    assert os.readlink(f'/proc/{pid}/cwd') == '/data'
+    with open(f'/proc/{pid}/mountinfo') as f:
+      (data_mount,) = [line.split() for line in f if line.split()[4] == '/data']
+    assert 'ro' in data_mount[5].split(',')
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='only root maps the data owner to 65534')
+def test_no_confinement_fails_with_the_fix_or_runs_unconfined_only_when_allowed():
+  # devpts supports no ID-mapped mounts, so root cannot show its files to uid 65534.
+  with pytest.raises(isolated_worker.WorkerConfinementError) as error:
+    isolated_worker.IsolatedWorker(working_dir='/dev/pts').start()
+  assert 'allow_unconfined_worker' in str(error.value)
+  with isolated_worker.IsolatedWorker(working_dir='/dev/pts',
+                                      allow_unconfined_filesystem=True) as worker:
+    assert not worker.confined and not worker.exposed
+    assert worker.target.startswith('unix://')
+    pid = _worker_of(worker.pid)
+    assert os.readlink(f'/proc/{pid}/ns/mnt') == os.readlink('/proc/self/ns/mnt')
+    assert os.readlink(f'/proc/{pid}/ns/net') != os.readlink('/proc/self/ns/net')
+
+
+_KILLED_OWNER = textwrap.dedent('''
+    import sys, time
+    from runtime import isolated_worker
+    worker = isolated_worker.IsolatedWorker(working_dir=sys.argv[1])
+    worker.start()
+    print(worker.target, flush=True)
+    time.sleep(600)
+''')
+
+
+@pytest.fixture
+def private_tmpdir(monkeypatch):
+  # Short (unix socket paths are limited to 107 bytes) and ours alone.
+  path = tempfile.mkdtemp(prefix='fp-', dir='/tmp')
+  monkeypatch.setenv('TMPDIR', path)
+  monkeypatch.setattr(tempfile, 'tempdir', path)
+  yield path
+  shutil.rmtree(path, ignore_errors=True)
+
+
+def test_temporary_dirs_go_on_stop_and_after_kill_9_at_the_next_start(tmp_path, private_tmpdir):
+  owner = subprocess.Popen([sys.executable, '-c', _KILLED_OWNER, str(tmp_path)], cwd=REPO_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  with owner:
+    target = owner.stdout.readline().strip()
+    assert target.startswith(f'unix://{private_tmpdir}/fedpipe-worker-{owner.pid}-')
+    owner_dir = os.path.dirname(target[len('unix://'):])
+    with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)) as worker:
+      # A live owner's directory stays.
+      assert sorted(os.listdir(private_tmpdir)) == sorted(
+          [os.path.basename(owner_dir), os.path.basename(os.path.dirname(worker.log_path))])
+    assert os.listdir(private_tmpdir) == [os.path.basename(owner_dir)]
+    owner.kill()
+  assert os.path.isdir(owner_dir)  # SIGKILL left it.
+  with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)):
+    assert not os.path.exists(owner_dir)
+  assert os.listdir(private_tmpdir) == []
+
+
+def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
+  me = os.getpid()
+  with open(f'/proc/{me}/stat', 'rb') as f:
+    started = int(f.read().rsplit(b')', 1)[1].split()[19])
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  names = {
+      'mine': f'fedpipe-worker-{me}-{started}-abc_123',
+      'reused': f'fedpipe-worker-{me}-{started - 1}-abc_123',
+      'dead': f'fedpipe-worker-{dead.pid}-{started}-abc_123',
+      'legacy_new': 'fedpipe-worker-abcd1234',
+      'legacy_old': 'fedpipe-worker-efgh5678',
+      'other': 'something-else',
+  }
+  for name in names.values():
+    os.mkdir(os.path.join(private_tmpdir, name))
+  old = time.time() - 3600
+  os.utime(os.path.join(private_tmpdir, names['legacy_old']), (old, old))
+  removed = isolated_worker.remove_stale_tmpdirs()
+  assert sorted(os.path.basename(p) for p in removed) == sorted(
+      [names['reused'], names['dead'], names['legacy_old']])
+  assert sorted(os.listdir(private_tmpdir)) == sorted(
+      [names['mine'], names['legacy_new'], names['other']])
