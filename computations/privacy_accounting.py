@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Literal
 
 import dp_accounting
@@ -128,6 +129,40 @@ def compute_epsilon(
   acc = make_accountant(accountant, sampling)
   acc.compose(run_event(noise_multiplier, sampling, rounds))
   return float(acc.get_epsilon(delta))
+
+
+def compose_epsilon(
+    runs: Sequence[tuple[float, SamplingScheme, int]], *, delta: float
+) -> float:
+  """ε of several runs on the same data together (RDP composition), at `delta`.
+
+  Each run is (noise multiplier, sampling, rounds), e.g. every study a silo
+  approved. Their RDP curves add up at each order, as the RDP accountant
+  composes different mechanisms; ε follows with `rdp.compute_epsilon`.
+
+  Returns:
+    0 for no rounds at all; `inf` if any run with rounds has no noise.
+
+  Raises:
+    PrivacyAccountingError: If a parameter is out of range.
+  """
+  if not 0 < delta < 1:
+    raise PrivacyAccountingError(f'delta must be in (0, 1), got {delta}')
+  total = None
+  orders = None
+  for noise_multiplier, sampling, rounds in runs:
+    if rounds < 0 or noise_multiplier < 0:
+      raise PrivacyAccountingError(
+          f'rounds and noise_multiplier must be >= 0, got {rounds} and {noise_multiplier}')
+    if rounds == 0:
+      continue
+    if noise_multiplier == 0:
+      return float('inf')
+    orders, one_round = _one_round_rdp(noise_multiplier, sampling)
+    total = rounds * one_round if total is None else total + rounds * one_round
+  if total is None:
+    return 0.0
+  return float(dp_accounting.rdp.compute_epsilon(orders, total, delta)[0])
 
 
 @functools.lru_cache(maxsize=32)

@@ -104,6 +104,9 @@ def get_base_config() -> config_dict.ConfigDict:
   # Run the TFF worker on a host port if no private network namespace can be
   # made. It is then reachable, unauthenticated, from any network.
   runtime.allow_exposed_worker = False
+  # Run the TFF worker with the host's filesystem if the kernel cannot confine
+  # it to the client data (mount namespace, unprivileged user).
+  runtime.allow_unconfined_worker = False
   # Clients the TFF worker trains at once: < 0 = no limit (TFF's default; best
   # for many small clients), 0 = two per CPU core (faster for large clients,
   # see runtime/isolated_worker.py), else the limit.

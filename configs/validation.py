@@ -185,6 +185,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.number('runtime.silo_connect_timeout_s', low=0, low_open=True)
     c.integer('runtime.min_silos_per_round', 1)
   c.check('runtime.allow_exposed_worker', lambda v: isinstance(v, bool), 'true or false')
+  c.check('runtime.allow_unconfined_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check(
       'runtime.max_concurrent_computation_calls',
       lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -44,6 +44,7 @@ def build_study_request(
     routing: cross_silo.SiloRoutingContext,
     *,
     name: str,
+    evaluations: int = 1,
 ) -> study_request.StudyRequest:
   """The study that `experiment` asks every silo to approve.
 
@@ -52,6 +53,7 @@ def build_study_request(
     routing: The context the run uses; it compiles the silo-side computations
       exactly as it will send them.
     name: A readable name (the config's name).
+    evaluations: Evaluation calls the run makes (`evaluations_needed`).
 
   Returns:
     The request: the silo-side training and evaluation computations, the
@@ -82,7 +84,14 @@ def build_study_request(
   }
   return study_request.StudyRequest(
       name=name, computations=computations, model=_model_summary(experiment),
-      privacy=privacy, rounds=experiment.rounds)
+      privacy=privacy, rounds=experiment.rounds,
+      evaluations=evaluations)
+
+
+def evaluations_needed(*, rounds: int, eval_every: int, completed_rounds: int = 0) -> int:
+  """Evaluation calls a run makes after `completed_rounds`: every `eval_every`, and at the end."""
+  periodic = rounds // eval_every - completed_rounds // eval_every if eval_every else 0
+  return periodic + 1
 
 
 def submit_and_check(
@@ -90,13 +99,14 @@ def submit_and_check(
     request: study_request.StudyRequest,
     *,
     rounds_needed: int,
+    evaluations_needed: int = 0,
 ) -> list[SiloStudyStatus]:
   """Submits `request` to every connected silo; returns their statuses if all approve.
 
   Raises:
     StudyNotApprovedError: Listing every silo that has not approved the study,
-      rejected it or has fewer than `rounds_needed` rounds left, with what the
-      data owner and the data scientist can do.
+      rejected it or has fewer rounds or evaluations left than the run needs,
+      with exactly what to ask its data owner for.
     cross_silo.SiloError: If a silo cannot take the request.
   """
   payload = request.to_json()
@@ -106,25 +116,36 @@ def submit_and_check(
       statuses.append(SiloStudyStatus(name, conn.call_json('SubmitStudy', payload, _TIMEOUT_S)))
     except cross_silo.SiloNotGovernedError:
       statuses.append(SiloStudyStatus(name, None))
-  problems = []
+  problems, pending = [], False
   for s in statuses:
     st = s.status
     if st is None:
       continue
     if st['status'] == 'pending':
+      pending = True
       fits = ('it fits the silo policy' if not st['violations'] else
               'it breaks the silo policy: ' + '; '.join(st['violations']))
       problems.append(f'  {s.silo}: pending approval ({fits}); its data owner reviews it with '
                       f'`fedpipe-governance show {st["study_id"]}`')
     elif st['status'] == 'rejected':
       problems.append(f'  {s.silo}: rejected ({st.get("reason") or "no reason given"})')
-    elif st['rounds_remaining'] < rounds_needed:
-      problems.append(f'  {s.silo}: approved, but {st["rounds_remaining"]} of '
-                      f'{st["rounds_approved"]} rounds are left and this run needs '
-                      f'{rounds_needed}')
+    else:
+      short = {k: max(need - st[f'{k}_remaining'], 0)
+               for k, need in (('rounds', rounds_needed), ('evaluations', evaluations_needed))}
+      if any(short.values()):
+        left = ', '.join(f'{st[f"{k}_remaining"]} of {st[f"{k}_approved"]} {k}'
+                         for k in short)
+        asks = ' '.join(f'--{k}={n}' for k, n in short.items() if n)
+        problems.append(
+            f'  {s.silo}: approved, but {left} are left and this run needs {rounds_needed} '
+            f'rounds and {evaluations_needed} evaluations (the silo charges every round whose '
+            'partial sum it released, including rounds that failed elsewhere); ask its data '
+            f'owner to run `fedpipe-governance extend {st["study_id"]} {asks}`')
   if problems:
+    rerun = ('once every silo has approved it' if pending and len(problems) == 1 else
+             'once every silo above has approved or extended it')
     raise StudyNotApprovedError(
         f'study {request.study_id} ({request.name}) cannot run yet:\n' + '\n'.join(problems)
-        + '\nRerun the same command once every silo has approved it; nothing ran on any '
-        "silo's data.")
+        + f'\nRerun the same command {rerun}; it resumes where it stopped. Nothing more ran '
+        "on any silo's data.")
   return statuses

@@ -73,6 +73,7 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
         config.data.processed_dir,
         log_path=run_dir.worker_log,
         allow_exposed_worker=runtime.allow_exposed_worker,
+        allow_unconfined_worker=runtime.allow_unconfined_worker,
         max_concurrent_computation_calls=runtime.max_concurrent_computation_calls,
     ):
       yield manifest, None, None
@@ -86,6 +87,7 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
       min_silos_per_round=runtime.min_silos_per_round,
       server_log_path=run_dir.worker_log,
       allow_exposed_worker=runtime.allow_exposed_worker,
+      allow_unconfined_worker=runtime.allow_unconfined_worker,
   ) as fed:
     silos = ', '.join(
         f'{name} ({len([c for c in fed.manifest.split("train").clients if c.startswith(name + "/")])}'
@@ -101,17 +103,30 @@ def _completed_rounds(state_manager: tff.program.FileProgramStateManager) -> int
   return max(versions) if versions else 0
 
 
-def _check_study(config, experiment, fed, rounds_needed: int) -> None:
+def _study_request(config, experiment, fed):
+  evaluations = study_lib.evaluations_needed(
+      rounds=experiment.rounds, eval_every=config.training.eval_every)
+  return study_lib.build_study_request(experiment, fed.context, name=config.name,
+                                       evaluations=evaluations)
+
+
+def _check_study(config, experiment, fed, completed_rounds: int) -> None:
   """Submits the run's study to governed silos; raises unless all approve."""
-  request = study_lib.build_study_request(experiment, fed.context, name=config.name)
-  statuses = study_lib.submit_and_check(fed, request, rounds_needed=rounds_needed)
+  request = _study_request(config, experiment, fed)
+  statuses = study_lib.submit_and_check(
+      fed, request, rounds_needed=experiment.rounds - completed_rounds,
+      evaluations_needed=study_lib.evaluations_needed(
+          rounds=experiment.rounds, eval_every=config.training.eval_every,
+          completed_rounds=completed_rounds))
   for s in statuses:
     if s.status is None:
       print(f'warning: silo {s.silo} is ungoverned: it runs any computation of any caller '
             'with a valid certificate', flush=True)
     else:
       print(f'study {request.study_id} approved by {s.silo}: '
-            f'{s.status["rounds_remaining"]} of {s.status["rounds_approved"]} rounds left',
+            f'{s.status["rounds_remaining"]} of {s.status["rounds_approved"]} rounds and '
+            f'{s.status["evaluations_remaining"]} of {s.status["evaluations_approved"]} '
+            'evaluations left',
             flush=True)
 
 
@@ -127,9 +142,10 @@ def submit_study(config, output_dir: str) -> str:
   run_dir = run_directory.prepare(output_dir, config, overwrite=False)
   with open_runtime(config, run_dir) as (manifest, _, fed):
     experiment = experiment_lib.build_experiment(config, manifest)
-    request = study_lib.build_study_request(experiment, fed.context, name=config.name)
+    request = _study_request(config, experiment, fed)
     try:
-      study_lib.submit_and_check(fed, request, rounds_needed=experiment.rounds)
+      study_lib.submit_and_check(fed, request, rounds_needed=experiment.rounds,
+                                 evaluations_needed=request.evaluations)
       print(f'study {request.study_id}: approved by every silo', flush=True)
     except study_lib.StudyNotApprovedError as e:
       print(str(e).split('\nRerun', 1)[0], flush=True)
@@ -137,9 +153,27 @@ def submit_study(config, output_dir: str) -> str:
   return request.study_id
 
 
-def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
-  """Runs or resumes training; returns the privacy report."""
+def run(config, output_dir: str, *, overwrite: bool = False,
+        progress: training_loop.Progress | None = None) -> dict:
+  """Runs or resumes training; returns the privacy report.
+
+  Args:
+    config: The experiment config.
+    output_dir: The run directory; locked for the whole run, so a second run
+      on it is refused (`run_directory.lock`).
+    overwrite: Discard a previous run in `output_dir` instead of resuming it.
+    progress: Updated as rounds complete, for a caller that is interrupted.
+
+  Returns:
+    The privacy report.
+  """
   config = validation.validate(config)
+  with run_directory.lock(output_dir):
+    return _run_locked(config, output_dir, overwrite=overwrite, progress=progress)
+
+
+def _run_locked(config, output_dir: str, *, overwrite: bool,
+                progress: training_loop.Progress | None) -> dict:
   run_dir = run_directory.prepare(output_dir, config, overwrite=overwrite)
   with open_runtime(config, run_dir) as (manifest, runtime_metrics, fed):
     experiment = experiment_lib.build_experiment(config, manifest)
@@ -149,8 +183,7 @@ def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
         run_dir.checkpoints, keep_total=config.training.keep_checkpoints
     )
     if fed is not None:
-      _check_study(config, experiment, fed,
-                   rounds_needed=experiment.rounds - _completed_rounds(state_manager))
+      _check_study(config, experiment, fed, completed_rounds=_completed_rounds(state_manager))
     release_managers = [
         tff.program.CSVFileReleaseManager(run_dir.metrics_csv, key_fieldname='key'),
         tff.program.TensorBoardReleaseManager(run_dir.tensorboard),
@@ -165,6 +198,7 @@ def run(config, output_dir: str, *, overwrite: bool = False) -> dict:
             eval_every=config.training.eval_every,
             report=lambda line: print(line, flush=True),
             runtime_metrics=runtime_metrics,
+            progress=progress,
         )
     )
     weights = experiment.train_process.get_model_weights(result.state)

@@ -24,13 +24,15 @@ Clients are identified across the federation as `<silo>/<client id>`.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging
 import re
-import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -126,17 +128,56 @@ def _error_chain(error: BaseException) -> Iterator[BaseException]:
     error = error.__cause__ or error.__context__
 
 
-def _error_summary(error: BaseException) -> str:
+def _error_summary(error: BaseException, timeout_s: Optional[float] = None) -> str:
   for e in _error_chain(error):
     if isinstance(e, grpc.RpcError) and hasattr(e, 'code'):
+      if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s is not None:
+        return f'no answer within silo_round_timeout_s={timeout_s:g}s (frozen or unreachable)'
       return _rpc_summary(e)
   if isinstance(error, asyncio.TimeoutError):
-    return 'no answer before the round timeout'
+    return f'no answer within silo_round_timeout_s={timeout_s:g}s (frozen or unreachable)'
   return f'{type(error).__name__}: {str(error).splitlines()[0][:400] if str(error) else ""}'
 
 
+class _RoundDeadline(grpc.UnaryUnaryClientInterceptor):
+  """Gives every call on a channel at most the time left until a deadline.
+
+  TFF's remote executor makes blocking gRPC calls without timeouts, from
+  inside its coroutines: a silo that stops answering (frozen, or a network
+  that drops packets) holds the call, and the event loop with it, until TCP
+  keepalive notices, minutes later. A deadline on each call ends it in time,
+  with DEADLINE_EXCEEDED.
+  """
+
+  def __init__(self):
+    self.deadline: Optional[float] = None  # time.monotonic(); None: no deadline.
+
+  def intercept_unary_unary(self, continuation, client_call_details, request):
+    if self.deadline is not None:
+      left = max(self.deadline - time.monotonic(), 0.001)
+      timeout = client_call_details.timeout
+      client_call_details = _CallDetails(
+          client_call_details.method, left if timeout is None else min(timeout, left),
+          client_call_details.metadata, client_call_details.credentials,
+          client_call_details.wait_for_ready, client_call_details.compression)
+    return continuation(client_call_details, request)
+
+
+class _CallDetails(
+    collections.namedtuple('_CallDetails', ('method', 'timeout', 'metadata', 'credentials',
+                                            'wait_for_ready', 'compression')),
+    grpc.ClientCallDetails):
+  pass
+
+
 class SiloConnection:
-  """A mutual-TLS channel to one silo and a TFF async context over it."""
+  """A mutual-TLS channel to one silo, and a TFF async context over it on a thread of its own.
+
+  TFF's remote executor makes blocking gRPC calls from inside its coroutines,
+  so a silo's calls run on this connection's own event-loop thread: the
+  silos of a round work in parallel, and a silo that stops answering holds
+  only its own thread, never the others' or the coordinator's.
+  """
 
   def __init__(self, address: SiloAddress, tls: tls_lib.TlsFiles):
     self.address = address.address
@@ -144,23 +185,55 @@ class SiloConnection:
     self._credentials = tls.channel_credentials()
     self.channel: Optional[grpc.Channel] = None
     self.context: Optional[tff.framework.AsyncExecutionContext] = None
+    self._deadline = _RoundDeadline()
+    self._loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self._loop.run_forever, name=f'silo-{self.name}',
+                                    daemon=True)
+    self._thread.start()
     self._open()
 
   def _open(self) -> None:
     self.channel = grpc.secure_channel(
         self.address, self._credentials,
         options=execution_context.CHANNEL_OPTIONS + _KEEPALIVE_OPTIONS)
-    self.context = execution_context.create_async_context(self.channel)
+    self.context = execution_context.create_async_context(
+        grpc.intercept_channel(self.channel, self._deadline))
 
-  def reconnect(self) -> None:
-    """Drops the channel (cancelling calls in flight) and opens a fresh one."""
-    self.close()
-    self._open()
+  @contextlib.contextmanager
+  def deadline(self, seconds: float) -> Iterator[None]:
+    """Bounds every call made on this connection in the block to `seconds` in all."""
+    self._deadline.deadline = time.monotonic() + seconds
+    try:
+      yield
+    finally:
+      self._deadline.deadline = None
 
-  def close(self) -> None:
+  def submit(self, comp, arg, *, timeout_s: float) -> concurrent.futures.Future:
+    """Starts `comp(arg)` on this silo; every call it makes must end within `timeout_s`."""
+    context = self.context
+
+    async def invoke():
+      with self.deadline(timeout_s):
+        return await context.invoke(comp, arg)
+
+    return asyncio.run_coroutine_threadsafe(invoke(), self._loop)
+
+  def _close_channel(self) -> None:
     if self.channel is not None:
       self.channel.close()
     self.channel = self.context = None
+
+  def reconnect(self) -> None:
+    """Drops the channel (cancelling calls in flight) and opens a fresh one."""
+    self._close_channel()
+    self._open()
+
+  def close(self) -> None:
+    """Closes the channel and ends the connection's thread."""
+    self._close_channel()
+    if self._thread.is_alive():
+      self._loop.call_soon_threadsafe(self._loop.stop)
+      self._thread.join(timeout=5)
 
   def fetch_manifest(self, timeout_s: float) -> tuple[str, manifest_lib.Manifest]:
     """The silo's own name and its manifest.
@@ -340,8 +413,10 @@ class SiloRoutingContext(tff.framework.SyncContext):
         tff.types.type_to_py_container(result, comp.type_signature.result))
 
   async def _up_to_merge(self, silo: str, form, part):
-    return await asyncio.wait_for(
-        self._silos[silo].context.invoke(form.up_to_merge, part), timeout=self._timeout)
+    future = self._silos[silo].submit(form.up_to_merge, part, timeout_s=self._timeout)
+    # The silo's calls end by their deadline; the margin covers the gRPC
+    # deadline's own lateness.
+    return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self._timeout + 5)
 
   async def _invoke_form(self, form, parts, assignment, after_merge_arg):
     if parts:
@@ -362,11 +437,12 @@ class SiloRoutingContext(tff.framework.SyncContext):
       message = (
           f'silo {name} ({self._silos[name].address}) failed during the round with '
           f'{len(clients)} of its clients ({", ".join(clients[:5])}'
-          f'{", ..." if len(clients) > 5 else ""}): {_error_summary(error)}')
+          f'{", ..." if len(clients) > 5 else ""}): {_error_summary(error, self._timeout)}')
       if self._on_failure == 'fail' or len(partials) < max(self._min_silos, 1):
         raise SiloRoundError(name, message) from error
       LOG.warning(json.dumps({'event': 'silo_dropped', 'silo': name,
-                              'clients': len(clients), 'error': _error_summary(error)}))
+                              'clients': len(clients),
+                              'error': _error_summary(error, self._timeout)}))
       self._dropped.append({'silo': name, 'clients': len(clients)})
     merged = partials[0]
     for partial in partials[1:]:
@@ -399,6 +475,7 @@ def federation(
     min_silos_per_round: int = 1,
     server_log_path: Optional[str] = None,
     allow_exposed_worker: bool = False,
+    allow_unconfined_worker: bool = False,
 ) -> Iterator[Federation]:
   """Connects to the silos and installs a routing context for the block.
 
@@ -413,6 +490,7 @@ def federation(
     min_silos_per_round: With 'drop', the fewest silos a round may use.
     server_log_path: Log file of the coordinator's own (data-less) worker.
     allow_exposed_worker: See `IsolatedWorker`.
+    allow_unconfined_worker: `IsolatedWorker`'s `allow_unconfined_filesystem`.
 
   Yields:
     A `Federation`.
@@ -453,22 +531,22 @@ def federation(
           ','.join(unavailable), f'only {len(connections)} silo(s) reachable; '
           f'{min_silos_per_round} needed: ' + '; '.join(unavailable.values()))
     union = union_manifest(manifests)
-    with tempfile.TemporaryDirectory(prefix='fedpipe-coordinator-') as empty_dir:
-      with isolated_worker.IsolatedWorker(
-          working_dir=empty_dir, log_path=server_log_path,
-          allow_exposed=allow_exposed_worker) as server_worker:
-        server_channel = grpc.insecure_channel(
-            server_worker.target, options=execution_context.CHANNEL_OPTIONS)
-        routing = SiloRoutingContext(
-            connections, execution_context.create_async_context(server_channel),
-            on_failure=on_failure, round_timeout_s=round_timeout_s,
-            min_silos_per_round=min_silos_per_round)
-        try:
-          with tff.framework.get_context_stack().install(routing):
-            yield Federation(union, routing, connections, unavailable)
-        finally:
-          routing.close()
-          server_channel.close()
+    with isolated_worker.IsolatedWorker(
+        working_dir=None, log_path=server_log_path,
+        allow_exposed=allow_exposed_worker,
+        allow_unconfined_filesystem=allow_unconfined_worker) as server_worker:
+      server_channel = grpc.insecure_channel(
+          server_worker.target, options=execution_context.CHANNEL_OPTIONS)
+      routing = SiloRoutingContext(
+          connections, execution_context.create_async_context(server_channel),
+          on_failure=on_failure, round_timeout_s=round_timeout_s,
+          min_silos_per_round=min_silos_per_round)
+      try:
+        with tff.framework.get_context_stack().install(routing):
+          yield Federation(union, routing, connections, unavailable)
+      finally:
+        routing.close()
+        server_channel.close()
   finally:
     for connection in connections.values():
       connection.close()

@@ -142,6 +142,7 @@ def local_worker_context(
     log_path: Optional[str] = None,
     allow_exposed_worker: bool = False,
     max_concurrent_computation_calls: int = isolated_worker.NO_LIMIT,
+    allow_unconfined_worker: bool = False,
 ) -> Iterator[isolated_worker.IsolatedWorker]:
   """Starts an isolated worker and makes it TFF's default context for the block.
 
@@ -151,6 +152,7 @@ def local_worker_context(
     log_path: File for the worker's output.
     allow_exposed_worker: See `IsolatedWorker`.
     max_concurrent_computation_calls: See `IsolatedWorker`.
+    allow_unconfined_worker: `IsolatedWorker`'s `allow_unconfined_filesystem`.
 
   Yields:
     The running worker. It is stopped, and the previous default context
@@ -166,6 +168,7 @@ def local_worker_context(
       log_path=log_path,
       allow_exposed=allow_exposed_worker,
       max_concurrent_computation_calls=max_concurrent_computation_calls,
+      allow_unconfined_filesystem=allow_unconfined_worker,
   ) as worker:
     channel = grpc.insecure_channel(worker.target, options=CHANNEL_OPTIONS)
     try:

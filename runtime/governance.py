@@ -2,15 +2,22 @@ r"""The data owner's governance command (`fedpipe-governance`).
 
     fedpipe-governance --state_dir=/var/lib/fedpipe --policy=policy.toml list
     fedpipe-governance --state_dir=... --policy=... show STUDY_ID
-    fedpipe-governance --state_dir=... --policy=... approve STUDY_ID [--rounds=N]
+    fedpipe-governance --state_dir=... --policy=... approve STUDY_ID [--rounds=N] [--evaluations=M]
     fedpipe-governance --state_dir=... --policy=... reject STUDY_ID --reason="..."
+    fedpipe-governance --state_dir=... --policy=... extend STUDY_ID --rounds=N [--evaluations=M] [--yes]
+    fedpipe-governance --state_dir=... --policy=... budget
     fedpipe-governance --state_dir=... audit [--study=STUDY_ID] [--verify]
 
 `show` says what would run on the silo's data (each computation's fingerprint,
 type signature, what leaves the silo, the TensorFlow ops it uses and which of
 them touch files), the model, the privacy cost recomputed by the silo and
-whether the study fits the policy. `approve` re-checks the policy and refuses a
-study that breaks it. Study ids may be abbreviated. Works while the silo
+whether the study fits the policy, naming each computation's refused op or
+type. `approve` re-checks the policy (the lifetime ε over all studies
+included) and refuses a study that breaks it. `extend` adds rounds or
+evaluations to an approved study (after a failed round was charged, say),
+showing the new ε before asking to confirm. `budget` shows the lifetime ε
+spent and committed on this silo's data. `audit --verify` checks the log's
+hash chain, its anchor file and every study's counts against the log. Study ids may be abbreviated. Works while the silo
 server runs (they share the SQLite database in --state_dir).
 """
 
@@ -28,12 +35,20 @@ from absl import app
 from absl import flags
 
 from runtime import computation_fingerprint
+from runtime import governance_gate
 from runtime import governance_store
+from runtime import privacy_ledger
 from runtime import silo_policy
+from runtime import study_request
 
 _STATE_DIR = flags.DEFINE_string('state_dir', None, "The silo's --state_dir.")
 _POLICY = flags.DEFINE_string('policy', None, "The silo's --policy file (for show/approve).")
-_ROUNDS = flags.DEFINE_integer('rounds', None, 'approve: rounds to allow (default: as requested).')
+_ROUNDS = flags.DEFINE_integer(
+    'rounds', None, 'approve: rounds to allow (default: as requested); extend: rounds to add.')
+_EVALUATIONS = flags.DEFINE_integer(
+    'evaluations', None, 'approve: evaluations to allow (default: as requested); extend: '
+    'evaluations to add.')
+_YES = flags.DEFINE_bool('yes', False, 'extend: do not ask for confirmation.')
 _REASON = flags.DEFINE_string('reason', '', 'reject: why (the coordinator is told).')
 _STATUS = flags.DEFINE_enum('status', None, ['pending', 'approved', 'rejected'],
                             'list: only studies with this status.')
@@ -41,7 +56,7 @@ _STUDY = flags.DEFINE_string('study', None, 'audit: only entries of this study.'
 _VERIFY = flags.DEFINE_bool('verify', False, "audit: check the log's hash chain.")
 _FULL = flags.DEFINE_bool('full', False, 'show: full type signatures and op lists.')
 
-_COMMANDS = ('list', 'show', 'approve', 'reject', 'audit')
+_COMMANDS = ('list', 'show', 'approve', 'reject', 'extend', 'budget', 'audit')
 
 
 class UsageError(ValueError):
@@ -65,14 +80,13 @@ def _policy() -> silo_policy.SiloPolicy:
   return silo_policy.load_policy(_POLICY.value)
 
 
-def _review(study: governance_store.Study, policy: silo_policy.SiloPolicy) -> dict:
+def _review(store: governance_store.GovernanceStore, study: governance_store.Study,
+            policy: silo_policy.SiloPolicy) -> dict:
   """The silo's review of the study under the current policy."""
-  from runtime import governance_gate  # pylint: disable=g-import-not-at-top
-  from runtime import study_request  # pylint: disable=g-import-not-at-top
-
   request = study_request.StudyRequest.from_json(study.request)
   return governance_gate.review_study(
-      request, policy, silo_clients=int(study.review.get('silo_clients', 0)))
+      request, policy, silo_clients=int(study.review.get('silo_clients', 0)),
+      other_roles=store.roles_of([c.fingerprint for c in request.computations]))
 
 
 def _list(store: governance_store.GovernanceStore) -> None:
@@ -80,18 +94,22 @@ def _list(store: governance_store.GovernanceStore) -> None:
   if not studies:
     print('no studies' + (f' with status {_STATUS.value}' if _STATUS.value else ''))
     return
-  print(f'{"study":<17} {"status":<9} {"rounds":>9} {"caller":<16} {"submitted":<21} name')
+  print(f'{"study":<17} {"status":<9} {"rounds":>9} {"evals":>7} {"caller":<16} '
+        f'{"submitted":<21} name')
   for s in studies:
-    rounds = f'{s.rounds_used}/{s.rounds_approved}' if s.status == 'approved' else (
-        f'-/{s.request.get("rounds")}')
-    print(f'{s.study_id:<17} {s.status:<9} {rounds:>9} {s.caller:<16} '
+    if s.status == 'approved':
+      rounds = f'{s.rounds_used}/{s.rounds_approved}'
+      evals = f'{s.evaluations_used}/{s.evaluations_approved}'
+    else:
+      rounds, evals = f'-/{s.request.get("rounds")}', f'-/{s.request.get("evaluations", 0)}'
+    print(f'{s.study_id:<17} {s.status:<9} {rounds:>9} {evals:>7} {s.caller:<16} '
           f'{_when(s.submitted_at):<21} {s.name}')
 
 
 def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
   study = store.find(study_id)
   policy = _policy()
-  review = _review(study, policy)
+  review = _review(store, study, policy)
   p = study.request['privacy']
   model = study.request['model']
   print(f'study {study.study_id} "{study.name}"')
@@ -100,13 +118,17 @@ def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
         + (f'; decided at {_when(study.decided_at)}' if study.decided_at else ''))
   print(f'  rounds requested: {study.request["rounds"]}; approved: {study.rounds_approved}; '
         f'used: {study.rounds_used}')
+  print(f'  un-noised evaluations requested: {study.request.get("evaluations", 0)}; approved: '
+        f'{study.evaluations_approved}; used: {study.evaluations_used}')
   print("\nWhat runs on this silo's data:")
   for c in review['computations']:
     reads = ', '.join(c['io_ops']) or 'none'
     print(f'  {c["role"]}: computation {c["fingerprint"]}')
     print(f'    type: {_clip(c["type_signature"])}')
-    print(f'    leaves the silo: {_clip(c["leaves_silo"])}')
+    numbers = c['output_numbers'] if c['output_numbers'] is not None else 'an unknown number of'
+    print(f'    leaves the silo ({numbers} numbers per call): {_clip(c["leaves_silo"])}')
     print(f'    file/IO ops: {reads} (TFRecordDataset reads client data by id)')
+    print(f'    federated intrinsics: {", ".join(c["intrinsics"]) or "none"}')
     ops = ', '.join(c['tensorflow_ops'])
     print(f'    TensorFlow ops ({len(c["tensorflow_ops"])}): {_clip(ops, 200)}')
   print(f'\nModel: {model.get("name")}, {model.get("parameters"):,} parameters')
@@ -121,9 +143,17 @@ def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
   print(f'  epsilon at the policy delta {policy.delta:g}: '
         f'{"unbounded" if eps is None else f"{eps:.3f}"} (recomputed here with dp-accounting; '
         f'the coordinator stated {p.get("epsilon")} at delta {p.get("delta")})')
-  if review['violations']:
+  violations = list(review['violations'])
+  if study.status == governance_store.PENDING:
+    lifetime, epsilons = governance_gate.approval_violations(
+        store, policy, p, rounds=int(study.request['rounds']))
+    violations += lifetime
+    if epsilons:
+      print(f'  lifetime epsilon on this silo\'s data if approved: {epsilons["committed"]:.3f} '
+            f'committed (max_lifetime_epsilon {policy.max_lifetime_epsilon:g})')
+  if violations:
     print(f'\nPolicy {policy.source}: does NOT fit')
-    for v in review['violations']:
+    for v in violations:
       print(f'  - {v}')
   else:
     print(f'\nPolicy {policy.source}: fits')
@@ -133,24 +163,94 @@ def _decide(store: governance_store.GovernanceStore, study_id: str, approve: boo
   study = store.find(study_id)
   if approve:
     policy = _policy()
-    review = _review(study, policy)
+    review = _review(store, study, policy)
     rounds = _ROUNDS.value if _ROUNDS.value is not None else int(study.request['rounds'])
+    evaluations = (_EVALUATIONS.value if _EVALUATIONS.value is not None
+                   else int(study.request.get('evaluations', 0)))
     violations = list(review['violations'])
     if rounds > policy.max_rounds:
       violations.append(f'rounds {rounds} exceeds max_rounds {policy.max_rounds}')
-    if rounds < 1:
-      violations.append('--rounds must be >= 1')
+    if rounds < 1 or evaluations < 0:
+      violations.append('--rounds must be >= 1 and --evaluations >= 0')
+    violations += policy.evaluation_violations(evaluations)
+    lifetime, _ = governance_gate.approval_violations(
+        store, policy, study.request['privacy'], rounds=rounds)
+    violations += lifetime
     if violations:
       raise governance_store.GovernanceError(
           f'study {study.study_id} cannot be approved under {policy.source}:\n  - '
-          + '\n  - '.join(violations))
-    study = store.decide(study.study_id, approve=True, rounds=rounds)
-    print(f'approved study {study.study_id} for {study.rounds_approved} rounds')
+          + '\n  - '.join(dict.fromkeys(violations)))
+    study = store.decide(study.study_id, approve=True, rounds=rounds, evaluations=evaluations)
+    print(f'approved study {study.study_id} for {study.rounds_approved} rounds and '
+          f'{study.evaluations_approved} evaluations')
   else:
     if not _REASON.value:
       raise UsageError('reject needs --reason="..." (the coordinator is told)')
     study = store.decide(study.study_id, approve=False, reason=_REASON.value)
     print(f'rejected study {study.study_id}: {_REASON.value}')
+
+
+def _extend(store: governance_store.GovernanceStore, study_id: str) -> int:
+  """Adds rounds/evaluations to an approved study after showing what they cost."""
+  study = store.find(study_id)
+  policy = _policy()
+  rounds, evaluations = _ROUNDS.value or 0, _EVALUATIONS.value or 0
+  if rounds < 0 or evaluations < 0 or rounds + evaluations == 0:
+    raise UsageError('extend needs --rounds=N and/or --evaluations=M (N, M > 0)')
+  if study.status != governance_store.APPROVED:
+    raise governance_store.GovernanceError(
+        f'study {study.study_id} is {study.status}; only an approved study can be extended')
+  privacy = study.request['privacy']
+  new_rounds = study.rounds_approved + rounds
+  new_evaluations = study.evaluations_approved + evaluations
+  epsilon_now = privacy_ledger.study_epsilon(privacy, study.rounds_approved, delta=policy.delta)
+  epsilon_new = privacy_ledger.study_epsilon(privacy, new_rounds, delta=policy.delta)
+  violations = policy.violations(
+      epsilon=epsilon_new, noise_multiplier=float(privacy['noise_multiplier'] or 0.0),
+      clipping=str(privacy['clipping']), clip_norm=float(privacy['clip_norm'] or 0.0),
+      rounds=new_rounds, clients_per_round=int(privacy['clients_per_round']),
+      evaluations=new_evaluations)
+  lifetime, epsilons = governance_gate.approval_violations(
+      store, policy, privacy, rounds=rounds, study_id=study.study_id)
+  violations += lifetime
+  print(f'study {study.study_id} "{study.name}": {study.rounds_used} of {study.rounds_approved} '
+        f'rounds and {study.evaluations_used} of {study.evaluations_approved} evaluations used')
+  print(f'  extend to {new_rounds} rounds and {new_evaluations} evaluations')
+  print(f'  epsilon at delta {policy.delta:g}: {epsilon_now:.3f} -> {epsilon_new:.3f} '
+        f'(max_epsilon {policy.max_epsilon:g})')
+  if epsilons:
+    print(f'  lifetime epsilon committed on this silo\'s data: {epsilons["committed"]:.3f} '
+          f'(max_lifetime_epsilon {policy.max_lifetime_epsilon:g})')
+  if violations:
+    raise governance_store.GovernanceError(
+        f'study {study.study_id} cannot be extended under {policy.source}:\n  - '
+        + '\n  - '.join(violations))
+  if not _YES.value:
+    print('extend? [y/N] ', end='', flush=True)
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ('y', 'yes'):
+      print('not extended')
+      return 1
+  study = store.extend(study.study_id, rounds=rounds, evaluations=evaluations)
+  print(f'extended study {study.study_id} to {study.rounds_approved} rounds and '
+        f'{study.evaluations_approved} evaluations')
+  return 0
+
+
+def _budget(store: governance_store.GovernanceStore) -> None:
+  policy = _policy()
+  ledger = store.ledger()
+  epsilons = privacy_ledger.ledger_epsilons(ledger, delta=policy.delta)
+  print(f'lifetime epsilon on this silo\'s data at delta {policy.delta:g} '
+        f'(max_lifetime_epsilon {policy.max_lifetime_epsilon:g}):')
+  print(f'  spent (rounds charged):      {epsilons["spent"]:.4f}; left '
+        f'{max(policy.max_lifetime_epsilon - epsilons["spent"], 0.0):.4f}')
+  print(f'  committed (rounds approved): {epsilons["committed"]:.4f}; left '
+        f'{max(policy.max_lifetime_epsilon - epsilons["committed"], 0.0):.4f}')
+  for row in ledger:
+    spent = privacy_ledger.study_epsilon(row['privacy'], row['rounds_used'], delta=policy.delta)
+    print(f'  study {row["study_id"]}: {row["rounds_used"]}/{row["rounds_approved"]} rounds, '
+          f'epsilon {spent:.4f} spent')
 
 
 def _audit(store: governance_store.GovernanceStore) -> int:
@@ -165,11 +265,12 @@ def _audit(store: governance_store.GovernanceStore) -> int:
     print(f'{e.seq:>6} {_when(e.time)} {e.event:<16} {e.caller or "-":<14} '
           f'{e.study_id or "-":<17} {fp:<12} {json.dumps(detail, ensure_ascii=False)}')
   if _VERIFY.value:
-    broken = store.verify_audit()
-    if broken:
-      print(f'audit log TAMPERED: {broken}', file=sys.stderr)
+    problems = store.verify()
+    if problems:
+      print('audit log TAMPERED:\n  - ' + '\n  - '.join(problems), file=sys.stderr)
       return 1
-    print(f'audit log intact: {len(store.audit())} entries, hash chain verified')
+    print(f'audit log intact: {len(store.audit())} entries, hash chain and anchor verified, '
+          'study counts match the log')
   return 0
 
 
@@ -179,7 +280,7 @@ def main(argv: list[str]) -> int:
     if not args or args[0] not in _COMMANDS:
       raise UsageError(f'give a command: one of {", ".join(_COMMANDS)}')
     command, rest = args[0], args[1:]
-    needs_id = command in ('show', 'approve', 'reject')
+    needs_id = command in ('show', 'approve', 'reject', 'extend')
     if needs_id != (len(rest) == 1) or len(rest) > 1:
       raise UsageError(f'{command} takes {"one study id" if needs_id else "no arguments"}')
     if not _STATE_DIR.value:
@@ -195,11 +296,16 @@ def main(argv: list[str]) -> int:
         _show(store, rest[0])
       elif command in ('approve', 'reject'):
         _decide(store, rest[0], approve=command == 'approve')
+      elif command == 'extend':
+        return _extend(store, rest[0])
+      elif command == 'budget':
+        _budget(store)
       else:
         return _audit(store)
     finally:
       store.close()
-  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError) as e:
+  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError,
+          study_request.StudyRequestError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -10,9 +10,17 @@ checks, in order:
 * client ids sent are ids this silo holds, at least
   `min_clients_per_aggregate` of them at once;
 * a clipping norm sent in the server state does not exceed `max_clip_norm`;
-* a call (`CreateCall`) of an approved training computation is charged to
-  its study's round budget in the durable ledger first, and refused when the
-  budget is spent; every executed computation is audited with its clients.
+* every call (`CreateCall`) of an approved computation, whatever the
+  coordinator calls it, is reserved against the budget of its role in its
+  study (training rounds or evaluations, set at approval; the role is the
+  one recorded at submission, where one computation can have only one role
+  on a silo), and refused when that budget is spent;
+* a call is charged, with its privacy cost recomputed here from the study's
+  approved parameters, when a value carrying its result is first computed
+  for the caller, before the result leaves the silo: a call whose result
+  never left (the round failed first) is not charged, and no result leaves
+  uncharged. A charge that would pass the policy's lifetime ε, or that finds
+  the state disagreeing with its audit log, withholds the result.
 
 It also serves the study-request methods of `fedpipe.Silo` (`SubmitStudy`,
 `StudyStatus`), through which coordinators ask for approval.
@@ -33,7 +41,9 @@ from tensorflow_federated.proto.v0 import executor_pb2
 
 from computations import privacy_accounting
 from runtime import computation_fingerprint
+from runtime import computation_review
 from runtime import governance_store
+from runtime import privacy_ledger
 from runtime import silo_policy
 from runtime import study_request
 
@@ -43,12 +53,16 @@ _MAX_TRACKED_EXECUTORS = 64
 
 @dataclasses.dataclass(frozen=True)
 class _ValueInfo:
-  """What the gate knows about a value on the worker."""
+  """What the gate knows about a value on the worker.
+
+  `pending` holds the reservations of calls whose results this value carries
+  and that are not charged yet: whichever value of that lineage is computed
+  first (released to the caller) charges them.
+  """
 
   fingerprint: Optional[str] = None
-  study_id: Optional[str] = None
-  role: Optional[str] = None
   clients: frozenset[str] = frozenset()
+  pending: frozenset[int] = frozenset()
 
 
 def _walk(value: executor_pb2.Value, name: str = '', placement: str = ''):
@@ -73,38 +87,106 @@ def _walk(value: executor_pb2.Value, name: str = '', placement: str = ''):
 
 
 def review_study(request: study_request.StudyRequest, policy: silo_policy.SiloPolicy,
-                 *, silo_clients: int) -> dict[str, Any]:
-  """The silo's own reading of a request: recomputed ε, descriptions, violations."""
+                 *, silo_clients: int,
+                 other_roles: Optional[dict[str, set[tuple[str, str]]]] = None) -> dict[str, Any]:
+  """The silo's own reading of a request: recomputed ε, what each computation does, violations.
+
+  Args:
+    request: The study as submitted.
+    policy: The silo's policy.
+    silo_clients: How many clients this silo holds.
+    other_roles: Fingerprint -> {(study id, role)} of computations already
+      submitted in other studies: one computation has one role on a silo.
+
+  Returns:
+    A JSON-able review; `violations` lists every reason the study does not
+    fit, naming the computation and the op or type where it is one of them.
+  """
   privacy = request.privacy
   violations = []
   try:
-    sampling = privacy_accounting.SamplingScheme(
-        method=privacy['sampling'], population_size=int(privacy['population_size']),
-        clients_per_round=int(privacy['clients_per_round']))
-    epsilon = privacy_accounting.compute_epsilon(
-        noise_multiplier=float(privacy['noise_multiplier']), sampling=sampling,
-        rounds=request.rounds, delta=policy.delta,
-        accountant=privacy.get('accountant') or 'rdp')
-  except (privacy_accounting.PrivacyAccountingError, TypeError, ValueError) as e:
+    epsilon = privacy_ledger.study_epsilon(privacy, request.rounds, delta=policy.delta)
+  except (privacy_accounting.PrivacyAccountingError, KeyError, TypeError, ValueError) as e:
     epsilon = float('inf')
     violations.append(f'privacy parameters cannot be accounted for: {e}')
-  violations += policy.violations(
-      epsilon=epsilon, noise_multiplier=float(privacy['noise_multiplier'] or 0.0),
-      clipping=str(privacy['clipping']), clip_norm=float(privacy['clip_norm'] or 0.0),
-      rounds=request.rounds, clients_per_round=int(privacy['clients_per_round']))
-  if int(privacy['population_size']) < silo_clients:
-    violations.append(f'population_size {privacy["population_size"]} is smaller than this '
-                      f"silo's {silo_clients} clients: the sampling rate would be understated")
+  try:
+    violations += policy.violations(
+        epsilon=epsilon, noise_multiplier=float(privacy['noise_multiplier'] or 0.0),
+        clipping=str(privacy['clipping']), clip_norm=float(privacy['clip_norm'] or 0.0),
+        rounds=request.rounds, clients_per_round=int(privacy['clients_per_round']),
+        evaluations=request.evaluations)
+    if int(privacy['population_size']) < silo_clients:
+      violations.append(f'population_size {privacy["population_size"]} is smaller than this '
+                        f"silo's {silo_clients} clients: the sampling rate would be understated")
+  except (KeyError, TypeError, ValueError) as e:
+    violations.append(f'privacy parameters are malformed: {e}')
+  computations = []
+  roles = collections.Counter(c.role for c in request.computations)
+  for role, count in roles.items():
+    if count > 1:
+      violations.append(f'{count} computations have the role {role}; a study has one of each')
+  for c in request.computations:
+    description = computation_review.describe(c.proto, policy.extra_allowed_ops)
+    name = f'{c.role} computation {computation_fingerprint.short(c.fingerprint)}'
+    for problem in (list(description.problems)
+                    + computation_review.role_problems(c.role, description)):
+      violations.append(f'{name}: {problem}')
+    for other_study, other_role in sorted((other_roles or {}).get(c.fingerprint, ())):
+      if other_role != c.role and other_study != request.study_id:
+        violations.append(f'{name} was submitted as {other_role} in study {other_study}; a '
+                          'computation has one role on this silo')
+    computations.append(dict(role=c.role, fingerprint=c.fingerprint, **description.to_json()))
   return {
       'epsilon_at_policy_delta': epsilon if epsilon != float('inf') else None,
       'policy_delta': policy.delta,
       'silo_clients': silo_clients,
       'stated_epsilon': privacy.get('epsilon'),
       'violations': violations,
-      'computations': [dict(role=c.role, fingerprint=c.fingerprint,
-                            **study_request.describe_computation(c.proto))
-                       for c in request.computations],
+      'computations': computations,
   }
+
+
+def approval_violations(store: governance_store.GovernanceStore, policy: silo_policy.SiloPolicy,
+                        privacy: dict[str, Any], *, rounds: int,
+                        study_id: Optional[str] = None) -> tuple[list[str], dict[str, float]]:
+  """Whether `rounds` more rounds of a study fit the policy's lifetime ε.
+
+  Args:
+    store: The silo's governance state (its approved studies).
+    policy: The silo's policy.
+    privacy: The study's privacy section.
+    rounds: Rounds to add to what the store already commits.
+    study_id: The study, if it is already approved (an extension).
+
+  Returns:
+    (violations, lifetime ε {'spent', 'committed'} including those rounds).
+  """
+  ledger = store.ledger()
+  try:
+    epsilons = privacy_ledger.ledger_epsilons(ledger, delta=policy.delta,
+                                              extra=[(privacy, rounds)])
+  except (privacy_accounting.PrivacyAccountingError, KeyError, TypeError, ValueError) as e:
+    return [f'privacy parameters cannot be accounted for: {e}'], {}
+  violations = []
+  if epsilons['committed'] > policy.max_lifetime_epsilon:
+    violations.append(
+        f'lifetime epsilon committed on this silo\'s data would be '
+        f'{epsilons["committed"]:.4g} at delta={policy.delta:g} (all approved studies'
+        f'{", this one included" if study_id else " and this one"}), above '
+        f'max_lifetime_epsilon {policy.max_lifetime_epsilon:g}')
+  return violations, epsilons
+
+
+@dataclasses.dataclass
+class _Reservation:
+  """A call that ran (or runs) on client data, charged when its result is released."""
+
+  study_id: str
+  fingerprint: str
+  role: str
+  caller: str
+  executor_id: str
+  clients: tuple[str, ...]
 
 
 class GovernanceGate:
@@ -112,49 +194,72 @@ class GovernanceGate:
 
   def __init__(self, policy: silo_policy.SiloPolicy, store: governance_store.GovernanceStore,
                *, client_ids: Iterable[str], silo_name: str):
+    """Checks the governance state against its audit log, then gates calls with it.
+
+    Raises:
+      governance_store.TamperedError: If the state or its log was altered.
+    """
+    problems = store.verify()
+    if problems:
+      raise governance_store.TamperedError(
+          f'governance state {store.path} is TAMPERED; the silo will not run on it:\n  - '
+          + '\n  - '.join(problems))
     self.policy = policy
     self.store = store
     self._client_ids = frozenset(client_ids)
     self._silo = silo_name
     self._lock = threading.Lock()
+    self._charge_lock = threading.Lock()
     self._values: collections.OrderedDict[str, dict[str, _ValueInfo]] = (
         collections.OrderedDict())
     self._pending: collections.OrderedDict[int, _ValueInfo] = collections.OrderedDict()
     self._fingerprints: dict[bytes, str] = {}
+    self._reservations: dict[int, _Reservation] = {}
+    self._next_reservation = 0
 
   # CallGate.
 
   def check(self, method: str, request, caller: str) -> Optional[str]:
     if not self.policy.allows_caller(caller):
-      return (f'caller {caller!r} is not allowed by this silo\'s policy '
-              f'({self.policy.source}: allowed_callers)')
+      return f'caller {caller!r} is not allowed by this silo\'s policy'
     if method == 'CreateValue':
       return self._check_value(request, caller)
     if method == 'CreateCall':
       return self._check_call(request, caller)
     if method == 'CreateStruct':
       refs = [e.value_ref.id for e in request.element]
-      self._stage(request, _ValueInfo(clients=self._clients_of(request.executor.id, refs)))
+      self._stage(request, self._lineage(request.executor.id, refs))
     elif method == 'CreateSelection':
-      self._stage(request, _ValueInfo(
-          clients=self._clients_of(request.executor.id, [request.source_ref.id])))
+      self._stage(request, self._lineage(request.executor.id, [request.source_ref.id]))
     return None
 
-  def on_forwarded(self, method: str, request, response, caller: str) -> None:
-    del caller
+  def on_forwarded(self, method: str, request, response, caller: str) -> Optional[str]:
+    """Tracks values; charges calls whose results are about to leave the silo.
+
+    Returns:
+      None to release `response`, or why it is withheld.
+    """
     if method == 'GetExecutor':
       with self._lock:
         self._values[response.executor.id] = {}
         while len(self._values) > _MAX_TRACKED_EXECUTORS:
-          self._values.popitem(last=False)
+          executor_id, _ = self._values.popitem(last=False)
+          self._drop_reservations(executor_id)
     elif method == 'DisposeExecutor':
       with self._lock:
         self._values.pop(request.executor.id, None)
+        self._drop_reservations(request.executor.id)
     elif method in ('CreateValue', 'CreateCall', 'CreateStruct', 'CreateSelection'):
       with self._lock:
         info = self._pending.pop(id(request), None)
         if info is not None:
           self._values.setdefault(request.executor.id, {})[response.value_ref.id] = info
+    elif method == 'Compute':
+      with self._lock:
+        info = self._values.get(request.executor.id, {}).get(request.value_ref.id)
+      if info is not None and info.pending:
+        return self._charge(info.pending, caller)
+    return None
 
   # Checks.
 
@@ -164,10 +269,18 @@ class GovernanceGate:
       while len(self._pending) > 10_000:
         self._pending.popitem(last=False)
 
-  def _clients_of(self, executor_id: str, refs: Iterable[str]) -> frozenset[str]:
+  def _lineage(self, executor_id: str, refs: Iterable[str]) -> _ValueInfo:
+    """The clients and uncharged calls a value made of `refs` carries."""
     with self._lock:
       values = self._values.get(executor_id, {})
-      return frozenset().union(*(values[r].clients for r in refs if r in values))
+      found = [values[r] for r in refs if r in values]
+    return _ValueInfo(clients=frozenset().union(*(v.clients for v in found)),
+                      pending=frozenset().union(*(v.pending for v in found)))
+
+  def _drop_reservations(self, executor_id: str) -> None:
+    """Forgets calls whose results were never released (caller holds `_lock`)."""
+    for key in [k for k, r in self._reservations.items() if r.executor_id == executor_id]:
+      del self._reservations[key]
 
   def _fingerprint(self, computation) -> str:
     """The fingerprint, memoized by the sent bytes: a run resends the same computation."""
@@ -208,8 +321,7 @@ class GovernanceGate:
           approved = self.store.approved_computations(caller)
         if fp not in approved:
           return self._refuse(caller, self._unapproved_reason(fp, caller), fingerprint=fp)
-        study_id, role = approved[fp]
-        info = dataclasses.replace(info, fingerprint=fp, study_id=study_id, role=role)
+        info = dataclasses.replace(info, fingerprint=fp)
       elif kind == 'client_ids':
         unknown = sorted(set(payload) - self._client_ids)
         if unknown:
@@ -227,39 +339,115 @@ class GovernanceGate:
     return None
 
   def _check_call(self, request, caller: str) -> Optional[str]:
+    """Any call of an approved computation is reserved against its study's budget."""
     with self._lock:
       values = self._values.get(request.executor.id, {})
       function = values.get(request.function_ref.id)
-      argument = values.get(request.argument_ref.id) if request.HasField('argument_ref') else None
-    # Only computations of approved studies get a fingerprint here (`_check_value`),
-    # and an approved study stays approved.
+    # Only computations of approved studies get a fingerprint here (`_check_value`).
     if function is None or function.fingerprint is None:
       return self._refuse(caller, 'the called function is not an approved computation')
-    clients = sorted(argument.clients) if argument else []
-    if function.role == study_request.ROLE_TRAIN:
-      try:
-        round_num = self.store.charge_round(function.study_id, caller=caller,
-                                            fingerprint=function.fingerprint, clients=clients)
-      except governance_store.BudgetExhaustedError as e:
-        return str(e)
-      LOG.info(json.dumps({'event': 'round_charged', 'silo': self._silo,
-                           'study': function.study_id, 'round': round_num,
-                           'clients': len(clients)}))
-    else:
-      self.store.record('executed', caller=caller, study_id=function.study_id,
-                        fingerprint=function.fingerprint,
-                        detail={'role': function.role, 'clients': clients})
-    self._stage(request, _ValueInfo(clients=frozenset(clients)))
+    argument = (self._lineage(request.executor.id, [request.argument_ref.id])
+                if request.HasField('argument_ref') else _ValueInfo())
+    with self._charge_lock:
+      choice = self._choose_study(function.fingerprint, caller)
+      if isinstance(choice, str):
+        return self._refuse(caller, choice, fingerprint=function.fingerprint)
+      study, role = choice
+      with self._lock:
+        key = self._next_reservation
+        self._next_reservation += 1
+        self._reservations[key] = _Reservation(
+            study_id=study.study_id, fingerprint=function.fingerprint, role=role, caller=caller,
+            executor_id=request.executor.id, clients=tuple(sorted(argument.clients)))
+    self._stage(request, _ValueInfo(clients=argument.clients,
+                                    pending=argument.pending | {key}))
     return None
+
+  def _reserved(self, study_id: str, role: str) -> int:
+    with self._lock:
+      return sum(1 for r in self._reservations.values()
+                 if r.study_id == study_id and r.role == role)
+
+  def _choose_study(self, fp: str, caller: str):
+    """The oldest approved study of `caller` with a call of `fp` left, and its role.
+
+    Returns:
+      (study, role), or why none can pay for the call.
+    """
+    candidates = self.store.approved_computations(caller).get(fp, [])
+    reasons = []
+    for study_id, role in candidates:
+      study = self.store.get(study_id)
+      if role == governance_store.ROLE_TRAIN:
+        left = study.rounds_remaining
+        kind = 'rounds'
+      else:
+        left = study.evaluations_remaining
+        kind = 'evaluations'
+      reserved = self._reserved(study_id, role)
+      if left - reserved > 0:
+        return study, role
+      reasons.append(
+          f'study {study_id} has used all {getattr(study, kind + "_approved")} approved {kind}'
+          + (f' ({reserved} in flight)' if reserved else '')
+          + f'; its data owner can add more with `fedpipe-governance extend {study_id} '
+          f'--{kind}=N`')
+    return '; '.join(reasons) or f'computation {computation_fingerprint.short(fp)} is not approved'
+
+  def _charge(self, pending: frozenset[int], caller: str) -> Optional[str]:
+    """Charges every uncharged call behind a value before it leaves the silo."""
+    del caller
+    with self._charge_lock:
+      with self._lock:
+        due = [(k, self._reservations.pop(k)) for k in sorted(pending)
+               if k in self._reservations]
+      for _, r in due:
+        try:
+          detail = self._charge_detail(r)
+          study = self.store.charge(r.study_id, fingerprint=r.fingerprint, caller=r.caller,
+                                    clients=r.clients, detail=detail)
+        except (governance_store.GovernanceError, _LifetimeExceededError) as e:
+          return self._refuse(r.caller, f'result withheld: {e}', study_id=r.study_id,
+                              fingerprint=r.fingerprint)
+        LOG.info(json.dumps({
+            'event': 'call_charged', 'silo': self._silo, 'study': r.study_id, 'role': r.role,
+            'rounds_used': study.rounds_used, 'evaluations_used': study.evaluations_used,
+            'clients': len(r.clients), **detail}))
+    return None
+
+  def _charge_detail(self, r: _Reservation) -> dict[str, Any]:
+    """The privacy cost of one more call, recomputed here from the study's approved terms."""
+    if r.role != governance_store.ROLE_TRAIN:
+      return {'unnoised_release': True}
+    study = self.store.get(r.study_id)
+    privacy = study.request['privacy']
+    rounds = study.rounds_used + 1
+    epsilon = privacy_ledger.study_epsilon(privacy, rounds, delta=self.policy.delta)
+    ledger = [row for row in self.store.ledger() if row['study_id'] != r.study_id]
+    spent = privacy_ledger.ledger_epsilons(ledger, delta=self.policy.delta,
+                                           extra=[(privacy, rounds)])['spent']
+    if spent > self.policy.max_lifetime_epsilon * (1 + 1e-9):
+      raise _LifetimeExceededError(
+          f'one more round of study {r.study_id} would bring the lifetime epsilon spent on '
+          f'this silo\'s data to {spent:.4g}, above max_lifetime_epsilon '
+          f'{self.policy.max_lifetime_epsilon:g}')
+    return {'epsilon': round(epsilon, 6), 'lifetime_epsilon': round(spent, 6),
+            'delta': self.policy.delta}
 
   # fedpipe.Silo study methods.
 
   def submit_study(self, payload: bytes, caller: str) -> dict[str, Any]:
     """Stores a study request (idempotent) and returns its status."""
     if not self.policy.allows_caller(caller):
-      raise PermissionError(f'caller {caller!r} is not allowed by this silo\'s policy')
-    request = study_request.StudyRequest.from_json(json.loads(payload))
-    review = review_study(request, self.policy, silo_clients=len(self._client_ids))
+      raise StudyAccessError(f'caller {caller!r} is not allowed by this silo\'s policy')
+    try:
+      data = json.loads(payload)
+    except ValueError as e:
+      raise study_request.StudyRequestError(f'a study request is JSON: {e}') from e
+    request = study_request.StudyRequest.from_json(data)
+    other_roles = self.store.roles_of([c.fingerprint for c in request.computations])
+    review = review_study(request, self.policy, silo_clients=len(self._client_ids),
+                          other_roles=other_roles)
     study = self.store.submit(
         study_id=request.study_id, caller=caller, name=request.name, request=request.to_json(),
         review=review, roles={c.fingerprint: c.role for c in request.computations})
@@ -269,9 +457,25 @@ class GovernanceGate:
 
   def study_status(self, payload: bytes, caller: str) -> dict[str, Any]:
     if not self.policy.allows_caller(caller):
-      raise PermissionError(f'caller {caller!r} is not allowed by this silo\'s policy')
-    study_id = json.loads(payload)['study_id']
-    study = self.store.get(study_id)
+      raise StudyAccessError(f'caller {caller!r} is not allowed by this silo\'s policy')
+    try:
+      study_id = json.loads(payload)['study_id']
+    except (ValueError, KeyError, TypeError) as e:
+      raise study_request.StudyRequestError(
+          'a status request is {"study_id": "<id>"}') from e
+    study = self.store.get(str(study_id))
     if study is None or study.caller != caller:
-      raise KeyError(f'no study {study_id} from {caller!r}')
+      raise UnknownStudyError(f'no study {study_id} from {caller!r}')
     return study.summary()
+
+
+class _LifetimeExceededError(RuntimeError):
+  """One more charge would exceed the policy's lifetime ε."""
+
+
+class StudyAccessError(PermissionError):
+  """The caller may not use this silo's study methods."""
+
+
+class UnknownStudyError(LookupError):
+  """No study with that id was submitted by this caller."""

@@ -58,6 +58,7 @@ allowed_callers = ["coordinator"]
 [privacy]
 delta = 1e-5
 max_epsilon = 8.0
+max_lifetime_epsilon = 24.0
 min_noise_multiplier = 0.8
 max_clip_norm = 1.0
 allow_adaptive_clipping = false
@@ -67,6 +68,10 @@ max_rounds = 500
 min_clients_per_round = 10
 max_clients_per_round = 1000
 min_clients_per_aggregate = 3
+
+[evaluation]
+allow_unnoised_metrics = true
+max_evaluations = 20
 """
 
 

@@ -57,6 +57,11 @@ _POLICY = flags.DEFINE_string(
 _STATE_DIR = flags.DEFINE_string(
     'state_dir', None, 'Directory of the governance database (studies, round ledger, audit '
     'log); keep it across restarts.')
+_ALLOW_UNCONFINED_WORKER = flags.DEFINE_bool(
+    'allow_unconfined_worker', False, 'Where the kernel cannot confine the TFF worker to the '
+    'client data (mount namespace, unprivileged user), run it with the host\'s filesystem '
+    'instead of refusing to start: every approved computation could then read any file the '
+    'silo can.')
 _ALLOW_UNGOVERNED = flags.DEFINE_bool(
     'allow_ungoverned', False, 'Run without a policy: every caller with a valid certificate '
     'may run any computation on this data. Only for tests and trials.')
@@ -128,7 +133,8 @@ def main(argv: list[str]) -> int:
   server = silo_server.SiloServer(
       data_dir=_DATA_DIR.value, listen=_LISTEN.value, tls=tls, silo_name=name,
       worker_log=_WORKER_LOG.value, gate=gate,
-      max_concurrent_computation_calls=_MAX_CONCURRENT.value)
+      max_concurrent_computation_calls=_MAX_CONCURRENT.value,
+      allow_unconfined_worker=_ALLOW_UNCONFINED_WORKER.value)
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: server.request_stop())
   try:

@@ -5,6 +5,7 @@
     [privacy]
     delta = 1e-5                  # epsilon is judged at this delta
     max_epsilon = 8.0             # largest epsilon of one study
+    max_lifetime_epsilon = 16.0   # all studies on this data together (default: max_epsilon)
     min_noise_multiplier = 0.8
     max_clip_norm = 1.0
     allow_adaptive_clipping = false
@@ -15,8 +16,18 @@
     max_clients_per_round = 1000
     min_clients_per_aggregate = 5   # fewest of this silo's clients in one partial aggregate
 
-Every field is required except `allow_adaptive_clipping` (default false), so a
-policy says explicitly what it allows. The policy is validated once, at
+    [evaluation]                  # optional section
+    allow_unnoised_metrics = true # federated evaluation releases exact metrics
+    max_evaluations = 20          # evaluation calls one study may make
+
+    [review]                      # optional section
+    extra_allowed_ops = []        # TensorFlow ops allowed beyond the built-in allowlist
+
+Every field is required except those with defaults: `allow_adaptive_clipping`
+(false), `max_lifetime_epsilon` (`max_epsilon`: all studies together may
+spend what one may), the `[evaluation]` section (no un-noised evaluation)
+and the `[review]` section (the built-in op allowlist only), so a policy
+says explicitly what it allows. The policy is validated once, at
 start-up; a study is checked against it on submission and again on approval.
 """
 
@@ -28,14 +39,17 @@ import tomllib
 from typing import Any
 
 _PRIVACY_FIELDS = {
-    'delta': float, 'max_epsilon': float, 'min_noise_multiplier': float,
-    'max_clip_norm': float, 'allow_adaptive_clipping': bool,
+    'delta': float, 'max_epsilon': float, 'max_lifetime_epsilon': float,
+    'min_noise_multiplier': float, 'max_clip_norm': float, 'allow_adaptive_clipping': bool,
 }
 _TRAINING_FIELDS = {
     'max_rounds': int, 'min_clients_per_round': int, 'max_clients_per_round': int,
     'min_clients_per_aggregate': int,
 }
-_OPTIONAL = {'allow_adaptive_clipping': False}
+_EVALUATION_FIELDS = {'allow_unnoised_metrics': bool, 'max_evaluations': int}
+_REVIEW_FIELDS = {'extra_allowed_ops': list}
+_OPTIONAL = {'allow_adaptive_clipping': False, 'max_lifetime_epsilon': None,
+             'allow_unnoised_metrics': False, 'max_evaluations': 0, 'extra_allowed_ops': []}
 
 
 class PolicyError(ValueError):
@@ -49,6 +63,7 @@ class SiloPolicy:
   allowed_callers: tuple[str, ...]
   delta: float
   max_epsilon: float
+  max_lifetime_epsilon: float
   min_noise_multiplier: float
   max_clip_norm: float
   allow_adaptive_clipping: bool
@@ -56,15 +71,28 @@ class SiloPolicy:
   min_clients_per_round: int
   max_clients_per_round: int
   min_clients_per_aggregate: int
+  allow_unnoised_metrics: bool = False
+  max_evaluations: int = 0
+  extra_allowed_ops: tuple[str, ...] = ()
   source: str = '<policy>'
 
   def allows_caller(self, caller: str) -> bool:
     return caller in self.allowed_callers
 
+  def evaluation_violations(self, evaluations: int) -> list[str]:
+    """Why `evaluations` un-noised evaluation calls break the policy (empty: they fit)."""
+    if evaluations and not self.allow_unnoised_metrics:
+      return [f'{evaluations} un-noised evaluation(s) requested; this silo releases no '
+              'un-noised metrics ([evaluation] allow_unnoised_metrics = false)']
+    if evaluations > self.max_evaluations:
+      return [f'evaluations {evaluations} exceeds max_evaluations {self.max_evaluations}']
+    return []
+
   def violations(self, *, epsilon: float, noise_multiplier: float, clipping: str,
-                 clip_norm: float, rounds: int, clients_per_round: int) -> list[str]:
+                 clip_norm: float, rounds: int, clients_per_round: int,
+                 evaluations: int = 0) -> list[str]:
     """Each way a study with these parameters breaks the policy (empty: it fits)."""
-    found = []
+    found = self.evaluation_violations(evaluations)
     if not math.isfinite(epsilon) or epsilon > self.max_epsilon:
       found.append(f'epsilon {epsilon:.4g} at delta={self.delta:g} exceeds max_epsilon '
                    f'{self.max_epsilon:g}')
@@ -94,6 +122,10 @@ def _take(table: dict[str, Any], fields: dict[str, type], section: str, path: st
         errors.append(f'[{section}] {name} is missing')
       continue
     value = table[name]
+    if kind is list:
+      if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        errors.append(f'[{section}] {name} must be a list of names, got {value!r}')
+        continue
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -123,12 +155,23 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
     callers = []
   privacy = _take(data.pop('privacy', {}), _PRIVACY_FIELDS, 'privacy', source, errors)
   training = _take(data.pop('training', {}), _TRAINING_FIELDS, 'training', source, errors)
+  evaluation = _take(data.pop('evaluation', {}), _EVALUATION_FIELDS, 'evaluation', source,
+                     errors)
+  review = _take(data.pop('review', {}), _REVIEW_FIELDS, 'review', source, errors)
   for name in sorted(data):
     errors.append(f'{name} is not a policy section (known: allowed_callers, [privacy], '
-                  '[training])')
+                  '[training], [evaluation], [review])')
   if not errors:
     if not 0 < privacy['delta'] < 1:
       errors.append(f'[privacy] delta must be in (0, 1), got {privacy["delta"]}')
+    if privacy['max_lifetime_epsilon'] is None:
+      privacy['max_lifetime_epsilon'] = privacy['max_epsilon']
+    elif privacy['max_lifetime_epsilon'] < privacy['max_epsilon']:
+      errors.append(f'[privacy] max_lifetime_epsilon {privacy["max_lifetime_epsilon"]} is '
+                    f'below max_epsilon {privacy["max_epsilon"]}: no study could use its limit')
+    if evaluation['max_evaluations'] < 0:
+      errors.append(f'[evaluation] max_evaluations must be >= 0, got '
+                    f'{evaluation["max_evaluations"]}')
     for name in ('max_epsilon', 'min_noise_multiplier', 'max_clip_norm'):
       if privacy[name] <= 0:
         errors.append(f'[privacy] {name} must be > 0, got {privacy[name]}')
@@ -139,7 +182,10 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
       errors.append('[training] min_clients_per_round exceeds max_clients_per_round')
   if errors:
     raise PolicyError(f'policy {source} is invalid:\n  - ' + '\n  - '.join(errors))
-  return SiloPolicy(allowed_callers=tuple(callers), **privacy, **training, source=source)
+  return SiloPolicy(allowed_callers=tuple(callers), **privacy, **training,
+                    allow_unnoised_metrics=evaluation['allow_unnoised_metrics'],
+                    max_evaluations=evaluation['max_evaluations'],
+                    extra_allowed_ops=tuple(review['extra_allowed_ops']), source=source)
 
 
 def load_policy(path: str) -> SiloPolicy:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from tensorflow_federated.proto.v0 import executor_pb2_grpc
 from pipelines import manifest as manifest_lib
 from runtime import isolated_worker
 from runtime import tls as tls_lib
+from runtime import tls_front
 
 LOG = logging.getLogger('fedpipe.silo')
 
@@ -69,23 +71,27 @@ class CallGate(Protocol):
   """Decides whether an executor call may reach the worker.
 
   Returns None to allow it, or a message to refuse it with
-  PERMISSION_DENIED. `on_forwarded` runs after the worker answered.
+  PERMISSION_DENIED. `on_forwarded` runs after the worker answered and
+  before the answer is sent: it returns None to send it, or a message to
+  withhold it (PERMISSION_DENIED).
   """
 
   def check(self, method: str, request, caller: str) -> Optional[str]:
     ...
 
-  def on_forwarded(self, method: str, request, response, caller: str) -> None:
+  def on_forwarded(self, method: str, request, response, caller: str) -> Optional[str]:
     ...
 
 
 class _WorkerLink:
   """The supervised worker and a stub to it; replaced when the worker dies."""
 
-  def __init__(self, data_dir: str, log_path: Optional[str], max_concurrent: int):
+  def __init__(self, data_dir: str, log_path: Optional[str], max_concurrent: int,
+               allow_unconfined: bool = False):
     self._data_dir = data_dir
     self._log_path = log_path
     self._max_concurrent = max_concurrent
+    self._allow_unconfined = allow_unconfined
     self._lock = threading.Lock()
     self.worker: Optional[isolated_worker.IsolatedWorker] = None
     self.channel: Optional[grpc.Channel] = None
@@ -98,6 +104,7 @@ class _WorkerLink:
           working_dir=self._data_dir,
           log_path=self._log_path,
           max_concurrent_computation_calls=self._max_concurrent,
+          allow_unconfined_filesystem=self._allow_unconfined,
       )
       worker.start()
       self.worker = worker
@@ -119,13 +126,17 @@ class _WorkerLink:
 class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
   """Forwards TFF executor calls to the worker, through the gate, with logs."""
 
-  def __init__(self, link: _WorkerLink, *, silo_name: str, gate: Optional[CallGate] = None):
+  def __init__(self, link: _WorkerLink, *, silo_name: str, gate: Optional[CallGate] = None,
+               identify: Optional[Callable[[grpc.ServicerContext], str]] = None):
     self._link = link
     self._silo_name = silo_name
     self._gate = gate
+    # The caller's certificate name; ends the call with UNAUTHENTICATED if none.
+    self._identify = identify or (
+        lambda context: tls_lib.authenticated_caller(context, server=f'silo {silo_name}'))
 
   def _forward(self, method: str, request, context: grpc.ServicerContext):
-    caller = tls_lib.peer_identity(context)
+    caller = self._identify(context)
     if self._gate is not None:
       refusal = self._gate.check(method, request, caller)
       if refusal is not None:
@@ -141,14 +152,36 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
     except grpc.RpcError as e:
       LOG.error(json.dumps({'event': 'worker_error', 'silo': self._silo_name, 'method': method,
                             'caller': caller, 'code': e.code().name,
-                            'details': (e.details() or '').split('\n')[0][:500]}))
-      context.abort(e.code(), f'silo {self._silo_name}: {e.details()}')
+                            'details': (e.details() or '')[:2000]}))
+      context.abort(e.code(), f'silo {self._silo_name}: {redact_worker_error(e.details())}')
     if self._gate is not None:
-      self._gate.on_forwarded(method, request, response, caller)
+      withheld = self._gate.on_forwarded(method, request, response, caller)
+      if withheld is not None:
+        LOG.warning(json.dumps({'event': 'withheld', 'silo': self._silo_name,
+                                'method': method, 'caller': caller, 'reason': withheld}))
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
     if method in ('GetExecutor', 'DisposeExecutor'):
       LOG.info(json.dumps({'event': method, 'silo': self._silo_name, 'caller': caller,
                            'ms': round(1000 * (time.monotonic() - started), 1)}))
     return response
+
+
+_BRACKETED = re.compile(r'\[[^\[\]]*\]')
+
+
+def redact_worker_error(details: Optional[str]) -> str:
+  """What a caller is told of a worker error: its first line, without tensor values.
+
+  TensorFlow quotes tensor contents in brackets (an `Assert`'s data, a
+  failed check's values), and an approved computation could fail on purpose
+  to carry client data out in its error. The caller gets the first line with
+  every bracketed part cut; the silo's log keeps the whole text.
+  """
+  line = (details or '').split('\n', 1)[0]
+  previous = None
+  while previous != line:
+    previous, line = line, _BRACKETED.sub('[…]', line)
+  return line[:300] + ('; the full error is in the silo\'s log' if details else '')
 
 
 def _make_method(name: str) -> Callable:
@@ -160,6 +193,26 @@ def _make_method(name: str) -> Callable:
 
 for _name in _EXECUTOR_METHODS:
   setattr(ExecutorProxy, _name, _make_method(_name))
+
+
+class _CallerCheckedHealth(health.HealthServicer):
+  """gRPC health checks, answered only to callers the silo's policy allows."""
+
+  def __init__(self, allows: Callable[[grpc.ServicerContext], Optional[str]]):
+    super().__init__()
+    self._allows = allows
+
+  def Check(self, request, context):  # pylint: disable=invalid-name
+    refusal = self._allows(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    return super().Check(request, context)
+
+  def Watch(self, request, context, send_response_callback=None):  # pylint: disable=invalid-name
+    refusal = self._allows(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    return super().Watch(request, context, send_response_callback)
 
 
 class SiloServer:
@@ -176,6 +229,7 @@ class SiloServer:
       worker_log: Optional[str] = None,
       max_concurrent_computation_calls: int = isolated_worker.NO_LIMIT,
       max_workers: int = 16,
+      allow_unconfined_worker: bool = False,
   ):
     """Configures the silo; `start()` starts it.
 
@@ -191,6 +245,8 @@ class SiloServer:
       max_concurrent_computation_calls: Computations the silo's worker runs at
         once (see `isolated_worker.resolve_concurrent_calls`).
       max_workers: gRPC server threads.
+      allow_unconfined_worker: Run the worker with the host's filesystem where
+        it cannot be confined to the data (see `worker_sandbox`).
     """
     self._data_dir = data_dir
     self._listen = listen
@@ -198,12 +254,15 @@ class SiloServer:
     self.silo_name = silo_name
     self._gate = gate
     self._max_workers = max_workers
-    self._link = _WorkerLink(data_dir, worker_log, max_concurrent_computation_calls)
+    self._link = _WorkerLink(data_dir, worker_log, max_concurrent_computation_calls,
+                             allow_unconfined_worker)
     self._server: Optional[grpc.Server] = None
-    self._health = health.HealthServicer()
+    self._health = _CallerCheckedHealth(self._refusal)
     self._stop = threading.Event()
     self._watcher: Optional[threading.Thread] = None
     self._manifest_json = b''
+    self._front: Optional[tls_front.TlsFront] = None
+    self._internal_port: Optional[int] = None
     self.port: Optional[int] = None
 
   @property
@@ -211,27 +270,43 @@ class SiloServer:
     host = self._listen.rsplit(':', 1)[0]
     return f'{host}:{self.port}'
 
+  def _caller(self, context: grpc.ServicerContext) -> str:
+    """The caller's certificate name, as the TLS front verified it.
+
+    A connection the front did not relay (a local process dialling the
+    internal port) ends with UNAUTHENTICATED, whatever the method.
+    """
+    return tls_lib.authenticated_caller(context, self._front, server=f'silo {self.silo_name}')
+
+  def _refusal(self, context: grpc.ServicerContext) -> Optional[str]:
+    """Why the caller may not use this silo at all (None: it may)."""
+    policy = getattr(self._gate, 'policy', None)
+    caller = self._caller(context)
+    if policy is not None and not policy.allows_caller(caller):
+      LOG.warning(json.dumps({'event': 'refused', 'silo': self.silo_name, 'caller': caller,
+                              'peer': context.peer(), 'reason': 'not in allowed_callers'}))
+      return f"silo {self.silo_name}: caller {caller!r} is not allowed by this silo's policy"
+    return None
+
   def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
     del request
-    caller = tls_lib.peer_identity(context)
-    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': caller}))
-    policy = getattr(self._gate, 'policy', None)
-    if policy is not None and not policy.allows_caller(caller):
-      context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                    f"silo {self.silo_name}: caller {caller!r} is not allowed by this silo's "
-                    'policy (allowed_callers)')
+    refusal = self._refusal(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name,
+                         'caller': self._caller(context)}))
     return self._manifest_json
 
   def _study_method(self, name: str) -> Callable:
     def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-      caller = tls_lib.peer_identity(context)
+      caller = self._caller(context)
       try:
         result = getattr(self._gate, name)(request, caller)
-      except PermissionError as e:
+      except PermissionError as e:  # governance_gate.StudyAccessError
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self.silo_name}: {e}')
-      except KeyError as e:
-        context.abort(grpc.StatusCode.NOT_FOUND, f'silo {self.silo_name}: {e.args[0]}')
-      except ValueError as e:  # Malformed requests (StudyRequestError, JSON).
+      except LookupError as e:  # governance_gate.UnknownStudyError
+        context.abort(grpc.StatusCode.NOT_FOUND, f'silo {self.silo_name}: {e}')
+      except ValueError as e:  # study_request.StudyRequestError
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'silo {self.silo_name}: {e}')
       return json.dumps(result).encode()
     return handle
@@ -245,11 +320,13 @@ class SiloServer:
     """
     try:
       manifest = manifest_lib.read_manifest(self._data_dir)
-      credentials = self._tls.server_credentials()
+      self._tls.server_ssl_context()
     except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
       raise SiloStartError(str(e)) from e
-    self._manifest_json = json.dumps(
-        {'silo': self.silo_name, 'manifest': manifest.to_json()}).encode()
+    served = manifest.to_json()
+    # The names of raw columns the feature spec ignores stay at the silo.
+    served.get('preprocessing', {}).pop('ignored_columns', None)
+    self._manifest_json = json.dumps({'silo': self.silo_name, 'manifest': served}).encode()
     try:
       self._link.start()
     except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
@@ -259,7 +336,8 @@ class SiloServer:
         options=GRPC_OPTIONS,
     )
     executor_pb2_grpc.add_ExecutorGroupServicer_to_server(
-        ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate), server)
+        ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate,
+                      identify=self._caller), server)
     health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
     silo_methods = {'GetManifest': self._get_manifest}
     if hasattr(self._gate, 'submit_study'):
@@ -270,21 +348,30 @@ class SiloServer:
             handler, request_deserializer=None, response_serializer=None)
         for name, handler in silo_methods.items()
     })])
-    try:
-      self.port = server.add_secure_port(self._listen, credentials)
-    except RuntimeError as e:
+    # gRPC serves loopback only, in plaintext: the TLS front on `listen` does
+    # the handshakes (and logs the failed ones) and relays to it.
+    self._internal_port = server.add_insecure_port('127.0.0.1:0')
+    if not self._internal_port:
       self._link.stop()
-      raise SiloStartError(f'cannot listen on {self._listen}: {e}') from e
-    if not self.port:
-      self._link.stop()
-      raise SiloStartError(f'cannot listen on {self._listen} (address in use or invalid)')
+      raise SiloStartError('cannot listen on a loopback port (127.0.0.1:0) for the gRPC server')
     server.start()
+    front = tls_front.TlsFront(listen=self._listen, tls=self._tls,
+                               backend_port=self._internal_port, silo_name=self.silo_name,
+                               logger=LOG)
+    try:
+      self.port = front.start()
+    except (tls_front.TlsFrontError, tls_lib.TlsConfigError) as e:
+      server.stop(None)
+      self._link.stop()
+      raise SiloStartError(str(e)) from e
+    self._front = front
     self._server = server
     self._set_serving(True)
     self._watcher = threading.Thread(target=self._watch_worker, name='worker-watch', daemon=True)
     self._watcher.start()
     LOG.info(json.dumps({
         'event': 'serving', 'silo': self.silo_name, 'address': self.address,
+        'internal_address': f'127.0.0.1:{self._internal_port}',
         'clients': {s: len(m.clients) for s, m in manifest.splits.items()},
         'governed': self._gate is not None,
         'worker_target': self._link.worker.target,
@@ -302,8 +389,11 @@ class SiloServer:
       if self._link.alive():
         continue
       self._set_serving(False)
+      worker = self._link.worker
+      # Without --worker_log the log goes with the worker's directory: keep its end.
       LOG.error(json.dumps({'event': 'worker_died', 'silo': self.silo_name,
-                            'restarts': self._link.restarts}))
+                            'restarts': self._link.restarts,
+                            'log_tail': worker.log_tail() if worker else ''}))
       self._link.stop()
       try:
         self._link.start()
@@ -321,10 +411,15 @@ class SiloServer:
   def stop(self, grace: float = 5.0) -> None:
     """Stops serving (in-flight calls get `grace` seconds) and ends the worker."""
     self._stop.set()
+    if self._front is not None:
+      self._front.stop_accepting()
     if self._server is not None:
       self._set_serving(False)
       self._server.stop(grace).wait()
       self._server = None
+    if self._front is not None:
+      self._front.stop()
+      self._front = None
     if self._watcher is not None:
       self._watcher.join(timeout=5)
     self._link.stop()

@@ -20,24 +20,14 @@ from typing import Any
 from tensorflow_federated.proto.v0 import computation_pb2
 
 from runtime import computation_fingerprint
+from runtime import computation_review
 
-FORMAT = 'fedpipe-study/1'
+FORMAT = 'fedpipe-study/2'
 ROLE_TRAIN = 'train_round'
 ROLE_EVALUATE = 'evaluate'
 ROLES = (ROLE_TRAIN, ROLE_EVALUATE)
 _PRIVACY_KEYS = ('noise_multiplier', 'clipping', 'clip_norm', 'delta', 'epsilon', 'accountant',
                  'sampling', 'population_size', 'clients_per_round')
-# Ops that reach outside the computation: files, the network, processes.
-_IO_OPS = frozenset({
-    'ReadFile', 'WriteFile', 'MatchingFiles', 'TFRecordDataset', 'TFRecordDatasetV2',
-    'TextLineDataset', 'TextLineDatasetV2', 'FixedLengthRecordDataset',
-    'FixedLengthRecordDatasetV2', 'SaveV2', 'RestoreV2', 'Save', 'Restore', 'PyFunc',
-    'EagerPyFunc', 'PyFuncStateless', 'DeleteFile', 'RecursivelyCreateDir', 'FileExists',
-    'IsDirectory', 'GetChildren', 'LoadDataset', 'SaveDataset', 'SnapshotDataset',
-    'ExperimentalSnapshotDataset', 'CSVDataset', 'ExperimentalCSVDataset',
-})
-
-
 class StudyRequestError(ValueError):
   """A study request is malformed; the message says which part."""
 
@@ -63,11 +53,13 @@ class StudyRequest:
   model: dict[str, Any]
   privacy: dict[str, Any]
   rounds: int
+  evaluations: int = 0  # Calls of the evaluation computation the run makes.
 
   def identity(self) -> dict[str, Any]:
     """The content the study id hashes: fingerprints, not protos."""
     return {
         'format': FORMAT, 'name': self.name, 'rounds': self.rounds,
+        'evaluations': self.evaluations,
         'computations': sorted([c.role, c.fingerprint] for c in self.computations),
         'model': self.model, 'privacy': self.privacy,
     }
@@ -79,8 +71,8 @@ class StudyRequest:
 
   def to_json(self) -> dict[str, Any]:
     return {
-        'format': FORMAT, 'name': self.name, 'rounds': self.rounds, 'model': self.model,
-        'privacy': self.privacy,
+        'format': FORMAT, 'name': self.name, 'rounds': self.rounds,
+        'evaluations': self.evaluations, 'model': self.model, 'privacy': self.privacy,
         'computations': [
             {'role': c.role, 'fingerprint': c.fingerprint,
              'proto': base64.b64encode(c.proto.SerializeToString()).decode()}
@@ -110,6 +102,10 @@ class StudyRequest:
         computations.append(computation)
       privacy = {k: data['privacy'][k] for k in _PRIVACY_KEYS}
       rounds = int(data['rounds'])
+      evaluations = int(data.get('evaluations', 0))
+      if rounds < 1 or evaluations < 0:
+        raise StudyRequestError(f'rounds must be >= 1 and evaluations >= 0, got {rounds} and '
+                                f'{evaluations}')
       name = str(data['name'])
       model = dict(data['model'])
     except StudyRequestError:
@@ -119,22 +115,10 @@ class StudyRequest:
     if not computations:
       raise StudyRequestError('a study request must contain at least one computation')
     return cls(name=name, computations=tuple(computations), model=model, privacy=privacy,
-               rounds=rounds)
+               rounds=rounds, evaluations=evaluations)
 
 
-def describe_computation(proto: computation_pb2.Computation) -> dict[str, Any]:
-  """What a computation is, read from its proto: type, TF ops, I/O ops."""
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-
-  ops: set[str] = set()
-  for graph in computation_fingerprint.graph_defs(proto):
-    ops.update(node.op for node in graph.node)
-    for function in graph.library.function:
-      ops.update(node.op for node in function.node_def)
-  signature = tff.framework.deserialize_computation(proto).type_signature
-  return {
-      'type_signature': str(signature),
-      'leaves_silo': str(signature.result),
-      'tensorflow_ops': sorted(ops),
-      'io_ops': sorted(ops & _IO_OPS),
-  }
+def describe_computation(proto: computation_pb2.Computation,
+                         extra_allowed_ops: tuple[str, ...] = ()) -> dict[str, Any]:
+  """What a computation is, read from its proto (see `computation_review`)."""
+  return computation_review.describe(proto, extra_allowed_ops).to_json()

@@ -87,3 +87,18 @@ def test_pld_cannot_analyse_fixed_size_sampling():
 def test_sampling_scheme_validation_names_the_field(kwargs, match):
   with pytest.raises(pa.PrivacyAccountingError, match=match):
     pa.SamplingScheme(**kwargs)
+
+
+def test_composing_studies_adds_their_rdp_curves():
+  poisson = pa.SamplingScheme('poisson', 300, 60)
+  fixed = pa.SamplingScheme('fixed_size', 30, 10)
+  alone = pa.compute_epsilon(
+      noise_multiplier=1.0, sampling=poisson, rounds=20, delta=1e-5)
+  halves = pa.compose_epsilon([(1.0, poisson, 10), (1.0, poisson, 10)],
+                                              delta=1e-5)
+  assert halves == pytest.approx(alone, rel=1e-12)
+  one = pa.compose_epsilon([(1.0, poisson, 20)], delta=1e-5)
+  both = pa.compose_epsilon([(1.0, poisson, 20), (1.5, fixed, 5)], delta=1e-5)
+  assert both > one
+  assert pa.compose_epsilon([(1.0, poisson, 0)], delta=1e-5) == 0.0
+  assert pa.compose_epsilon([(0.0, poisson, 1)], delta=1e-5) == float('inf')

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -322,3 +323,38 @@ def test_silo_stops_gracefully_on_sigterm_and_ends_its_worker(fed, tmp_path):
   with open(tmp_path / 'a.log') as f:
     events = [json.loads(l)['event'] for l in f if l.startswith('{')]
   assert events[:2] == ['ungoverned', 'serving'] and events[-1] == 'stopped'
+
+
+def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
+  """Finding: `silo_round_timeout_s=20` was not honoured; a SIGSTOPped silo was
+  detected after 83 s, by a keepalive."""
+  silos = _start_own_silos(fed, tmp_path)
+  victim = silos['silo-b']
+  timeout_s = 8
+  command = _train_command(fed, tmp_path / 'run', '--config.training.rounds=60',
+                           '--config.training.clients_per_round=15',
+                           f'--config.runtime.silo_round_timeout_s={timeout_s}', silos=silos)
+  try:
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+      try:
+        for line in process.stdout:
+          if line.startswith('round  2/'):
+            os.kill(victim.process.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            break
+        _, stderr = process.communicate(timeout=300)
+        named_after = time.monotonic() - frozen_at
+      finally:
+        process.kill()
+  finally:
+    os.kill(victim.process.pid, signal.SIGCONT)
+    for silo in silos.values():
+      silo.stop()
+  assert process.returncode == 2, stderr[-2000:]
+  assert re.search(r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with \d+ of its '
+                   rf'clients .*no answer within silo_round_timeout_s={timeout_s}s', stderr), (
+                       stderr[-2000:])
+  # The round in flight when the silo froze gets its full timeout; the program
+  # then ends (the next round never starts).
+  assert named_after < timeout_s + 20, named_after

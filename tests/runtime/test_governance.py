@@ -1,5 +1,6 @@
 """Data-owner governance with real silo servers: approval, budgets, audit, refusals."""
 
+import json
 import os
 import re
 import sqlite3
@@ -143,16 +144,26 @@ def _computations():
   def read_any_file(path):
     return tf.io.read_file(path)
 
+  @tff.tensorflow.computation(np.str_)
+  def spread(client_id):  # 100 numbers per client: model-sized, not metrics.
+    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    return tf.fill([100], tf.cast(records.reduce(np.int64(0), lambda n, _: n + 1), tf.float32))
+
+  @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
+  def model_sized(client_ids):
+    return tff.federated_sum(tff.federated_map(spread, client_ids))
+
   return {'total': count_total(False), 'total_plus_one_op': count_total(True),
-          'read_any_file': read_any_file}
+          'read_any_file': read_any_file, 'model_sized': model_sized}
 
 
-def _request(name, comps, *, rounds=2, privacy=None):
+def _request(name, comps, *, rounds=2, privacy=None, evaluations=0):
   from runtime import execution_context  # pylint: disable=g-import-not-at-top
   from runtime import study_request  # pylint: disable=g-import-not-at-top
 
   return study_request.StudyRequest(
-      name=name, rounds=rounds, model={'name': 'none', 'parameters': 0},
+      name=name, rounds=rounds, evaluations=evaluations,
+      model={'name': 'none', 'parameters': 0},
       privacy=dict(FITTING_PRIVACY, **(privacy or {})),
       computations=tuple(study_request.StudyComputation(
           role=role, proto=execution_context.wire_computation(c)) for role, c in comps))
@@ -204,6 +215,16 @@ def test_policy_errors_name_each_field():
     assert expected in message
   policy = silo_policy.parse_policy(local_federation.DEMO_POLICY)
   assert policy.allows_caller('coordinator') and not policy.allows_caller('intruder')
+  assert policy.allow_unnoised_metrics and policy.max_evaluations == 20
+  with pytest.raises(silo_policy.PolicyError, match='max_lifetime_epsilon 4.0 is below'):
+    silo_policy.parse_policy(local_federation.DEMO_POLICY.replace(
+        'max_lifetime_epsilon = 24.0', 'max_lifetime_epsilon = 4.0'))
+  strict = silo_policy.parse_policy(
+      local_federation.DEMO_POLICY.split('[evaluation]')[0].replace(
+          'max_lifetime_epsilon = 24.0', ''))
+  assert strict.max_lifetime_epsilon == strict.max_epsilon  # Safe defaults.
+  assert not strict.allow_unnoised_metrics and strict.max_evaluations == 0
+  assert strict.evaluation_violations(1)
 
 
 def test_silo_will_not_start_without_a_policy_or_with_a_broken_one(env, tmp_path):
@@ -233,11 +254,14 @@ def test_hostile_file_read_is_refused_but_runs_on_an_ungoverned_silo(env, silo, 
   refused = [a for a in _audit(silo) if a.event == 'refused']
   assert refused and refused[-1].fingerprint.startswith('sha256:')
   assert not [a for a in _audit(silo) if a.event == 'executed']
-  # The control: without governance the same computation reads the file.
+  # The control: without governance the computation runs, and only the
+  # worker's filesystem sandbox (it sees the client data alone) stops the read.
   open_silo = Silo(env, str(tmp_path / 'unused'), name='open', governed=False).start()
   try:
-    assert _run_on(env, open_silo, comps['read_any_file'], env['secret']) == (
-        b'not for the coordinator')
+    with pytest.raises(Exception) as e:
+      _run_on(env, open_silo, comps['read_any_file'], env['secret'])
+    assert 'No such file or directory' in _error_text(e.value)
+    assert 'is not part of any study' not in _error_text(e.value)
   finally:
     open_silo.stop()
 
@@ -298,6 +322,7 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
     with pytest.raises(Exception) as e:
       _run_on(env, silo, comps['total'], ids)
     assert 'has used all 2 approved rounds' in _error_text(e.value)
+    assert f'fedpipe-governance extend {request.study_id} --rounds=N' in _error_text(e.value)
     with pytest.raises(Exception) as e:  # One more op: a different computation.
       _run_on(env, silo, comps['total_plus_one_op'], ids)
     assert 'is not part of any study' in _error_text(e.value)
@@ -312,8 +337,11 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
   finally:
     silo.stop()
   executed = [a for a in _audit(silo) if a.event == 'executed']
-  assert [a.detail['round'] for a in executed] == [1, 2]
+  assert [a.detail['call'] for a in executed] == [1, 2]
   assert all(a.detail['clients'] == ids and a.caller == 'coordinator' for a in executed)
+  # The privacy cost, recomputed at the silo from the approved parameters.
+  assert 0 < executed[0].detail['epsilon'] < executed[1].detail['epsilon']
+  assert executed[1].detail['lifetime_epsilon'] == pytest.approx(executed[1].detail['epsilon'])
   assert len([a for a in _audit(silo) if a.event == 'refused']) >= 4
 
 
@@ -324,7 +352,7 @@ def test_audit_log_is_append_only_and_edits_are_detected(env, tmp_path):
   for statement in ('UPDATE audit SET caller = "x"', 'DELETE FROM audit'):
     with pytest.raises(sqlite3.DatabaseError, match='append-only'):
       store._db.execute(statement)  # pylint: disable=protected-access
-  assert len(store.audit()) == 2 and store.verify_audit() is None
+  assert len(store.audit()) == 2 and store.verify_audit() == []
   store.close()
   # Someone bypasses the triggers and edits the file directly: the chain breaks.
   db = sqlite3.connect(os.path.join(tmp_path, governance_store.DB_FILENAME))
@@ -336,7 +364,7 @@ def test_audit_log_is_append_only_and_edits_are_detected(env, tmp_path):
       [sys.executable, '-m', 'runtime.governance', f'--state_dir={tmp_path}', 'audit',
        '--verify'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1
-  assert 'TAMPERED: entry 1' in out.stderr
+  assert 'TAMPERED' in out.stderr and 'entry 1: its content does not match' in out.stderr
 
 
 # The training program against a governed silo.
@@ -360,7 +388,7 @@ def test_training_run_submits_its_study_fails_early_then_trains_once_approved(en
   first = train()
   assert first.returncode != 0
   assert 'cannot run yet' in first.stderr and 'pending approval' in first.stderr
-  assert "nothing ran on any silo's data" in first.stderr
+  assert "Nothing more ran on any silo's data" in first.stderr
   study_id = re.search(r'study ([0-9a-f]{16})', first.stderr).group(1)
   submitted = train('--submit_study')
   assert submitted.returncode == 0, submitted.stderr
@@ -371,18 +399,267 @@ def test_training_run_submits_its_study_fails_early_then_trains_once_approved(en
   assert approved.returncode == 0, approved.stderr
   done = train()
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f'study {study_id} approved by silo-a: 3 of 3 rounds left' in done.stdout
+  assert f'study {study_id} approved by silo-a: 3 of 3 rounds and 1 of 1 evaluations left' in (
+      done.stdout)
   assert re.search(r'test_accuracy=0\.\d+', done.stdout)
   with open(tmp_path / 'run' / 'metrics.csv') as f:
     assert len(f.read().strip().splitlines()) == 1 + 3
   entries = [a for a in _audit(silo) if a.study_id == study_id and a.event == 'executed']
   rounds = [a for a in entries if a.detail['role'] == 'train_round']
-  assert [a.detail['round'] for a in rounds] == [1, 2, 3]
+  assert [a.detail['call'] for a in rounds] == [1, 2, 3]
   assert all(len(a.detail['clients']) == 10 for a in rounds)
   assert any(a.detail['role'] == 'evaluate' for a in entries)
   audit = _governance(env, silo, 'audit', '--verify')
-  assert audit.returncode == 0 and 'hash chain verified' in audit.stdout
-  # The budget is spent: a fresh run of the same study is stopped before any round.
+  assert audit.returncode == 0 and 'hash chain and anchor verified' in audit.stdout
+  # The budget is spent: a fresh run of the same study is stopped before any
+  # round, told exactly what to ask for; once extended, the same command runs.
   again = train('--overwrite')
-  assert again.returncode != 0
-  assert '0 of 3 rounds are left and this run needs 3' in again.stderr
+  assert again.returncode == 2
+  assert '0 of 3 rounds, 0 of 1 evaluations are left and this run needs 3 rounds' in again.stderr
+  ask = f'fedpipe-governance extend {study_id} --rounds=3 --evaluations=1'
+  assert ask in again.stderr
+  declined = subprocess.run(
+      [sys.executable, '-m', 'runtime.governance', f'--state_dir={silo.state_dir}',
+       f'--policy={env["policy"]}', 'extend', study_id, '--rounds=3', '--evaluations=1'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, input='n\n')
+  assert declined.returncode == 1 and 'not extended' in declined.stdout
+  extended = subprocess.run(
+      [sys.executable, '-m', 'runtime.governance', f'--state_dir={silo.state_dir}',
+       f'--policy={env["policy"]}', 'extend', study_id, '--rounds=3', '--evaluations=1'],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, input='y\n')
+  assert extended.returncode == 0, extended.stderr
+  eps = re.search(r'epsilon at delta 1e-05: ([0-9.]+) -> ([0-9.]+)', extended.stdout)
+  assert eps and float(eps.group(2)) > float(eps.group(1)) > 0, extended.stdout
+  assert 'extend? [y/N]' in extended.stdout and 'to 6 rounds and 2 evaluations' in extended.stdout
+  resumed = train('--overwrite')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'study {study_id} approved by silo-a: 3 of 6 rounds' in resumed.stdout
+
+
+# A dishonest coordinator: labels, file readers, results that never left.
+
+
+def _governed_silo(env, tmp_path, name):
+  return Silo(env, str(tmp_path / 'state'), name=name).start()
+
+
+def _approve(env, silo, study_id, *extra):
+  out = _governance(env, silo, 'approve', study_id, *extra)
+  assert out.returncode == 0, out.stderr
+  return out
+
+
+def test_calls_are_charged_by_what_runs_not_by_their_label(env, tmp_path):
+  """Finding: a computation labelled `evaluate` ran without limit."""
+  silo = _governed_silo(env, tmp_path, 'labels')
+  try:
+    comps = _computations()
+    ids = _client_ids(env, 5)
+    labelled = _request('labelled', [('evaluate', comps['total'])], rounds=1, evaluations=2)
+    assert _submit(env, silo, labelled)['violations'] == []
+    _approve(env, silo, labelled.study_id)
+    assert _run_on(env, silo, comps['total'], ids) == _run_on(env, silo, comps['total'], ids)
+    with pytest.raises(Exception) as e:
+      _run_on(env, silo, comps['total'], ids)
+    assert 'has used all 2 approved evaluations' in _error_text(e.value)
+    listed = _governance(env, silo, 'list')
+    assert re.search(rf'{labelled.study_id} +approved +0/1 +2/2', listed.stdout), listed.stdout
+    # The same computation under another label in a second study: refused.
+    relabelled = _request('relabelled', [('train_round', comps['total'])], rounds=3)
+    status = _submit(env, silo, relabelled)
+    assert any(f'was submitted as evaluate in study {labelled.study_id}' in v
+               for v in status['violations']), status
+    assert _governance(env, silo, 'approve', relabelled.study_id).returncode == 2
+    # A model-sized release cannot pass as an evaluation.
+    disguised = _request('disguised', [('evaluate', comps['model_sized'])], evaluations=1)
+    status = _submit(env, silo, disguised)
+    assert any('releases 100 numbers per call; an evaluation releases metrics only' in v
+               for v in status['violations']), status
+    # Without `allow_unnoised_metrics` no evaluation fits at all.
+    strict = env['root'] / 'strict.toml'
+    strict.write_text(local_federation.DEMO_POLICY.split('[evaluation]')[0])
+    out = subprocess.run(
+        [sys.executable, '-m', 'runtime.governance', f'--state_dir={silo.state_dir}',
+         f'--policy={strict}', 'show', labelled.study_id],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert 'allow_unnoised_metrics = false' in out.stdout, out.stdout + out.stderr
+  finally:
+    silo.stop()
+
+
+def test_a_file_reader_does_not_fit_and_cannot_be_approved(env, silo):
+  """Finding: `show` said "fits" to a study whose computation read any file."""
+  reader = _request('reader', [('evaluate', _computations()['read_any_file'])], evaluations=2)
+  status = _submit(env, silo, reader)
+  assert status['status'] == 'pending'
+  shown = _governance(env, silo, 'show', reader.study_id)
+  assert 'does NOT fit' in shown.stdout, shown.stdout
+  short = reader.computations[0].fingerprint.split(':')[1][:12]
+  for expected in (f'evaluate computation {short}: op ReadFile reads files other than through '
+                   'the client-data reader',
+                   f'evaluate computation {short}: it takes no client ids',
+                   f'evaluate computation {short}: what leaves the silo includes strings'):
+    assert expected in shown.stdout, shown.stdout
+  approved = _governance(env, silo, 'approve', reader.study_id)
+  assert approved.returncode == 2 and 'op ReadFile' in approved.stderr
+  with pytest.raises(Exception) as e:
+    _run_on(env, silo, _computations()['read_any_file'], '/etc/passwd')
+  assert f'study {reader.study_id} is pending' in _error_text(e.value)
+
+
+def _remote_executor(env, silo, n_clients):
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  channel = _channel(env, silo)
+  executor = tff.framework.RemoteExecutor(execution_context.FailFastStub(channel))
+  executor.set_cardinalities({tff.CLIENTS: n_clients})
+  return channel, executor
+
+
+def test_a_result_is_charged_when_it_leaves_the_silo_and_not_before(env, tmp_path):
+  """A hostile client drives TFF's executor protocol by hand: calls whose result
+  it never fetches are not charged (the round failed before any release); the
+  first fetch is charged once, before the result leaves."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  silo = _governed_silo(env, tmp_path, 'release')
+  try:
+    comp = _computations()['total']
+    ids = _client_ids(env, 5)
+    request = _request('release', [('train_round', comp)], rounds=2)
+    _submit(env, silo, request)
+    _approve(env, silo, request.study_id)
+    native = tff.backends.native.desugar_and_transform_to_native(comp)
+    ids_type = tff.FederatedType(np.str_, tff.CLIENTS)
+
+    async def call(fetch):
+      channel, executor = _remote_executor(env, silo, len(ids))
+      try:
+        fn = await executor.create_value(native, native.type_signature)
+        arg = await executor.create_value(ids, ids_type)
+        result = await executor.create_call(fn, arg)
+        return await result.compute() if fetch else None
+      finally:
+        executor.close()
+        channel.close()
+
+    for _ in range(3):  # Not fetched: never charged, however often.
+      asyncio.run(call(fetch=False))
+    assert not [a for a in _audit(silo) if a.event == 'executed']
+    assert asyncio.run(call(fetch=True)) > 0
+    assert asyncio.run(call(fetch=True)) > 0
+    with pytest.raises(Exception) as e:  # Budget spent: the third result is not released.
+      asyncio.run(call(fetch=True))
+    assert 'has used all 2 approved rounds' in _error_text(e.value)
+    executed = [a for a in _audit(silo) if a.event == 'executed']
+    assert [a.detail['call'] for a in executed] == [1, 2]
+  finally:
+    silo.stop()
+
+
+def _tamper(state_dir, *statements):
+  db = sqlite3.connect(os.path.join(state_dir, governance_store.DB_FILENAME))
+  db.execute('DROP TRIGGER IF EXISTS audit_no_update')
+  db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
+  for statement in statements:
+    db.execute(statement)
+  db.commit()
+  db.close()
+
+
+def test_an_edited_budget_is_caught_by_the_silo_at_once_and_at_start(env, tmp_path):
+  """Finding: `UPDATE studies SET rounds_used=0, rounds_approved=50` went unnoticed."""
+  silo = _governed_silo(env, tmp_path, 'tamper')
+  comps = _computations()
+  ids = _client_ids(env, 5)
+  try:
+    request = _request('tamper', [('train_round', comps['total'])], rounds=2)
+    _submit(env, silo, request)
+    _approve(env, silo, request.study_id)
+    _run_on(env, silo, comps['total'], ids)
+    _tamper(silo.state_dir, 'UPDATE studies SET rounds_used = 0, rounds_approved = 50')
+    with pytest.raises(Exception) as e:
+      _run_on(env, silo, comps['total'], ids)
+    assert 'TAMPERED' in _error_text(e.value)
+    assert 'rounds_approved is 50 in the studies table but 2 in the audit log' in (
+        _error_text(e.value))
+  finally:
+    silo.stop()
+  verify = _governance(env, silo, 'audit', '--verify')
+  assert verify.returncode == 1 and 'rounds_used is 0 in the studies table but 1' in (
+      verify.stderr)
+  with pytest.raises(RuntimeError, match='TAMPERED'):
+    silo.start()
+
+
+def test_lifetime_epsilon_bounds_all_studies_together(env, tmp_path):
+  """Finding: nothing bounded the ε spent on the same data across studies."""
+  from runtime import governance_gate  # pylint: disable=g-import-not-at-top
+
+  policy_path = tmp_path / 'lifetime.toml'
+  policy_path.write_text(local_federation.DEMO_POLICY.replace(
+      'max_lifetime_epsilon = 24.0', 'max_lifetime_epsilon = 9.0'))
+  policy = silo_policy.load_policy(str(policy_path))
+  state = str(tmp_path / 'state')
+  store = governance_store.GovernanceStore(state)
+  gate = governance_gate.GovernanceGate(policy, store, client_ids=_client_ids(env, NUM_CLIENTS),
+                                        silo_name='lifetime')
+  comps = _computations()
+  # Three rounds of each: epsilon 6.1 alone (max_epsilon 8), 9.1 together.
+  first = _request('first', [('train_round', comps['total'])], rounds=3)
+  second = _request('second', [('train_round', comps['total_plus_one_op'])], rounds=3)
+  for request in (first, second):
+    status = gate.submit_study(json.dumps(request.to_json()).encode(), 'coordinator')
+    assert status['violations'] == [], status
+  store.close()
+
+  def governance(*args):
+    return subprocess.run(
+        [sys.executable, '-m', 'runtime.governance', f'--state_dir={state}',
+         f'--policy={policy_path}', *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+  assert governance('approve', first.study_id).returncode == 0
+  refused = governance('approve', second.study_id)
+  assert refused.returncode == 2
+  assert 'above max_lifetime_epsilon 9' in refused.stderr, refused.stderr
+  budget = governance('budget')
+  committed = float(re.search(r'committed \(rounds approved\): +([0-9.]+)', budget.stdout)[1])
+  assert 0 < committed <= 9.0 and 'spent (rounds charged):      0.0000' in budget.stdout
+  too_far = governance('extend', first.study_id, '--rounds=400', '--yes')
+  assert too_far.returncode == 2 and 'max_lifetime_epsilon' in too_far.stderr
+
+
+def test_strangers_get_no_answer_and_no_paths(env, silo):
+  """Finding: a valid-CA caller not in `allowed_callers` got SERVING, and
+  refusals quoted the policy file's path."""
+  from grpc_health.v1 import health_pb2  # pylint: disable=g-import-not-at-top
+  from grpc_health.v1 import health_pb2_grpc  # pylint: disable=g-import-not-at-top
+
+  channel = _channel(env, silo, 'intruder')
+  try:
+    with pytest.raises(grpc.RpcError) as e:
+      health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=''),
+                                                timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:
+      channel.unary_unary('/fedpipe.Silo/StudyStatus')(b'{}', timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert env['policy'] not in e.value.details()
+  finally:
+    channel.close()
+  with pytest.raises(Exception) as e:
+    _run_on(env, silo, _computations()['total'], _client_ids(env, 5), who='intruder')
+  assert "caller 'intruder' is not allowed" in _error_text(e.value)
+  assert env['policy'] not in _error_text(e.value)
+  good = _channel(env, silo)
+  try:
+    with pytest.raises(grpc.RpcError) as e:  # Domain errors, not a KeyError's repr.
+      good.unary_unary('/fedpipe.Silo/StudyStatus')(b'{}', timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert 'a status request is {"study_id": "<id>"}' in e.value.details()
+  finally:
+    good.close()
