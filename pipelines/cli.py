@@ -14,6 +14,7 @@ defined at import.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -106,6 +107,14 @@ def _unknown_field_message(argv: Sequence[str], error: Exception) -> str:
           'field names.')
 
 
+def _config_filename(holder: flags.FlagHolder) -> str | None:
+  """The file named by `--config`, or None if the flag does not say."""
+  try:
+    return config_flags.get_config_filename(flags.FLAGS[holder.name]) or None
+  except (KeyError, TypeError, AttributeError):
+    return None
+
+
 def load_config(holder: flags.FlagHolder) -> Any:
   """Returns the parsed, validated config; fails with a clear message if it is not valid."""
   try:
@@ -113,6 +122,10 @@ def load_config(holder: flags.FlagHolder) -> Any:
     config.keys()  # A config that failed to load raises here, not before.
   except (OSError, ImportError, SyntaxError, AttributeError, KeyError, TypeError,
           ValueError) as e:
+    path = _config_filename(holder)
+    if path is not None and not os.path.isfile(path):
+      fail(f'--{_CONFIG_FLAG}={path}: no such file; give an experiment config file '
+           f'(e.g. --{_CONFIG_FLAG}={DEFAULT_CONFIG}).')
     fail(f'cannot load --{_CONFIG_FLAG}: ' + ' '.join(str(e).split()))
   try:
     return validation.validate(config)

@@ -22,11 +22,23 @@ from collections.abc import Sequence
 
 from absl import app
 from absl import flags
+
+
+def _not_bigquery_notice(record: logging.LogRecord) -> bool:
+  return 'apitools not found' not in record.getMessage()
+
+
+# Beam's import warns that its BigQuery client is missing; no pipeline here uses it.
+logging.getLogger().addFilter(_not_bigquery_notice)
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import cli
 from pipelines import feature_spec as feature_spec_lib
 from pipelines import manifest as manifest_lib
+
+# pylint: enable=g-import-not-at-top,wrong-import-position
+logging.getLogger().removeFilter(_not_bigquery_notice)
 
 _CONFIG = cli.define_config_flag()
 

@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -82,7 +82,8 @@ class ReadAndValidateFn(beam.DoFn):
   combined per client before the shuffle (at most `MAX_BUFFERED_ROWS` held at
   once), so GroupByKey moves a few elements per client instead of one per row.
   Tagged outputs: `dead_letter` (JSON lines) and `stats` (one JSON line per
-  file with its row and reason counts).
+  file with its row and reason counts, and the rows that had each column the
+  spec does not use).
   """
 
   MAX_BUFFERED_ROWS = 20_000
@@ -99,6 +100,7 @@ class ReadAndValidateFn(beam.DoFn):
     self._x = self._example.features.feature['x'].float_list.value
     self._y = self._example.features.feature['y'].int64_list.value
     self._client_id = functools.lru_cache(maxsize=65536)(client_ids.client_id_for_key)
+    self._columns = frozenset(self._spec.columns)
     self._rows = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_read')
     self._valid = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_valid')
     self._reasons = {r: Metrics.counter(METRICS_NAMESPACE, f'{self._split}_malformed_{r}')
@@ -116,16 +118,18 @@ class ReadAndValidateFn(beam.DoFn):
 
   def process(self, element: tuple[int, str, str]) -> Iterator[Any]:
     file_index, path, fmt = element
-    rows, valid, malformed, blank = 0, 0, {}, 0
+    rows, valid, malformed, blank, ignored = 0, 0, {}, 0, {}
     buffers: dict[str, list] = {}
     buffered = 0
     with FileSystems.open(path) as f:
       records = self._csv_records(f) if fmt == CSV_FORMAT else self._jsonl_records(f)
-      for line_number, record, raw, error in records:
+      for line_number, record, raw, error, extra_columns in records:
         if record is None and error is None:
           blank += 1
           continue
         rows += 1
+        for name in extra_columns:
+          ignored[name] = ignored.get(name, 0) + 1
         if error is None:
           try:
             key, x, y = self._spec.parse_record(record)
@@ -150,16 +154,21 @@ class ReadAndValidateFn(beam.DoFn):
     self._rows.inc(rows)
     yield beam.pvalue.TaggedOutput(self.STATS, json.dumps({
         'kind': 'file', 'split': self._split, 'file': path, 'rows_read': rows,
-        'blank_lines': blank, 'malformed': malformed}))
+        'blank_lines': blank, 'malformed': malformed, 'ignored_columns': ignored}))
 
-  def _csv_records(self, f) -> Iterator[tuple[int, Any, str, Any]]:
-    """Yields `(line_number, record | None, raw, error | None)`; both None for blank lines."""
+  def _csv_records(self, f) -> Iterator[tuple[int, Any, str, Any, Collection[str]]]:
+    """Yields `(line_number, record | None, raw, error | None, columns not in the spec)`.
+
+    Record and error are both None for blank lines; the columns are those of
+    the header for each row read as a record, and () for other lines.
+    """
     lines = LineReader(f)
     reader = csv.reader(lines)
     try:
       header = clean_header(next(reader))
     except StopIteration:
       return
+    extra = tuple(name for name in header if name not in self._columns)
     while True:
       lines.start_record()
       line_number = lines.line_number + 1
@@ -169,21 +178,22 @@ class ReadAndValidateFn(beam.DoFn):
         return
       except csv.Error as e:
         yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_CSV, str(e))
+            feature_spec_lib.BAD_CSV, str(e)), ()
         continue
       if lines.bad_encoding:
         yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8')
+            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8'), ()
       elif not row:
-        yield line_number, None, '', None
+        yield line_number, None, '', None, ()
       elif len(row) != len(header):
         yield line_number, None, lines.raw(), feature_spec_lib.MalformedRecordError(
             feature_spec_lib.WRONG_COLUMN_COUNT,
-            f'{len(row)} columns, the header has {len(header)}')
+            f'{len(row)} columns, the header has {len(header)}'), ()
       else:
-        yield line_number, dict(zip(header, row)), lines.raw(), None
+        yield line_number, dict(zip(header, row)), lines.raw(), None, extra
 
-  def _jsonl_records(self, f) -> Iterator[tuple[int, Any, str, Any]]:
+  def _jsonl_records(self, f) -> Iterator[tuple[int, Any, str, Any, Collection[str]]]:
+    """As `_csv_records`; the columns not in the spec are each object's own."""
     lines = LineReader(f)
     for text in lines:
       raw = lines.raw()
@@ -191,22 +201,22 @@ class ReadAndValidateFn(beam.DoFn):
       lines.start_record()
       if bad_encoding:
         yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8')
+            feature_spec_lib.BAD_ENCODING, 'the line is not valid UTF-8'), ()
         continue
       if not text.strip():
-        yield lines.line_number, None, '', None
+        yield lines.line_number, None, '', None, ()
         continue
       try:
         record = json.loads(text)
       except (json.JSONDecodeError, RecursionError) as e:
         yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_JSON, f'not JSON: {e}')
+            feature_spec_lib.BAD_JSON, f'not JSON: {e}'), ()
         continue
       if not isinstance(record, dict):
         yield lines.line_number, None, raw, feature_spec_lib.MalformedRecordError(
-            feature_spec_lib.BAD_JSON, f'a JSON {type(record).__name__}, not an object')
+            feature_spec_lib.BAD_JSON, f'a JSON {type(record).__name__}, not an object'), ()
         continue
-      yield lines.line_number, record, raw, None
+      yield lines.line_number, record, raw, None, record.keys() - self._columns
 
 
 class WriteClientFileFn(beam.DoFn):

@@ -120,6 +120,8 @@ class PreprocessSummary:
       `min_examples_per_client`.
     min_examples_per_client: The threshold used.
     seconds: Wall time of the whole run.
+    ignored_columns: Split -> input column the feature spec does not use ->
+      rows that had it; such columns are read and left out.
   """
 
   output_dir: str
@@ -131,6 +133,7 @@ class PreprocessSummary:
   excluded_clients: Mapping[str, Mapping[str, int]]
   min_examples_per_client: int
   seconds: float
+  ignored_columns: Mapping[str, Mapping[str, int]] = dataclasses.field(default_factory=dict)
 
   @property
   def total_rows_read(self) -> int:
@@ -174,11 +177,24 @@ class PreprocessSummary:
                    f'{self.dead_letter_dir}/')
     else:
       lines.append('  malformed rows: none.')
+    if any(self.ignored_columns.values()):
+      names = sorted({name for columns in self.ignored_columns.values() for name in columns})
+      described = []
+      for name in names:
+        counts = ', '.join(f'{split}: {_rows(columns[name])}'
+                           for split, columns in self.ignored_columns.items() if name in columns)
+        described.append(f'{name!r} ({counts})')
+      lines.append(f'  columns not in the feature spec, ignored: {", ".join(described)}; add '
+                   'them to data.feature_spec to use them.')
     if any(self.excluded_clients.values()):
       lines.append(f'  clients with fewer than min_examples_per_client='
                    f'{self.min_examples_per_client} examples are listed under '
                    'excluded_clients in manifest.json.')
     return '\n'.join(lines)
+
+
+def _rows(n: int) -> str:
+  return f'{n} row' if n == 1 else f'{n} rows'
 
 
 def input_format(path: str) -> str:
@@ -463,7 +479,8 @@ def run_preprocessing(*, train_files: str, eval_files: str | None,
       examples_written={s: sum(stats.clients[s].values()) for s in patterns},
       excluded_clients={s: dict(sorted(stats.excluded[s].items())) for s in patterns},
       min_examples_per_client=min_examples_per_client,
-      seconds=time.monotonic() - start)
+      seconds=time.monotonic() - start,
+      ignored_columns={s: dict(sorted(stats.ignored_columns[s].items())) for s in patterns})
 
 
 @dataclasses.dataclass
@@ -473,13 +490,14 @@ class _Stats:
   malformed: dict[str, dict[str, int]]
   clients: dict[str, dict[str, int]]
   excluded: dict[str, dict[str, int]]
+  ignored_columns: dict[str, dict[str, int]]
 
 
 def _read_stats(staging: str, inputs: Mapping[str, Sequence[InputFile]]) -> _Stats:
   """Reads the per-file and per-client statistics the pipeline wrote, and checks them."""
   stats = _Stats(rows_read={s: 0 for s in inputs}, blank_lines={s: 0 for s in inputs},
                  malformed={s: {} for s in inputs}, clients={s: {} for s in inputs},
-                 excluded={s: {} for s in inputs})
+                 excluded={s: {} for s in inputs}, ignored_columns={s: {} for s in inputs})
   gfile = tf.io.gfile
   files_seen = {s: set() for s in inputs}
   for path in gfile.glob(_join(staging, _STATS_DIR, 'stats*')):
@@ -495,6 +513,9 @@ def _read_stats(staging: str, inputs: Mapping[str, Sequence[InputFile]]) -> _Sta
           stats.blank_lines[split] += item['blank_lines']
           for reason, n in item['malformed'].items():
             stats.malformed[split][reason] = stats.malformed[split].get(reason, 0) + n
+          ignored = stats.ignored_columns[split]
+          for name, n in item['ignored_columns'].items():
+            ignored[name] = ignored.get(name, 0) + n
         else:
           target = stats.clients if item['written'] else stats.excluded
           target[split][item['client_id']] = item['count']
@@ -533,6 +554,8 @@ def _make_manifest(stats: _Stats, spec: feature_spec_lib.FeatureSpec,
       extra={'preprocessing': {
           'rows_read': dict(stats.rows_read),
           'blank_lines': dict(stats.blank_lines),
+          'ignored_columns': {s: dict(sorted(c.items()))
+                              for s, c in stats.ignored_columns.items()},
           'min_examples_per_client': min_examples,
       }},
   )

@@ -12,6 +12,13 @@ Keras model, writes the privacy report and a plot, and prints
     epsilon=<float>
     delta=<float>
     output_dir=<path>
+
+One run at a time uses an output directory: a second one is refused at once.
+
+Exit status: 0 on success; 2 with one line `error: ...` on stderr for a
+problem the user can fix (a flag, the config, the data, the output directory,
+a failed round); 130 on Ctrl-C and 143 on SIGTERM, after one line saying
+after which round training stopped.
 """
 
 import os
@@ -28,8 +35,15 @@ from absl import flags
 import tensorflow as tf  # Before app.run: see pipelines/cross_silo_demo.py.
 
 from pipelines import cli
+from pipelines import run_directory
+from pipelines import training_loop
 from pipelines import training_program
+from runtime import execution_context
 from runtime import shutdown
+
+# Importing TFF made it a default context holding a local worker manager, whose
+# __del__ fails at interpreter exit if nothing replaced it (an early error).
+execution_context.refuse_unisolated_default_context()
 
 _CONFIG = cli.define_config_flag()
 _OUTPUT_DIR = flags.DEFINE_string(
@@ -59,21 +73,43 @@ def _apply_runtime_flags(config) -> None:
       runtime[field] = flag.value
 
 
+def _interruption_message(progress: training_loop.Progress, *, submitting: bool) -> str:
+  if submitting:
+    return 'interrupted; rerun the same command to submit the study'
+  done, saved = progress.rounds_completed, progress.last_checkpoint
+  if not done:
+    return 'interrupted before the first round; rerun the same command to resume'
+  if saved == done:
+    return f'interrupted after round {done}; rerun the same command to resume'
+  if not saved:
+    return (f'interrupted after round {done}, before its first checkpoint; rerun the same '
+            'command to start again')
+  return (f'interrupted after round {done}; rerun the same command to resume from the '
+          f'checkpoint of round {saved}')
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
   training_program.quiet_logs()
-  config = cli.load_config(_CONFIG)
-  _apply_runtime_flags(config)
-  output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
+  progress = training_loop.Progress()
   try:
     with shutdown.graceful_termination():
+      config = cli.load_config(_CONFIG)
+      _apply_runtime_flags(config)
+      output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
       if _SUBMIT_STUDY.value:
-        training_program.submit_study(config, output_dir)
+        with run_directory.lock(output_dir):
+          training_program.submit_study(config, output_dir)
       else:
-        training_program.run(config, output_dir, overwrite=_OVERWRITE.value)
+        training_program.run(config, output_dir, overwrite=_OVERWRITE.value,
+                             progress=progress)
   except training_program.USER_ERRORS as e:
     cli.fail(str(e))
+  except (KeyboardInterrupt, shutdown.Terminated) as e:
+    print(_interruption_message(progress, submitting=_SUBMIT_STUDY.value), file=sys.stderr,
+          flush=True)
+    return shutdown.interruption_exit_code(e)
   return 0
 
 

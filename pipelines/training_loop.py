@@ -29,6 +29,22 @@ class RoundFailedError(RuntimeError):
   """A training round failed; the message names the round and the cause."""
 
 
+@dataclasses.dataclass
+class Progress:
+  """How far a run has got, updated by `train` as it goes.
+
+  A caller keeps a reference to say where an interrupted run stopped.
+
+  Attributes:
+    rounds_completed: The last round whose metrics were released (0: none).
+    last_checkpoint: The last round whose state was saved (0: none); a rerun
+      resumes from it.
+  """
+
+  rounds_completed: int = 0
+  last_checkpoint: int = 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingResult:
   """Where a run ended."""
@@ -115,6 +131,7 @@ async def train(
     eval_every: int = 0,
     report: Callable[[str], None] = print,
     runtime_metrics: Optional[Callable[[], dict[str, float]]] = None,
+    progress: Optional[Progress] = None,
 ) -> TrainingResult:
   """Runs (or resumes) training to `experiment.rounds` rounds.
 
@@ -130,6 +147,7 @@ async def train(
     report: Receives one progress line per round.
     runtime_metrics: Called after each round; its values (e.g. silos dropped)
       join the round's metrics.
+    progress: Updated as rounds complete and are saved.
 
   Returns:
     A `TrainingResult`.
@@ -144,6 +162,8 @@ async def train(
     state, start_round = initial_state, 0
   else:
     report(f'resuming from the checkpoint of round {start_round}')
+  progress = progress if progress is not None else Progress()
+  progress.rounds_completed = progress.last_checkpoint = start_round
   epsilon = epsilon_after(experiment, start_round)
   for round_num in range(start_round + 1, experiment.rounds + 1):
     started = time.monotonic()
@@ -175,8 +195,10 @@ async def train(
     values['round_seconds'] = time.monotonic() - started
     for manager in release_managers:
       await manager.release(values, key=round_num)
+    progress.rounds_completed = round_num
     if round_num % checkpoint_every == 0 or round_num == experiment.rounds:
       await state_manager.save(state, round_num)
+      progress.last_checkpoint = round_num
     report(_format_progress(round_num, experiment.rounds, values))
   return TrainingResult(
       state=state,

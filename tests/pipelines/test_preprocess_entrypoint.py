@@ -45,6 +45,10 @@ def test_make_data_then_preprocess(tmp_path):
   assert 'over 25 clients' in made.stdout and 'note:' not in made.stdout
   again = _program('pipelines.make_data', *flags)
   assert again.returncode == 0 and 'nothing to do' in again.stdout
+  # A data owner's extra column: read, ignored, and said so.
+  train_csv = tmp_path / 'raw' / 'train.csv'
+  lines = train_csv.read_text().splitlines()
+  train_csv.write_text('\n'.join([lines[0] + ',comment'] + [l + ',n/a' for l in lines[1:]]) + '\n')
 
   # A Beam option passes through to PipelineOptions.
   result = _program('pipelines.preprocess', *flags, '--direct_running_mode=in_memory')
@@ -52,8 +56,10 @@ def test_make_data_then_preprocess(tmp_path):
   assert 'Preprocessed 1797 rows' in result.stdout
   assert 'train: 1438 rows read, 1438 valid, 0 malformed; 25 clients written' in result.stdout
   assert 'rows/s' in result.stdout
+  assert "columns not in the feature spec, ignored: 'comment' (train: 1438 rows)" in result.stdout
   m = manifest.read_manifest(str(tmp_path / 'clients'))
   assert len(m.split('train').clients) == 25 and m.num_features == 64
+  assert m.extra['preprocessing']['ignored_columns'] == {'train': {'comment': 1438}, 'eval': {}}
 
 
 @pytest.mark.slow
@@ -91,6 +97,15 @@ def test_bad_config_value_and_file():
   _assert_one_line_error(result, 'configs/nope.py')
   result = _program('pipelines.make_data', '--overwrit')
   _assert_one_line_error(result, '--overwrit')
+
+
+@pytest.mark.parametrize('module', ['pipelines.preprocess', 'pipelines.make_data'])
+def test_missing_config_file_is_the_only_line_on_stderr(module):
+  result = _program(module, '--config=configs/nope.py')
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      'error: --config=configs/nope.py: no such file; give an experiment config file '
+      '(e.g. --config=configs/digits_dp.py).']
 
 
 def test_missing_input_exits_2_with_one_line(tmp_path):

@@ -194,6 +194,40 @@ def test_jsonl_and_gzip_inputs(tmp_path):
   records = _read_records(str(output_dir / 'eval' / 'u2.tfrecord'), 3)
   np.testing.assert_allclose(records[0][0], [0.2, 0.0, -1.0])
   assert records[0][1] == 2
+  assert summary.ignored_columns == {'train': {}, 'eval': {'extra': 1}}
+  assert "columns not in the feature spec, ignored: 'extra' (eval: 1 row)" in summary.format()
+
+
+def test_columns_not_in_the_spec_are_listed_with_their_row_counts(tmp_path):
+  train = tmp_path / 'train.csv'
+  train.write_bytes(b'client_id,notes,label,a,b,c,site\n'
+                    b'u1,hello,0,1,5,0,x\n'
+                    b'u1,,1,2,5,0,x\n'
+                    b'u2,bye,0,99,5,0,y\n'                  # out_of_range: still had the columns
+                    b'u2,a,b,c\n'                           # wrong_column_count: no columns read
+                    b'\n'
+                    b'u2,ok,1,3,5,0,y\n')
+  eval_file = tmp_path / 'eval.csv'
+  eval_file.write_bytes(HEADER + b'u1,0,1,5,0\n')
+  output_dir = tmp_path / 'out'
+  summary = _run(train, eval_file, spec=SMALL_SPEC, output_dir=output_dir, max_malformed=0.5)
+  assert summary.rows_read == {'train': 5, 'eval': 1}
+  assert summary.malformed['train'] == {'out_of_range': 1, 'wrong_column_count': 1}
+  assert summary.ignored_columns == {'train': {'notes': 4, 'site': 4}, 'eval': {}}
+  assert ("columns not in the feature spec, ignored: 'notes' (train: 4 rows), "
+          "'site' (train: 4 rows); add them to data.feature_spec to use them.") in summary.format()
+  m = manifest.read_manifest(str(output_dir))
+  assert m.extra['preprocessing']['ignored_columns'] == {
+      'train': {'notes': 4, 'site': 4}, 'eval': {}}
+  assert m.split('train').clients == {'u1': 2, 'u2': 1}
+
+
+def test_no_ignored_columns_no_line(digits):
+  *_, output_dir, summary = digits
+  assert summary.ignored_columns == {'train': {}, 'eval': {}}
+  assert 'not in the feature spec' not in summary.format()
+  assert manifest.read_manifest(str(output_dir)).extra['preprocessing']['ignored_columns'] == {
+      'train': {}, 'eval': {}}
 
 
 def test_clients_below_min_examples_are_excluded(tmp_path):

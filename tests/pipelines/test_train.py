@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,36 @@ def _run(args, timeout=600):
   return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+# TensorFlow's C++ logging (cuDNN registration, grappler), printed at import or
+# graph optimization whatever the program does.
+_TF_LOG_LINE = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] ')
+
+
+def _own_lines(stderr):
+  """The lines of stderr the program itself wrote."""
+  return [l for l in stderr.splitlines() if not _TF_LOG_LINE.match(l)]
+
+
+def _assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = _own_lines(result.stderr)
+  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0]
+  return lines[0]
+
+
+def _start(command):
+  """Starts a training run; returns it once it printed its first round."""
+  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  for line in process.stdout:
+    if line.startswith('round '):
+      return process
+  process.wait()
+  pytest.fail(f'training ended before its first round: {process.stderr.read()[-3000:]}')
+
+
 def _worker_pids():
   out = subprocess.run(['pgrep', '-f', 'tensorflow_federated/data/worker_binary'],
                        capture_output=True, text=True).stdout
@@ -68,6 +99,31 @@ def _no_new_workers(before, timeout=15.0):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if not _worker_pids() - before:
+      return True
+    time.sleep(0.2)
+  return False
+
+
+def _processes_of(pid):
+  """Live processes that the training program `pid` started: its relay and worker."""
+  table = {}
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{entry}/cmdline', 'rb') as f:
+        args = f.read().replace(b'\0', b' ').decode(errors='replace')
+      with open(f'/proc/{entry}/stat') as f:
+        parent = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+      continue  # Not a process, or it ended meanwhile.
+    table[int(entry)] = (parent, args)
+  relays = {p for p, (_, args) in table.items() if f'fedpipe-worker-{pid}-' in args}
+  return relays | {p for p, (parent, _) in table.items() if parent in relays}
+
+
+def _all_ended(pid, timeout=15.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if not _processes_of(pid):
       return True
     time.sleep(0.2)
   return False
@@ -227,3 +283,82 @@ def test_resuming_with_a_different_config_is_refused_and_the_run_is_untouched(
   assert 'config.dp.noise_multiplier: 1.9 -> 3.0' in result.stderr
   assert '--overwrite' in result.stderr
   assert _tree_digest(out) == digest
+
+
+def test_a_second_run_on_the_directory_is_refused_at_once_then_resumes_after_kill_9(
+    client_data, tmp_path):
+  out = tmp_path / 'run'
+  first = _start(_command(client_data, out, '--config.training.rounds=500'))
+  try:
+    assert _processes_of(first.pid)
+    assert (out / '.lock').read_text() == f'{first.pid}\n'
+    second = _run(_command(client_data, out, '--config.training.rounds=500'))
+    assert first.poll() is None, 'the first run ended before the second was refused'
+    _assert_one_line_error(second, f'{out} is in use by another run (pid {first.pid})',
+                           '--output_dir')
+  finally:
+    first.kill()
+    first.communicate(timeout=30)
+  assert _all_ended(first.pid), 'a worker outlived kill -9 of its training program'
+  done = len(_metric_rounds(out))
+  assert done >= 1
+
+  rerun = _run(_command(client_data, out, f'--config.training.rounds={done + 1}'))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'resuming from the checkpoint of round' in rerun.stdout
+  assert _metric_rounds(out) == list(range(1, done + 2))
+  assert (out / '.lock').read_text() == ''
+
+
+@pytest.mark.parametrize('sig,status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_after_which_round_and_a_rerun_resumes(
+    client_data, tmp_path, sig, status):
+  out = tmp_path / 'run'
+  process = _start(_command(client_data, out, '--config.training.rounds=500'))
+  try:
+    assert _processes_of(process.pid)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=60)
+  finally:
+    if process.poll() is None:
+      process.kill()
+      process.communicate()
+  assert process.returncode == status, stderr[-3000:]
+  assert 'Traceback' not in stderr + stdout
+  lines = _own_lines(stderr)
+  assert len(lines) == 1, stderr[-3000:]
+  match = re.fullmatch(r'interrupted after round (\d+); rerun the same command to resume',
+                       lines[0])
+  assert match, lines[0]
+  rounds = int(match.group(1))
+  assert rounds >= 1 and _metric_rounds(out) == list(range(1, rounds + 1))
+  assert _all_ended(process.pid), 'a worker outlived the interrupted run'
+
+  rerun = _run(_command(client_data, out, f'--config.training.rounds={rounds + 1}'))
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'resuming from the checkpoint of round {rounds}' in rerun.stdout
+
+
+def test_an_output_dir_that_is_a_file_is_one_line(client_data, tmp_path):
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('precious')
+  result = _run(_command(client_data, a_file))
+  _assert_one_line_error(result, f'{a_file} is a file, not a directory', '--output_dir')
+  result = _run(_command(client_data, a_file / 'run'))
+  _assert_one_line_error(result, f'cannot create the run directory {a_file}/run')
+  assert a_file.read_text() == 'precious'
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(client_data):
+  # Tests run as root, for whom permission bits do not stop writes; /sys refuses new entries.
+  result = _run(_command(client_data, '/sys/fedpipe-run'))
+  _assert_one_line_error(result, 'cannot create the run directory /sys/fedpipe-run',
+                         'a directory you can write to')
+
+
+def test_a_missing_config_file_is_one_line_with_nothing_at_exit(tmp_path):
+  result = _run([sys.executable, '-m', 'pipelines.train', '--config=configs/nope.py',
+                 f'--output_dir={tmp_path / "run"}'])
+  _assert_one_line_error(result, '--config=configs/nope.py: no such file')
+  assert 'Exception ignored' not in result.stderr and '__del__' not in result.stderr
+  assert not (tmp_path / 'run').exists()
