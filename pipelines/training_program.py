@@ -6,8 +6,10 @@ from other programs (the cross-silo demo, benchmarks) without flag clashes.
 
 import asyncio
 import contextlib
+import json
 import math
 import os
+from typing import Optional
 
 from absl import logging
 import tensorflow as tf
@@ -175,6 +177,14 @@ def run(config, output_dir: str, *, overwrite: bool = False,
 def _run_locked(config, output_dir: str, *, overwrite: bool,
                 progress: training_loop.Progress | None) -> dict:
   run_dir = run_directory.prepare(output_dir, config, overwrite=overwrite)
+  finished = _finished_report(run_dir, config)
+  if finished is not None:
+    # Evaluating again would release the same metrics once more (and cost an
+    # evaluation of every governed silo's budget) for nothing new.
+    print(f'the run in {run_dir.root} is complete ({finished["rounds"]} rounds); its results '
+          'stand (rerun with --overwrite to train again)', flush=True)
+    _print_results(finished, run_dir)
+    return finished
   with open_runtime(config, run_dir) as (manifest, runtime_metrics, fed):
     experiment = experiment_lib.build_experiment(config, manifest)
     seed, seed_is_secret = run_directory.sampling_seed(run_dir, config.training.sampling_seed)
@@ -215,12 +225,31 @@ def _run_locked(config, output_dir: str, *, overwrite: bool,
   training_plot.plot_training_curves(
       run_dir.metrics_csv, run_dir.root, title=f'{config.name}: {experiment.rounds} rounds'
   )
-  epsilon = result.epsilon if result.epsilon is not None else math.inf
-  print(f'test_accuracy={test_metrics["accuracy"]:.4f}')
-  print(f'epsilon={epsilon:.4f}')
+  _print_results(report, run_dir)
+  return report
+
+
+def _finished_report(run_dir: run_directory.RunDirectory, config) -> Optional[dict]:
+  """The report of a run in `run_dir` that already completed `config`'s rounds, else None."""
+  try:
+    with open(os.path.join(run_dir.root, privacy_report.JSON_FILENAME), encoding='utf-8') as f:
+      report = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if report.get('rounds') != config.training.rounds or not os.path.exists(run_dir.model):
+    return None
+  state_manager = tff.program.FileProgramStateManager(run_dir.checkpoints)
+  if _completed_rounds(state_manager) != config.training.rounds:
+    return None
+  return report
+
+
+def _print_results(report: dict, run_dir: run_directory.RunDirectory) -> None:
+  epsilon = report.get('epsilon')
+  print(f'test_accuracy={report["test_accuracy"]:.4f}')
+  print(f'epsilon={epsilon if epsilon is not None else math.inf:.4f}')
   print(f'delta={report["delta"] if report["delta"] is not None else 0.0:g}')
   print(f'output_dir={run_dir.root}', flush=True)
-  return report
 
 
 def _print_plan(experiment) -> None:

@@ -185,6 +185,14 @@ def test_trains_and_writes_report_metrics_model_and_plot(client_data, tmp_path):
   assert model.predict(np.zeros((2, 64), np.float32), verbose=0).shape == (2, 10)
   assert _no_new_workers(before)
 
+  # The same command again: the run is complete, its results stand, and
+  # nothing is evaluated (released) again.
+  again = _run(_command(client_data, out, '--config.training.rounds=3'))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'is complete (3 rounds); its results stand' in again.stdout
+  assert again.stdout.strip().splitlines()[-4:] == lines[-4:]
+  assert 'worker.log' not in again.stdout and _metric_rounds(out) == [1, 2, 3]
+
 
 def test_kill_9_mid_run_then_the_same_command_resumes_and_finishes(client_data, tmp_path):
   before = _worker_pids()

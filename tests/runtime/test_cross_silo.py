@@ -358,3 +358,86 @@ def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
   # The round in flight when the silo froze gets its full timeout; the program
   # then ends (the next round never starts).
   assert named_after < timeout_s + 20, named_after
+
+
+def _governance_cli(state_dir, policy, *args):
+  return subprocess.run(
+      [sys.executable, '-m', 'runtime.governance', f'--state_dir={state_dir}',
+       f'--policy={policy}', *args],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_path):
+  """Finding: after silo-b was killed mid-round, silo-a had charged the round
+  and the same command failed forever with a wrong message."""
+  from runtime import governance_store  # pylint: disable=g-import-not-at-top
+
+  names = ('silo-a', 'silo-b')
+  policy = local_federation.write_policy(str(tmp_path / 'policy.toml'))
+
+  def start(name, listen='127.0.0.1:0'):
+    return local_federation.start_silo(
+        data_dir=str(fed['silos_root'] / name), tls=fed['certs'].silo_tls(name),
+        log_path=str(tmp_path / f'{name}.log'), listen=listen, policy=policy,
+        state_dir=str(tmp_path / f'{name}-state'))
+
+  def used(name):
+    store = governance_store.GovernanceStore(str(tmp_path / f'{name}-state'))
+    try:
+      return store.studies()[0].rounds_used
+    finally:
+      store.close()
+
+  silos = {name: start(name) for name in names}
+  rounds = 8
+  command = _train_command(fed, tmp_path / 'run', f'--config.training.rounds={rounds}',
+                           '--config.training.clients_per_round=10',
+                           '--config.training.sampling=fixed_size', silos=silos)
+  try:
+    submitted = subprocess.run(command + ['--submit_study'], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=300)
+    study_id = re.search(r'study_id=([0-9a-f]{16})', submitted.stdout).group(1)
+    for name in names:
+      out = _governance_cli(tmp_path / f'{name}-state', policy, 'approve', study_id)
+      assert out.returncode == 0, out.stderr
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+      try:
+        for line in process.stdout:
+          if line.startswith('round 3/'):
+            silos['silo-b'].kill()
+            break
+        _, stderr = process.communicate(timeout=300)
+      finally:
+        process.kill()
+    assert process.returncode == 2 and 'silo silo-b' in stderr, stderr[-2000:]
+    completed = max(int(r['key']) for r in _metrics(tmp_path / 'run'))
+    # Each silo charged exactly the rounds whose partial sum it released: those
+    # the coordinator completed, plus its share of the failed round if that
+    # got out before the round failed.
+    charged = {name: used(name) for name in names}
+    assert all(n in (completed, completed + 1) for n in charged.values()), (charged, completed)
+    short = {name: n - completed for name, n in charged.items()}
+    silos['silo-b'] = start('silo-b', listen=silos['silo-b'].address)
+    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    if any(short.values()):
+      assert rerun.returncode == 2, rerun.stderr[-2000:]
+      for name, n in short.items():
+        line = (f'{name}: approved, but {rounds - charged[name]} of {rounds} rounds, 1 of 1 '
+                f'evaluations are left and this run needs {rounds - completed} rounds')
+        ask = f'fedpipe-governance extend {study_id} --rounds={n}'
+        assert (line in rerun.stderr and ask in rerun.stderr) == bool(n), rerun.stderr
+        if n:
+          extended = _governance_cli(tmp_path / f'{name}-state', policy, 'extend', study_id,
+                                     f'--rounds={n}', '--yes')
+          assert extended.returncode == 0, extended.stderr
+      rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f'resuming from the checkpoint of round {completed}' in rerun.stdout
+    assert sorted(int(r['key']) for r in _metrics(tmp_path / 'run')) == list(
+        range(1, rounds + 1))
+    assert {name: used(name) for name in names} == {n: rounds + short[n] for n in names}
+  finally:
+    for silo in silos.values():
+      silo.stop()
