@@ -9,6 +9,20 @@ import pytest  # pylint: disable=g-import-not-at-top
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def tamper_governance_db(state_dir, *statements):
+  """Edits a silo's governance database as an intruder would: triggers dropped, SQL run."""
+  import sqlite3  # pylint: disable=g-import-not-at-top
+  from runtime import governance_store  # pylint: disable=g-import-not-at-top
+
+  db = sqlite3.connect(os.path.join(state_dir, governance_store.DB_FILENAME))
+  db.execute('DROP TRIGGER IF EXISTS audit_no_update')
+  db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
+  for statement in statements:
+    db.execute(statement)
+  db.commit()
+  db.close()
+
+
 @pytest.fixture(scope='session')
 def worker_dir(tmp_path_factory):
   """The working directory of the session's TFF worker (client data goes here)."""

@@ -17,6 +17,7 @@ from runtime import local_federation
 from runtime import silo_policy
 from runtime import tls as tls_lib
 from tests.conftest import REPO_ROOT
+from tests.conftest import tamper_governance_db
 
 pytestmark = pytest.mark.slow
 
@@ -560,16 +561,6 @@ def test_a_result_is_charged_when_it_leaves_the_silo_and_not_before(env, tmp_pat
     silo.stop()
 
 
-def _tamper(state_dir, *statements):
-  db = sqlite3.connect(os.path.join(state_dir, governance_store.DB_FILENAME))
-  db.execute('DROP TRIGGER IF EXISTS audit_no_update')
-  db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
-  for statement in statements:
-    db.execute(statement)
-  db.commit()
-  db.close()
-
-
 def test_an_edited_budget_is_caught_by_the_silo_at_once_and_at_start(env, tmp_path):
   """Finding: `UPDATE studies SET rounds_used=0, rounds_approved=50` went unnoticed."""
   silo = _governed_silo(env, tmp_path, 'tamper')
@@ -580,7 +571,7 @@ def test_an_edited_budget_is_caught_by_the_silo_at_once_and_at_start(env, tmp_pa
     _submit(env, silo, request)
     _approve(env, silo, request.study_id)
     _run_on(env, silo, comps['total'], ids)
-    _tamper(silo.state_dir, 'UPDATE studies SET rounds_used = 0, rounds_approved = 50')
+    tamper_governance_db(silo.state_dir, 'UPDATE studies SET rounds_used = 0, rounds_approved = 50')
     with pytest.raises(Exception) as e:
       _run_on(env, silo, comps['total'], ids)
     assert 'TAMPERED' in _error_text(e.value)

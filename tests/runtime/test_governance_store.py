@@ -6,16 +6,7 @@ import sqlite3
 import pytest
 
 from runtime import governance_store
-
-
-def _tamper(state_dir, *statements):
-  db = sqlite3.connect(os.path.join(state_dir, governance_store.DB_FILENAME))
-  db.execute('DROP TRIGGER IF EXISTS audit_no_update')
-  db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
-  for statement in statements:
-    db.execute(statement)
-  db.commit()
-  db.close()
+from tests.conftest import tamper_governance_db
 
 
 def _study(store, study_id='s1', role='train_round'):
@@ -55,7 +46,7 @@ def test_a_budget_edited_in_the_table_is_refused_on_the_next_charge(tmp_path):
   store.decide('s1', approve=True, rounds=2)
   store.charge('s1', fingerprint='sha256:s1', caller='coordinator', clients=['a'])
   store.close()
-  _tamper(str(tmp_path), 'UPDATE studies SET rounds_used = 0, rounds_approved = 50')
+  tamper_governance_db(str(tmp_path), 'UPDATE studies SET rounds_used = 0, rounds_approved = 50')
   store = governance_store.GovernanceStore(str(tmp_path))
   with pytest.raises(governance_store.TamperedError,
                      match='rounds_approved is 50 in the studies table but 2 in the audit log'):
@@ -63,7 +54,7 @@ def test_a_budget_edited_in_the_table_is_refused_on_the_next_charge(tmp_path):
   problems = store.verify()
   assert any('rounds_used is 0 in the studies table but 1' in p for p in problems)
   store.close()
-  _tamper(str(tmp_path), 'UPDATE studies SET rounds_used = 1, rounds_approved = 2',
+  tamper_governance_db(str(tmp_path), 'UPDATE studies SET rounds_used = 1, rounds_approved = 2',
           "UPDATE computations SET role = 'evaluate'")
   store = governance_store.GovernanceStore(str(tmp_path))
   assert any('roles differ from those recorded at submission' in p for p in store.verify())
@@ -82,7 +73,7 @@ def test_deleting_the_tail_or_rechaining_the_log_is_caught(tmp_path):
     return str(tmp_path / name)
 
   state = fresh('tail')
-  _tamper(state, 'DELETE FROM audit WHERE seq > 2')
+  tamper_governance_db(state, 'DELETE FROM audit WHERE seq > 2')
   store = governance_store.GovernanceStore(state)
   assert any('entry 3 is anchored but missing' in p for p in store.verify())
   store.close()
