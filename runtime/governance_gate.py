@@ -11,10 +11,10 @@ checks, in order:
   `min_clients_per_aggregate` of them at once;
 * a clipping norm sent in the server state does not exceed `max_clip_norm`;
 * every call (`CreateCall`) of an approved computation, whatever the
-  coordinator calls it, is reserved against the budget of its role in its
-  study (training rounds or evaluations, set at approval; the role is the
-  one recorded at submission, where one computation can have only one role
-  on a silo), and refused when that budget is spent;
+  coordinator calls it, is refused when its study's budget for the
+  computation's role is spent (training rounds or evaluations, set at
+  approval; the role is the one recorded at submission, where one
+  computation can have only one role on a silo);
 * a call is charged, with its privacy cost recomputed here from the study's
   approved parameters, when a value carrying its result is first computed
   for the caller, before the result leaves the silo: a call whose result
@@ -187,6 +187,7 @@ class _Reservation:
   caller: str
   executor_id: str
   clients: tuple[str, ...]
+  charged: bool = False
 
 
 class GovernanceGate:
@@ -222,6 +223,17 @@ class GovernanceGate:
   def check(self, method: str, request, caller: str) -> Optional[str]:
     if not self.policy.allows_caller(caller):
       return f'caller {caller!r} is not allowed by this silo\'s policy'
+    if method not in ('GetExecutor', 'DisposeExecutor'):
+      # Values of an executor the gate no longer tracks (disposed, or evicted
+      # past _MAX_TRACKED_EXECUTORS) could carry uncharged results.
+      with self._lock:
+        values = self._values.get(request.executor.id)
+        info = values.get(request.value_ref.id) if values and method == 'Compute' else None
+      if values is None or (method == 'Compute' and info is None):
+        return self._refuse(caller, f'{method} on an executor or value this silo does not '
+                            'track (disposed or evicted); start a new executor')
+      if method == 'Compute':  # What the released value carries, fixed before it runs.
+        self._stage(request, info)
     if method == 'CreateValue':
       return self._check_value(request, caller)
     if method == 'CreateCall':
@@ -256,8 +268,10 @@ class GovernanceGate:
           self._values.setdefault(request.executor.id, {})[response.value_ref.id] = info
     elif method == 'Compute':
       with self._lock:
-        info = self._values.get(request.executor.id, {}).get(request.value_ref.id)
-      if info is not None and info.pending:
+        info = self._pending.pop(id(request), None)
+      if info is None:
+        return 'the value\'s lineage was lost while it was computed; it is not released'
+      if info.pending:
         return self._charge(info.pending, caller)
     return None
 
@@ -278,7 +292,7 @@ class GovernanceGate:
                       pending=frozenset().union(*(v.pending for v in found)))
 
   def _drop_reservations(self, executor_id: str) -> None:
-    """Forgets calls whose results were never released (caller holds `_lock`)."""
+    """Forgets an executor's calls: its values are gone (caller holds `_lock`)."""
     for key in [k for k, r in self._reservations.items() if r.executor_id == executor_id]:
       del self._reservations[key]
 
@@ -327,6 +341,9 @@ class GovernanceGate:
         if unknown:
           return self._refuse(caller, f'{len(unknown)} client id(s) are not held by silo '
                               f'{self._silo}: {", ".join(unknown[:5])}')
+        if len(set(payload)) != len(payload):
+          return self._refuse(caller, 'client ids repeat within one aggregate: each client '
+                              'counts once')
         if len(payload) < self.policy.min_clients_per_aggregate:
           return self._refuse(
               caller, f'{len(payload)} client(s) in one aggregate; this silo\'s policy needs at '
@@ -339,7 +356,7 @@ class GovernanceGate:
     return None
 
   def _check_call(self, request, caller: str) -> Optional[str]:
-    """Any call of an approved computation is reserved against its study's budget."""
+    """Any call of an approved computation needs budget left; its charge waits for release."""
     with self._lock:
       values = self._values.get(request.executor.id, {})
       function = values.get(request.function_ref.id)
@@ -363,11 +380,6 @@ class GovernanceGate:
                                     pending=argument.pending | {key}))
     return None
 
-  def _reserved(self, study_id: str, role: str) -> int:
-    with self._lock:
-      return sum(1 for r in self._reservations.values()
-                 if r.study_id == study_id and r.role == role)
-
   def _choose_study(self, fp: str, caller: str):
     """The oldest approved study of `caller` with a call of `fp` left, and its role.
 
@@ -384,13 +396,14 @@ class GovernanceGate:
       else:
         left = study.evaluations_remaining
         kind = 'evaluations'
-      reserved = self._reserved(study_id, role)
-      if left - reserved > 0:
+      # Calls in flight are not counted: a coordinator that dies mid-round
+      # leaves calls that will never be released. Two calls racing for the
+      # last one both run; the second one's result is withheld when charged.
+      if left > 0:
         return study, role
       reasons.append(
           f'study {study_id} has used all {getattr(study, kind + "_approved")} approved {kind}'
-          + (f' ({reserved} in flight)' if reserved else '')
-          + f'; its data owner can add more with `fedpipe-governance extend {study_id} '
+          f'; its data owner can add more with `fedpipe-governance extend {study_id} '
           f'--{kind}=N`')
     return '; '.join(reasons) or f'computation {computation_fingerprint.short(fp)} is not approved'
 
@@ -399,13 +412,16 @@ class GovernanceGate:
     del caller
     with self._charge_lock:
       with self._lock:
-        due = [(k, self._reservations.pop(k)) for k in sorted(pending)
-               if k in self._reservations]
-      for _, r in due:
+        if any(k not in self._reservations for k in pending):
+          return 'its executor was disposed while it was computed; it is not released'
+        due = [self._reservations[k] for k in sorted(pending)
+               if not self._reservations[k].charged]
+      for r in due:
         try:
           detail = self._charge_detail(r)
           study = self.store.charge(r.study_id, fingerprint=r.fingerprint, caller=r.caller,
                                     clients=r.clients, detail=detail)
+          r.charged = True
         except (governance_store.GovernanceError, _LifetimeExceededError) as e:
           return self._refuse(r.caller, f'result withheld: {e}', study_id=r.study_id,
                               fingerprint=r.fingerprint)

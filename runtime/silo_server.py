@@ -358,13 +358,14 @@ class SiloServer:
     front = tls_front.TlsFront(listen=self._listen, tls=self._tls,
                                backend_port=self._internal_port, silo_name=self.silo_name,
                                logger=LOG)
+    self._front = front  # Before it accepts: its first callers are looked up in it.
     try:
       self.port = front.start()
     except (tls_front.TlsFrontError, tls_lib.TlsConfigError) as e:
+      self._front = None
       server.stop(None)
       self._link.stop()
       raise SiloStartError(str(e)) from e
-    self._front = front
     self._server = server
     self._set_serving(True)
     self._watcher = threading.Thread(target=self._watch_worker, name='worker-watch', daemon=True)

@@ -335,6 +335,9 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
     with pytest.raises(Exception) as e:  # Too few clients in one aggregate.
       _run_on(env, silo, comps['total'], ids[:2])
     assert 'min_clients_per_aggregate=3' in _error_text(e.value)
+    with pytest.raises(Exception) as e:  # One client three times is one client.
+      _run_on(env, silo, comps['total'], [ids[0]] * 3)
+    assert 'client ids repeat within one aggregate' in _error_text(e.value)
   finally:
     silo.stop()
   executed = [a for a in _audit(silo) if a.event == 'executed']
@@ -549,6 +552,27 @@ def test_a_result_is_charged_when_it_leaves_the_silo_and_not_before(env, tmp_pat
 
     for _ in range(3):  # Not fetched: never charged, however often.
       asyncio.run(call(fetch=False))
+    assert not [a for a in _audit(silo) if a.event == 'executed']
+
+    async def evicted():
+      """A call on executor 1, then 64 more executors: executor 1's values
+      leave the gate's view and must not be released uncharged."""
+      first_channel, first = _remote_executor(env, silo, len(ids))
+      others = []
+      try:
+        fn = await first.create_value(native, native.type_signature)
+        result = await first.create_call(fn, await first.create_value(ids, ids_type))
+        for _ in range(64):
+          others.append(_remote_executor(env, silo, len(ids)))
+        return await result.compute()
+      finally:
+        for channel, executor in [(first_channel, first)] + others:
+          executor.close()
+          channel.close()
+
+    with pytest.raises(Exception) as e:
+      asyncio.run(evicted())
+    assert 'does not track (disposed or evicted)' in _error_text(e.value)
     assert not [a for a in _audit(silo) if a.event == 'executed']
     assert asyncio.run(call(fetch=True)) > 0
     assert asyncio.run(call(fetch=True)) > 0
