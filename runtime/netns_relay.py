@@ -193,7 +193,8 @@ def _start_worker(command: list[str], log: BinaryIO) -> subprocess.Popen:
     # Nothing may fork between these two lines: the first child is the namespace's init.
     worker_sandbox.enter_pid_namespace()
     return subprocess.Popen(  # pylint: disable=consider-using-with
-        command, env=dict(os.environ, TMPDIR=worker_sandbox.SCRATCH_DIR_INSIDE),
+        [sandbox.inside_executable] + command[1:],
+        env=dict(os.environ, TMPDIR=worker_sandbox.SCRATCH_DIR_INSIDE),
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=hook)
   except (OSError, subprocess.SubprocessError) as e:
     raise worker_sandbox.SandboxError(sandbox.read_error() or str(e)) from e

@@ -49,6 +49,7 @@ NOBODY = 65534
 DATA_DIR_INSIDE = '/data'
 SCRATCH_DIR_INSIDE = '/tmp'
 _DEVICES = ('null', 'zero', 'random', 'urandom')
+_RELOCATED_PREFIX = '/opt/fedpipe-worker'
 # Host paths that are symbolic links into /usr on merged-/usr systems, or
 # directories bind-mounted read-only otherwise.
 _SYSTEM_PATHS = ('/usr', '/lib', '/lib64', '/lib32', '/libx32', '/bin', '/sbin')
@@ -195,7 +196,8 @@ class Sandbox:
     staging_dir: An empty directory private to the relay; the child mounts
       its new root over it (in its own mount namespace only).
     data_dir: The host directory mounted read-only at `/data`.
-    executable: The worker binary, visible at the same path inside.
+    executable: The worker binary on the host; `inside_executable` is where
+      the worker sees it.
     error_fd: Where the child writes why confinement failed (the relay reads
       it when `Popen` raises).
     parent_alive_fd: Read end of a pipe whose write end only the relay keeps:
@@ -214,6 +216,15 @@ class Sandbox:
   _drop_to_nobody: bool
   _cap_last_cap: int
   _syscalls: tuple[int, int]
+
+  @property
+  def inside_executable(self) -> str:
+    """The binary's path inside: the host path, unless that would fall in a
+    directory the sandbox makes itself (a checkout under /tmp, say)."""
+    top = self.executable.lstrip('/').split('/', 1)[0]
+    if f'/{top}' in (SCRATCH_DIR_INSIDE, DATA_DIR_INSIDE, '/dev', '/proc'):
+      return _RELOCATED_PREFIX + self.executable
+    return self.executable
 
   def preexec_hook(self) -> Callable[[], None]:
     """Returns the `preexec_fn` that confines the child; see the module docstring."""
@@ -279,7 +290,7 @@ class Sandbox:
       with open(f'{root}/dev/{name}', 'w'):
         pass
       self._bind(libc, f'/dev/{name}', f'{root}/dev/{name}', read_only=False)
-    executable = root + self.executable
+    executable = root + self.inside_executable
     if not os.path.exists(executable):  # Not under /usr: mount the file alone.
       os.makedirs(os.path.dirname(executable), exist_ok=True)
       with open(executable, 'w'):

@@ -377,3 +377,28 @@ def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
       [names['reused'], names['dead'], names['legacy_old']])
   assert sorted(os.listdir(private_tmpdir)) == sorted(
       [names['mine'], names['legacy_new'], names['other']])
+
+
+@pytest.mark.slow
+def test_a_checkout_under_tmp_runs_its_worker_confined(tmp_path, monkeypatch):
+  """The worker binary of a checkout under /tmp (a CI clone, say) would land in
+  the sandbox's own /tmp: it is mounted elsewhere inside."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+
+  assert str(tmp_path).startswith('/tmp/')
+  binary = tmp_path / 'venv' / 'tensorflow_federated' / 'data' / 'worker_binary'
+  binary.parent.mkdir(parents=True)
+  shutil.copy2(isolated_worker.worker_binary_path(), binary)
+  monkeypatch.setattr(isolated_worker, 'worker_binary_path', lambda: str(binary))
+  data = _private_data_dir(tmp_path)
+
+  @tff.tensorflow.computation(np.str_)
+  def read(path):
+    return tf.io.read_file(path)
+
+  with execution_context.local_worker_context(str(data)) as worker:
+    assert worker.confined
+    assert read('train/c0.txt') == b'client zero'
