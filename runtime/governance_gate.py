@@ -17,9 +17,9 @@ checks, in order:
   computation can have only one role on a silo);
 * a call is charged, with its privacy cost recomputed here from the study's
   approved parameters, when a value carrying its result is first computed
-  for the caller, before the result leaves the silo: a call whose result
-  never left (the round failed first) is not charged, and no result leaves
-  uncharged. A charge that would pass the policy's lifetime ε, or that finds
+  for the caller, or when it fails, before the result or the error leaves
+  the silo: a call whose result never left (the round failed elsewhere
+  first) is not charged, and nothing leaves uncharged. A charge that would pass the policy's lifetime ε, or that finds
   the state disagreeing with its audit log, withholds the result.
 
 It also serves the study-request methods of `fedpipe.Silo` (`SubmitStudy`,
@@ -273,6 +273,21 @@ class GovernanceGate:
         return 'the value\'s lineage was lost while it was computed; it is not released'
       if info.pending:
         return self._charge(info.pending, caller)
+    return None
+
+  def on_failed(self, method: str, request, caller: str) -> Optional[str]:
+    """Charges the calls behind a failed call or computation before its error leaves.
+
+    An approved computation can fail on purpose, depending on the data (an
+    `Assert`): its error is a release like its result.
+
+    Returns:
+      None to send the error, or why it is withheld.
+    """
+    with self._lock:
+      info = self._pending.pop(id(request), None)
+    if method in ('CreateCall', 'Compute') and info is not None and info.pending:
+      return self._charge(info.pending, caller)
     return None
 
   # Checks.

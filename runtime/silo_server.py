@@ -72,14 +72,18 @@ class CallGate(Protocol):
 
   Returns None to allow it, or a message to refuse it with
   PERMISSION_DENIED. `on_forwarded` runs after the worker answered and
-  before the answer is sent: it returns None to send it, or a message to
-  withhold it (PERMISSION_DENIED).
+  before the answer is sent, `on_failed` after the worker failed and before
+  its error is sent: each returns None to send it, or a message to withhold
+  it (PERMISSION_DENIED).
   """
 
   def check(self, method: str, request, caller: str) -> Optional[str]:
     ...
 
   def on_forwarded(self, method: str, request, response, caller: str) -> Optional[str]:
+    ...
+
+  def on_failed(self, method: str, request, caller: str) -> Optional[str]:
     ...
 
 
@@ -153,6 +157,11 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       LOG.error(json.dumps({'event': 'worker_error', 'silo': self._silo_name, 'method': method,
                             'caller': caller, 'code': e.code().name,
                             'details': (e.details() or '')[:2000]}))
+      # A computation's failure says something about the data too: it is
+      # charged like a result before the caller hears of it.
+      withheld = self._gate.on_failed(method, request, caller) if self._gate else None
+      if withheld is not None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
       context.abort(e.code(), f'silo {self._silo_name}: {redact_worker_error(e.details())}')
     if self._gate is not None:
       withheld = self._gate.on_forwarded(method, request, response, caller)

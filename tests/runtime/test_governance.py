@@ -154,8 +154,19 @@ def _computations():
   def model_sized(client_ids):
     return tff.federated_sum(tff.federated_map(spread, client_ids))
 
+  @tff.tensorflow.computation(np.str_)
+  def fail_on_data(client_id):  # Fails, or not, depending on the data: one bit a call.
+    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    n = records.reduce(np.int64(0), lambda n, _: n + 1)
+    with tf.control_dependencies([tf.debugging.Assert(n < 0, [n])]):
+      return tf.identity(n)
+
+  @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
+  def failing(client_ids):
+    return tff.federated_sum(tff.federated_map(fail_on_data, client_ids))
+
   return {'total': count_total(False), 'total_plus_one_op': count_total(True),
-          'read_any_file': read_any_file, 'model_sized': model_sized}
+          'read_any_file': read_any_file, 'model_sized': model_sized, 'failing': failing}
 
 
 def _request(name, comps, *, rounds=2, privacy=None, evaluations=0):
@@ -581,6 +592,22 @@ def test_a_result_is_charged_when_it_leaves_the_silo_and_not_before(env, tmp_pat
     assert 'has used all 2 approved rounds' in _error_text(e.value)
     executed = [a for a in _audit(silo) if a.event == 'executed']
     assert [a.detail['call'] for a in executed] == [1, 2]
+
+    # A computation that fails on the data releases its failure: charged too,
+    # and its error reaches the caller without the tensor values it quotes.
+    failing = _request('failing', [('train_round', _computations()['failing'])], rounds=2)
+    _submit(env, silo, failing)
+    _approve(env, silo, failing.study_id)
+    for _ in range(2):
+      with pytest.raises(Exception) as e:
+        _run_on(env, silo, _computations()['failing'], ids)
+      assert 'assertion failed' in _error_text(e.value).lower(), _error_text(e.value)
+      assert '[…]' in _error_text(e.value)
+    with pytest.raises(Exception) as e:
+      _run_on(env, silo, _computations()['failing'], ids)
+    assert 'has used all 2 approved rounds' in _error_text(e.value)
+    charged = [a for a in _audit(silo) if a.event == 'executed' and a.study_id == failing.study_id]
+    assert len(charged) == 2
   finally:
     silo.stop()
 
