@@ -86,6 +86,10 @@ def build_client_work_over_ids(
           model_fn=model_fn, weighting=client_weighting,
           delta_l2_regularizer=proximal_strength,
           loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
+      # TFF's proximal update takes no hyperparameters: it initializes the
+      # optimizer with those it was built with, which are the state's until
+      # something sets others (nothing in fedpipe does).
+      return update(optimizer, initial_weights, dataset_fn(client_id))
     else:
       update = tff.learning.templates.model_delta_client_work.build_model_delta_update_with_tff_optimizer(
           model_fn=model_fn, weighting=client_weighting,

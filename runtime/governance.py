@@ -34,12 +34,12 @@ from typing import Optional
 from absl import app
 from absl import flags
 
-from runtime import computation_fingerprint
-from runtime import governance_gate
 from runtime import governance_store
 from runtime import privacy_ledger
 from runtime import silo_policy
-from runtime import study_request
+
+# show and approve read the submitted computations (TensorFlow Federated,
+# seconds to import); the other commands do not import it.
 
 _STATE_DIR = flags.DEFINE_string('state_dir', None, "The silo's --state_dir.")
 _POLICY = flags.DEFINE_string('policy', None, "The silo's --policy file (for show/approve).")
@@ -83,10 +83,24 @@ def _policy() -> silo_policy.SiloPolicy:
 def _review(store: governance_store.GovernanceStore, study: governance_store.Study,
             policy: silo_policy.SiloPolicy) -> dict:
   """The silo's review of the study under the current policy."""
-  request = study_request.StudyRequest.from_json(study.request)
+  from runtime import governance_gate  # pylint: disable=g-import-not-at-top
+  from runtime import study_request  # pylint: disable=g-import-not-at-top
+
+  try:
+    request = study_request.StudyRequest.from_json(study.request)
+  except study_request.StudyRequestError as e:
+    raise governance_store.GovernanceError(
+        f'the stored request of study {study.study_id} is malformed: {e}') from e
   return governance_gate.review_study(
       request, policy, silo_clients=int(study.review.get('silo_clients', 0)),
       other_roles=store.roles_of([c.fingerprint for c in request.computations]))
+
+
+def _lifetime(store: governance_store.GovernanceStore, policy: silo_policy.SiloPolicy,
+              privacy: dict, *, rounds: int, extension: bool = False):
+  return privacy_ledger.lifetime_violations(
+      store.ledger(), delta=policy.delta, max_lifetime_epsilon=policy.max_lifetime_epsilon,
+      privacy=privacy, rounds=rounds, extension=extension)
 
 
 def _list(store: governance_store.GovernanceStore) -> None:
@@ -145,7 +159,7 @@ def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
         f'the coordinator stated {p.get("epsilon")} at delta {p.get("delta")})')
   violations = list(review['violations'])
   if study.status == governance_store.PENDING:
-    lifetime, epsilons = governance_gate.approval_violations(
+    lifetime, epsilons = _lifetime(
         store, policy, p, rounds=int(study.request['rounds']))
     violations += lifetime
     if epsilons:
@@ -173,7 +187,7 @@ def _decide(store: governance_store.GovernanceStore, study_id: str, approve: boo
     if rounds < 1 or evaluations < 0:
       violations.append('--rounds must be >= 1 and --evaluations >= 0')
     violations += policy.evaluation_violations(evaluations)
-    lifetime, _ = governance_gate.approval_violations(
+    lifetime, _ = _lifetime(
         store, policy, study.request['privacy'], rounds=rounds)
     violations += lifetime
     if violations:
@@ -210,8 +224,8 @@ def _extend(store: governance_store.GovernanceStore, study_id: str) -> int:
       clipping=str(privacy['clipping']), clip_norm=float(privacy['clip_norm'] or 0.0),
       rounds=new_rounds, clients_per_round=int(privacy['clients_per_round']),
       evaluations=new_evaluations)
-  lifetime, epsilons = governance_gate.approval_violations(
-      store, policy, privacy, rounds=rounds, study_id=study.study_id)
+  lifetime, epsilons = _lifetime(
+      store, policy, privacy, rounds=rounds, extension=True)
   violations += lifetime
   print(f'study {study.study_id} "{study.name}": {study.rounds_used} of {study.rounds_approved} '
         f'rounds and {study.evaluations_used} of {study.evaluations_approved} evaluations used')
@@ -261,7 +275,7 @@ def _audit(store: governance_store.GovernanceStore) -> int:
     if clients is not None:
       detail['clients'] = (f'{len(clients)}: {", ".join(clients[:4])}'
                            + (', …' if len(clients) > 4 else ''))
-    fp = computation_fingerprint.short(e.fingerprint) if e.fingerprint else '-'
+    fp = e.fingerprint.split(':', 1)[-1][:12] if e.fingerprint else '-'
     print(f'{e.seq:>6} {_when(e.time)} {e.event:<16} {e.caller or "-":<14} '
           f'{e.study_id or "-":<17} {fp:<12} {json.dumps(detail, ensure_ascii=False)}')
   if _VERIFY.value:
@@ -304,8 +318,7 @@ def main(argv: list[str]) -> int:
         return _audit(store)
     finally:
       store.close()
-  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError,
-          study_request.StudyRequestError) as e:
+  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

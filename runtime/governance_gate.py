@@ -146,37 +146,6 @@ def review_study(request: study_request.StudyRequest, policy: silo_policy.SiloPo
   }
 
 
-def approval_violations(store: governance_store.GovernanceStore, policy: silo_policy.SiloPolicy,
-                        privacy: dict[str, Any], *, rounds: int,
-                        study_id: Optional[str] = None) -> tuple[list[str], dict[str, float]]:
-  """Whether `rounds` more rounds of a study fit the policy's lifetime ε.
-
-  Args:
-    store: The silo's governance state (its approved studies).
-    policy: The silo's policy.
-    privacy: The study's privacy section.
-    rounds: Rounds to add to what the store already commits.
-    study_id: The study, if it is already approved (an extension).
-
-  Returns:
-    (violations, lifetime ε {'spent', 'committed'} including those rounds).
-  """
-  ledger = store.ledger()
-  try:
-    epsilons = privacy_ledger.ledger_epsilons(ledger, delta=policy.delta,
-                                              extra=[(privacy, rounds)])
-  except (privacy_accounting.PrivacyAccountingError, KeyError, TypeError, ValueError) as e:
-    return [f'privacy parameters cannot be accounted for: {e}'], {}
-  violations = []
-  if epsilons['committed'] > policy.max_lifetime_epsilon:
-    violations.append(
-        f'lifetime epsilon committed on this silo\'s data would be '
-        f'{epsilons["committed"]:.4g} at delta={policy.delta:g} (all approved studies'
-        f'{", this one included" if study_id else " and this one"}), above '
-        f'max_lifetime_epsilon {policy.max_lifetime_epsilon:g}')
-  return violations, epsilons
-
-
 @dataclasses.dataclass
 class _Reservation:
   """A call that ran (or runs) on client data, charged when its result is released."""

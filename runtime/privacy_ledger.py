@@ -66,3 +66,33 @@ def ledger_epsilons(ledger: Iterable[Mapping[str, Any]], *, delta: float,
           [(r['privacy'], max(r['rounds_approved'], r['rounds_used'])) for r in ledger] + extra,
           delta=delta),
   }
+
+
+def lifetime_violations(ledger: Iterable[Mapping[str, Any]], *, delta: float,
+                        max_lifetime_epsilon: float, privacy: Mapping[str, Any], rounds: int,
+                        extension: bool = False) -> tuple[list[str], dict[str, float]]:
+  """Whether `rounds` more rounds of a study fit the policy's lifetime ε.
+
+  Args:
+    ledger: `GovernanceStore.ledger()` rows (the approved studies).
+    delta: The policy's δ.
+    max_lifetime_epsilon: The policy's bound.
+    privacy: The study's privacy section.
+    rounds: Rounds to add to what the ledger already commits.
+    extension: Whether the study is already approved (in the ledger).
+
+  Returns:
+    (violations, lifetime ε {'spent', 'committed'} including those rounds).
+  """
+  try:
+    epsilons = ledger_epsilons(ledger, delta=delta, extra=[(privacy, rounds)])
+  except (privacy_accounting.PrivacyAccountingError, KeyError, TypeError, ValueError) as e:
+    return [f'privacy parameters cannot be accounted for: {e}'], {}
+  violations = []
+  if epsilons['committed'] > max_lifetime_epsilon:
+    violations.append(
+        f'lifetime epsilon committed on this silo\'s data would be '
+        f'{epsilons["committed"]:.4g} at delta={delta:g} (all approved studies'
+        f'{", this one included" if extension else " and this one"}), above '
+        f'max_lifetime_epsilon {max_lifetime_epsilon:g}')
+  return violations, epsilons

@@ -9,6 +9,17 @@ import pytest  # pylint: disable=g-import-not-at-top
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def default_sigint() -> None:
+  """`preexec_fn` for a child that must take Ctrl-C as from a terminal.
+
+  A suite started as a background job of a non-interactive shell inherits an
+  ignored SIGINT, and Python keeps it ignored in its children.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tamper_governance_db(state_dir, *statements):
   """Edits a silo's governance database as an intruder would: triggers dropped, SQL run."""
   import sqlite3  # pylint: disable=g-import-not-at-top

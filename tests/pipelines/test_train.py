@@ -17,6 +17,7 @@ from pipelines import bundled_data
 from pipelines import feature_spec as feature_spec_lib
 from pipelines import manifest as manifest_lib
 from tests.conftest import REPO_ROOT
+from tests.conftest import default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ def _assert_one_line_error(result, *fragments):
 def _start(command):
   """Starts a training run; returns it once it printed its first round."""
   process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
   for line in process.stdout:
     if line.startswith('round '):
       return process
@@ -370,3 +371,13 @@ def test_a_missing_config_file_is_one_line_with_nothing_at_exit(tmp_path):
   _assert_one_line_error(result, '--config=configs/nope.py: no such file')
   assert 'Exception ignored' not in result.stderr and '__del__' not in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_fedprox_with_fedadam_trains(client_data, tmp_path):
+  """FedProx's client update (TFF's proximal one) with Adam on the server."""
+  result = _run(_command(client_data, tmp_path / 'run', '--config.training.rounds=2',
+                         '--config.training.proximal_strength=0.1',
+                         '--config.training.server_optimizer=adam',
+                         '--config.training.server_learning_rate=0.05'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _metric_rounds(tmp_path / 'run') == [1, 2]

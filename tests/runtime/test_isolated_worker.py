@@ -14,6 +14,7 @@ import pytest
 
 from runtime import isolated_worker
 from tests.conftest import REPO_ROOT
+from tests.conftest import default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -166,7 +167,7 @@ _OWNER = textwrap.dedent('''
 def _start_owner(tmp_path):
   owner = subprocess.Popen(
       [sys.executable, '-c', _OWNER, str(tmp_path)], cwd=REPO_ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=default_sigint)
   line = owner.stdout.readline().split()
   assert len(line) == 2, 'owner did not start a worker'
   relay_pid = int(line[1])
@@ -291,7 +292,8 @@ def test_worker_runs_unprivileged_in_its_own_mount_and_pid_namespaces(tmp_path):
       assert os.readlink(f'/proc/{pid}/ns/{ns}') != os.readlink(f'/proc/self/ns/{ns}'), ns
     # Its root holds only what it needs; its working dir is the data, read-only.
     assert set(os.listdir(f'/proc/{pid}/root')) <= {
-        'bin', 'data', 'dev', 'lib', 'lib32', 'lib64', 'libx32', 'proc', 'sbin', 'tmp', 'usr',
+        'bin', 'data', 'dev', 'lib', 'lib32', 'lib64', 'libx32', 'opt', 'proc', 'sbin', 'tmp',
+        'usr',
         isolated_worker.worker_binary_path().split('/')[1]}
     assert not os.path.exists(f'/proc/{pid}/root/etc')
     assert os.readlink(f'/proc/{pid}/cwd') == '/data'
