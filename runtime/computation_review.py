@@ -31,6 +31,7 @@ from google.protobuf import message as message_lib
 from tensorflow_federated.proto.v0 import computation_pb2
 
 from runtime import computation_fingerprint
+from runtime import governance_store
 
 MAX_EVALUATION_OUTPUTS = 64
 
@@ -231,7 +232,8 @@ def describe(proto: computation_pb2.Computation,
 
 def role_problems(role: str, description: Description) -> list[str]:
   """Reasons a computation cannot have `role`, judged by what it releases."""
-  if role == 'evaluate' and description.output_numbers > MAX_EVALUATION_OUTPUTS:
+  if (role == governance_store.ROLE_EVALUATE
+      and description.output_numbers > MAX_EVALUATION_OUTPUTS):
     count = ('an unknown number of' if math.isinf(description.output_numbers)
              else f'{int(description.output_numbers)}')
     return [f'it releases {count} numbers per call; an evaluation releases metrics only '

@@ -20,11 +20,11 @@ from typing import Any
 from tensorflow_federated.proto.v0 import computation_pb2
 
 from runtime import computation_fingerprint
-from runtime import computation_review
+from runtime import governance_store
 
 FORMAT = 'fedpipe-study/2'
-ROLE_TRAIN = 'train_round'
-ROLE_EVALUATE = 'evaluate'
+ROLE_TRAIN = governance_store.ROLE_TRAIN
+ROLE_EVALUATE = governance_store.ROLE_EVALUATE
 ROLES = (ROLE_TRAIN, ROLE_EVALUATE)
 _PRIVACY_KEYS = ('noise_multiplier', 'clipping', 'clip_norm', 'delta', 'epsilon', 'accountant',
                  'sampling', 'population_size', 'clients_per_round')
@@ -116,9 +116,3 @@ class StudyRequest:
       raise StudyRequestError('a study request must contain at least one computation')
     return cls(name=name, computations=tuple(computations), model=model, privacy=privacy,
                rounds=rounds, evaluations=evaluations)
-
-
-def describe_computation(proto: computation_pb2.Computation,
-                         extra_allowed_ops: tuple[str, ...] = ()) -> dict[str, Any]:
-  """What a computation is, read from its proto (see `computation_review`)."""
-  return computation_review.describe(proto, extra_allowed_ops).to_json()
