@@ -329,7 +329,7 @@ class SiloServer:
     """
     try:
       manifest = manifest_lib.read_manifest(self._data_dir)
-      self._tls.server_ssl_context()
+      tls_context = self._tls.server_ssl_context()
     except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
       raise SiloStartError(str(e)) from e
     served = manifest.to_json()
@@ -364,13 +364,13 @@ class SiloServer:
       self._link.stop()
       raise SiloStartError('cannot listen on a loopback port (127.0.0.1:0) for the gRPC server')
     server.start()
-    front = tls_front.TlsFront(listen=self._listen, tls=self._tls,
+    front = tls_front.TlsFront(listen=self._listen, context=tls_context,
                                backend_port=self._internal_port, silo_name=self.silo_name,
                                logger=LOG)
     self._front = front  # Before it accepts: its first callers are looked up in it.
     try:
       self.port = front.start()
-    except (tls_front.TlsFrontError, tls_lib.TlsConfigError) as e:
+    except tls_front.TlsFrontError as e:
       self._front = None
       server.stop(None)
       self._link.stop()

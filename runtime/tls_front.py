@@ -33,7 +33,6 @@ import threading
 import time
 from typing import Any, Optional
 
-from runtime import tls as tls_lib
 
 _CHUNK_BYTES = 1 << 20
 _WRITE_HIGH_WATER_BYTES = 4 << 20
@@ -173,7 +172,7 @@ def _common_name(peercert: Optional[dict]) -> str:
 class TlsFront:
   """Terminates mutual TLS on `listen` and relays to a loopback gRPC server."""
 
-  def __init__(self, *, listen: str, tls: tls_lib.TlsFiles, backend_port: int,
+  def __init__(self, *, listen: str, context: ssl.SSLContext, backend_port: int,
                silo_name: str, logger: logging.Logger,
                handshake_failures: Optional[RateLimitedEvents] = None,
                unidentified: Optional[RateLimitedEvents] = None):
@@ -181,8 +180,8 @@ class TlsFront:
 
     Args:
       listen: `host:port` to accept TLS on; port 0 picks a free port.
-      tls: The server's certificate and key, and the CA whose client
-        certificates it accepts.
+      context: The server's TLS context (`tls.TlsFiles.server_ssl_context`):
+        its certificate and the CA whose client certificates it accepts.
       backend_port: Port of the gRPC server on 127.0.0.1.
       silo_name: The `silo` field of the front's log events.
       logger: Where the front's JSON events go.
@@ -192,7 +191,7 @@ class TlsFront:
         when `caller_of` is asked about a connection the front did not open.
     """
     self._listen = listen
-    self._tls = tls
+    self._context = context
     self._backend_port = backend_port
     self._silo_name = silo_name
     self._logger = logger
@@ -216,11 +215,10 @@ class TlsFront:
     """Listens and serves in a thread of its own; returns the port.
 
     Raises:
-      tls_lib.TlsConfigError: If a TLS file is unusable.
       TlsFrontError: If the address cannot be listened on.
     """
     host, port = _split_host_port(self._listen)
-    context = self._tls.server_ssl_context()
+    context = self._context
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name='tls-front', daemon=True)
     thread.start()

@@ -225,10 +225,20 @@ def _status(pid):
     return dict(line.rstrip('\n').split(':\t', 1) for line in f if ':\t' in line)
 
 
-def test_computations_read_only_files_in_the_working_dir(tmp_path):
+def _file_reader():
+  """A computation that returns the contents of the file at a path it is given."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  @tff.tensorflow.computation(np.str_)
+  def read(path):
+    return tf.io.read_file(path)
+
+  return read
+
+
+def test_computations_read_only_files_in_the_working_dir(tmp_path):
   from runtime import execution_context  # pylint: disable=g-import-not-at-top
 
   data = _private_data_dir(tmp_path)
@@ -236,9 +246,7 @@ def test_computations_read_only_files_in_the_working_dir(tmp_path):
   key.write_bytes(_FAKE_TLS_KEY)
   os.chmod(key, 0o600)
 
-  @tff.tensorflow.computation(np.str_)
-  def read(path):
-    return tf.io.read_file(path)
+  read = _file_reader()
 
   with execution_context.local_worker_context(str(data)) as worker:
     assert worker.confined
@@ -385,9 +393,6 @@ def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
 def test_a_checkout_under_tmp_runs_its_worker_confined(tmp_path, monkeypatch):
   """The worker binary of a checkout under /tmp (a CI clone, say) would land in
   the sandbox's own /tmp: it is mounted elsewhere inside."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
   from runtime import execution_context  # pylint: disable=g-import-not-at-top
 
   assert str(tmp_path).startswith('/tmp/')
@@ -397,9 +402,7 @@ def test_a_checkout_under_tmp_runs_its_worker_confined(tmp_path, monkeypatch):
   monkeypatch.setattr(isolated_worker, 'worker_binary_path', lambda: str(binary))
   data = _private_data_dir(tmp_path)
 
-  @tff.tensorflow.computation(np.str_)
-  def read(path):
-    return tf.io.read_file(path)
+  read = _file_reader()
 
   with execution_context.local_worker_context(str(data)) as worker:
     assert worker.confined
