@@ -7,11 +7,12 @@ TOOLS := .tools
 UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
 CONFIG ?= configs/digits_dp.py
 OUTPUT_DIR ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-silos test test-fast bench clean
+.PHONY: install lint demo demo-silos test test-fast bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -24,14 +25,20 @@ $(VENV)/.installed: $(UV) pyproject.toml uv.lock
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m pipelines.make_data --config=$(CONFIG)
-	$(PY) -m pipelines.preprocess --config=$(CONFIG)
-	$(PY) -m pipelines.train --config=$(CONFIG) $(if $(OUTPUT_DIR),--output_dir=$(OUTPUT_DIR))
+	$(BIN)/fedpipe-make-data --config=$(CONFIG)
+	$(BIN)/fedpipe-preprocess --config=$(CONFIG)
+	$(BIN)/fedpipe-train --config=$(CONFIG) $(if $(OUTPUT_DIR),--output_dir=$(OUTPUT_DIR))
 
-test: install
+# The code's shape: ruff (lint and format) and the layer contract (import-linter).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
@@ -42,5 +49,5 @@ clean:
 
 # Three silo servers on loopback (mutual TLS), then training across them.
 demo-silos: install
-	$(PY) -m pipelines.make_data --config=$(CONFIG)
-	$(PY) -m pipelines.cross_silo_demo --config=$(CONFIG)
+	$(BIN)/fedpipe-make-data --config=$(CONFIG)
+	$(BIN)/fedpipe-demo-silos --config=$(CONFIG)

@@ -33,13 +33,16 @@ def ensure_flower() -> str:
   python = os.path.join(VENV, 'bin', 'python')
   if os.path.exists(python):
     return python
-  for command in (_uv() + ['venv', '-q', '--python', '3.11', VENV],
-                  _uv() + ['pip', 'install', '-q', '--python', python, *PACKAGES]):
+  for command in (
+    _uv() + ['venv', '-q', '--python', '3.11', VENV],
+    _uv() + ['pip', 'install', '-q', '--python', python, *PACKAGES],
+  ):
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
       shutil.rmtree(VENV, ignore_errors=True)
       raise harness.MeasurementError(
-          f'cannot install Flower ({" ".join(command[-3:])}): {result.stderr.strip()[-800:]}')
+        f'cannot install Flower ({" ".join(command[-3:])}): {result.stderr.strip()[-800:]}'
+      )
   return python
 
 
@@ -49,21 +52,31 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   ours = harness.measure('benchmarks.measure_peer', args)
   columns = ['system', 's / round (median, rounds 2..)', 'total training s', 'test accuracy']
   ours_median = harness.median(ours['round_times'][1:])
-  rows = [['fedpipe (isolated TFF worker)', ours_median, sum(ours['round_times']),
-           ours['test_accuracy']]]
-  notes = [f'Digits 80/20 split (seed 0), {clients} clients (all every round), {rounds} rounds, '
-           '64-64-10 MLP, SGD 0.1, batch 16, one local epoch, FedAvg without DP; test accuracy '
-           'of the final model on the held-out 20%.']
+  rows = [
+    ['fedpipe (isolated TFF worker)', ours_median, sum(ours['round_times']), ours['test_accuracy']]
+  ]
+  notes = [
+    f'Digits 80/20 split (seed 0), {clients} clients (all every round), {rounds} rounds, '
+    '64-64-10 MLP, SGD 0.1, batch 16, one local epoch, FedAvg without DP; test accuracy '
+    'of the final model on the held-out 20%.'
+  ]
   try:
     python = ensure_flower()
-    theirs = harness.measure('benchmarks.flower_peer_client', args, python=python,
-                             timeout_s=1800)
+    theirs = harness.measure('benchmarks.flower_peer_client', args, python=python, timeout_s=1800)
     theirs_median = harness.median(theirs['round_times'][1:])
-    rows.append([f'Flower {theirs["flwr_version"]} simulation (Ray, 2 CPUs)', theirs_median,
-                 sum(theirs['round_times']), theirs['test_accuracy']])
-    notes.append(f'fedpipe / Flower seconds per round: {ours_median / theirs_median:.2f}x. '
-                 'Flower builds each client (and its Keras model) anew every round in a Ray '
-                 'actor; fedpipe runs every client inside one TFF worker graph.')
+    rows.append(
+      [
+        f'Flower {theirs["flwr_version"]} simulation (Ray, 2 CPUs)',
+        theirs_median,
+        sum(theirs['round_times']),
+        theirs['test_accuracy'],
+      ]
+    )
+    notes.append(
+      f'fedpipe / Flower seconds per round: {ours_median / theirs_median:.2f}x. '
+      'Flower builds each client (and its Keras model) anew every round in a Ray '
+      'actor; fedpipe runs every client inside one TFF worker graph.'
+    )
   except harness.MeasurementError as e:
     rows.append(['Flower', 'not run', 'not run', 'not run'])
     notes.append(f'Flower could not be run here: {str(e).splitlines()[0][:400]}')

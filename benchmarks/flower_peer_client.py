@@ -14,15 +14,15 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('RAY_DEDUP_LOGS', '0')
 
-import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import json
 import sys
 import time
 
 import flwr as fl
 import numpy as np
+import tensorflow as tf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-import tensorflow as tf
 
 RESULT_PREFIX = 'BENCH_RESULT '
 
@@ -32,21 +32,22 @@ def _model():
   x = tf.keras.layers.Dense(64, activation='relu')(inputs)
   x = tf.keras.layers.Dense(64, activation='relu')(x)
   model = tf.keras.Model(inputs, tf.keras.layers.Dense(10)(x))
-  model.compile(optimizer=tf.keras.optimizers.SGD(0.1),
-                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=['accuracy'])
+  model.compile(
+    optimizer=tf.keras.optimizers.SGD(0.1),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=['accuracy'],
+  )
   return model
 
 
 def main(args):
   x, y = load_digits(return_X_y=True)
   x_train, x_test, y_train, y_test = train_test_split(
-      (x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.2, random_state=0,
-      stratify=y)
+    (x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.2, random_state=0, stratify=y
+  )
   parts = np.array_split(np.random.default_rng(1).permutation(len(y_train)), args['clients'])
 
   class Client(fl.client.NumPyClient):
-
     def __init__(self, idx):
       self.idx = idx
       self.model = _model()
@@ -80,22 +81,39 @@ def main(args):
     return float(loss), {'accuracy': float(acc)}
 
   strategy = fl.server.strategy.FedAvg(
-      fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=args['clients'],
-      min_available_clients=args['clients'], on_fit_config_fn=fit_config,
-      evaluate_fn=evaluate_fn)
+    fraction_fit=1.0,
+    fraction_evaluate=0.0,
+    min_fit_clients=args['clients'],
+    min_available_clients=args['clients'],
+    on_fit_config_fn=fit_config,
+    evaluate_fn=evaluate_fn,
+  )
   started = time.perf_counter()
   history = fl.simulation.start_simulation(
-      client_fn=client_fn, num_clients=args['clients'],
-      config=fl.server.ServerConfig(num_rounds=args['rounds']), strategy=strategy,
-      client_resources={'num_cpus': 1}, ray_init_args={'num_cpus': 2, 'include_dashboard': False})
+    client_fn=client_fn,
+    num_clients=args['clients'],
+    config=fl.server.ServerConfig(num_rounds=args['rounds']),
+    strategy=strategy,
+    client_resources={'num_cpus': 1},
+    ray_init_args={'num_cpus': 2, 'include_dashboard': False},
+  )
   total = time.perf_counter() - started
   del history
   # Round r starts when its fit config is requested; the last round ends at return.
   boundaries = round_ends + [time.perf_counter()]
   per_round = [b - a for a, b in zip(boundaries, boundaries[1:])]
-  print(RESULT_PREFIX + json.dumps({'round_times': per_round, 'total_s': total,
-                                    'test_accuracy': accuracy.get('test'),
-                                    'flwr_version': fl.__version__}), flush=True)
+  print(
+    RESULT_PREFIX
+    + json.dumps(
+      {
+        'round_times': per_round,
+        'total_s': total,
+        'test_accuracy': accuracy.get('test'),
+        'flwr_version': fl.__version__,
+      }
+    ),
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

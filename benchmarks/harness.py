@@ -13,13 +13,13 @@ import os
 import platform
 import shutil
 import signal
-import tempfile
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_PREFIX = 'BENCH_RESULT '
@@ -41,8 +41,14 @@ def _isolation_prefix() -> list[str]:
   return [unshare, '--net'] if os.geteuid() == 0 else [unshare, '--map-root-user', '--net']
 
 
-def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
-            python: Optional[str] = None, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def measure(
+  module: str,
+  args: dict[str, Any],
+  *,
+  timeout_s: float = 1200,
+  python: str | None = None,
+  env: dict[str, str] | None = None,
+) -> dict[str, Any]:
   """Runs `module` with JSON `args` in a private network namespace; returns its result.
 
   The subprocess gets its own session; everything left in it afterwards
@@ -51,13 +57,24 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
   summed resident memory of the measurement process and its descendants).
   """
   started = time.monotonic()
-  command = _isolation_prefix() + [python or sys.executable, '-m', 'benchmarks.private_network',
-                                   module, json.dumps(args)]
+  command = _isolation_prefix() + [
+    python or sys.executable,
+    '-m',
+    'benchmarks.private_network',
+    module,
+    json.dumps(args),
+  ]
   # Files, not pipes: a leftover grandchild holding a pipe would block reads.
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     process = subprocess.Popen(
-        command, cwd=REPO_ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
-        env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': REPO_ROOT, **(env or {})})
+      command,
+      cwd=REPO_ROOT,
+      stdout=out,
+      stderr=err,
+      text=True,
+      start_new_session=True,
+      env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': REPO_ROOT, **(env or {})},
+    )
     peak_tree_mb = 0.0
     deadline = time.monotonic() + timeout_s
     try:
@@ -76,11 +93,11 @@ def measure(module: str, args: dict[str, Any], *, timeout_s: float = 1200,
     err.seek(0)
     stdout, stderr = out.read(), err.read()
   wall = time.monotonic() - started
-  lines = [l for l in stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+  lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
   if process.returncode != 0 or not lines:
     tail = (stdout + stderr)[-3000:]
     raise MeasurementError(f'{module} {args} failed (exit {process.returncode}):\n{tail}')
-  result = json.loads(lines[-1][len(RESULT_PREFIX):])
+  result = json.loads(lines[-1][len(RESULT_PREFIX) :])
   print(f'  {module} {json.dumps(args)}: {wall:.0f} s', flush=True)  # Progress of long runs.
   result.setdefault('wall_s', wall)
   # Sampled every 0.25 s: the peak of the whole process tree's resident memory.
@@ -104,8 +121,12 @@ def timed_repetitions(fn, *, warmup: int = 1, repetitions: int = 3) -> list[floa
   return times
 
 
-def take_turns(rounds: dict[str, Callable[[int], None]], repetitions: int, *,
-               after_each: Optional[Callable[[int], None]] = None) -> dict[str, list[float]]:
+def take_turns(
+  rounds: dict[str, Callable[[int], None]],
+  repetitions: int,
+  *,
+  after_each: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
   """Seconds of each system's round, the systems taking turns.
 
   Repetition r runs every system once, the order rotated by r, so a slow
@@ -115,7 +136,7 @@ def take_turns(rounds: dict[str, Callable[[int], None]], repetitions: int, *,
   times: dict[str, list[float]] = {name: [] for name in rounds}
   order = list(rounds)
   for r in range(repetitions):
-    for name in order[r % len(order):] + order[:r % len(order)]:
+    for name in order[r % len(order) :] + order[: r % len(order)]:
       started = time.perf_counter()
       rounds[name](r)
       times[name].append(time.perf_counter() - started)
@@ -135,7 +156,7 @@ def tree_rss_mb(pid: int) -> float:
   return total
 
 
-def peak_rss_mb(pid: Optional[int] = None) -> float:
+def peak_rss_mb(pid: int | None = None) -> float:
   """Peak resident memory (VmHWM) of a live process, in MiB."""
   with open(f'/proc/{pid or "self"}/status') as f:
     for line in f:
@@ -144,7 +165,7 @@ def peak_rss_mb(pid: Optional[int] = None) -> float:
   return float('nan')
 
 
-def rss_mb(pid: Optional[int] = None) -> float:
+def rss_mb(pid: int | None = None) -> float:
   """Current resident memory (VmRSS) of a live process, in MiB."""
   with open(f'/proc/{pid or "self"}/status') as f:
     for line in f:
@@ -196,8 +217,13 @@ class Table:
       if isinstance(v, float):
         return f'{v:.3g}' if abs(v) < 1000 else f'{v:,.0f}'
       return str(v)
-    lines = [f'### {self.title}', '', '| ' + ' | '.join(self.columns) + ' |',
-             '|' + '|'.join('---' for _ in self.columns) + '|']
+
+    lines = [
+      f'### {self.title}',
+      '',
+      '| ' + ' | '.join(self.columns) + ' |',
+      '|' + '|'.join('---' for _ in self.columns) + '|',
+    ]
     lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in self.rows]
     if self.notes:
       lines.append('')
@@ -208,12 +234,14 @@ class Table:
 def machine_description() -> str:
   try:
     with open('/proc/cpuinfo') as f:
-      model = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '?')
+      model = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), '?')
   except OSError:
     model = platform.processor() or '?'
   mem_gb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30
-  return (f'{os.cpu_count()} CPU cores ({model}), {mem_gb:.0f} GiB RAM, '
-          f'{platform.system()} {platform.release()}, Python {platform.python_version()}')
+  return (
+    f'{os.cpu_count()} CPU cores ({model}), {mem_gb:.0f} GiB RAM, '
+    f'{platform.system()} {platform.release()}, Python {platform.python_version()}'
+  )
 
 
 def verdict(value: float, target: float, *, lower_is_better: bool = True) -> str:

@@ -16,7 +16,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import json
 import sys
@@ -24,15 +23,13 @@ import sys
 import tensorflow_federated as tff
 
 from benchmarks import harness
-from computations import client_sampling
 from configs import digits_dp
-from pipelines import bundled_data
-from pipelines import experiment as experiment_lib
-from pipelines import manifest as manifest_lib
-from pipelines import silo_partition
-from runtime import cross_silo
-from runtime import execution_context
-from runtime import local_federation
+from fedpipe.computations import client_sampling
+from fedpipe.data import manifest as manifest_lib
+from fedpipe.datasets import bundled_data, silo_partition
+from fedpipe.federation import cross_silo, local_federation
+from fedpipe.runtime import execution_context
+from fedpipe.training import experiment as experiment_lib
 
 SILOS = ('silo-a', 'silo-b', 'silo-c')
 CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache', 'cross_silo')
@@ -41,7 +38,8 @@ CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache', 'cros
 def _preprocess(raw_dir: str, out_dir: str) -> None:
   if os.path.exists(manifest_lib.manifest_path(out_dir)):
     return
-  from pipelines import preprocess_pipeline
+  from fedpipe.preprocess import pipeline as preprocess_pipeline
+
   preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
 
 
@@ -49,13 +47,18 @@ def prepare(num_clients: int) -> tuple[str, dict[str, str]]:
   """Beam-written data for all clients, and for each silo's share."""
   root = os.path.join(CACHE, str(num_clients))
   raw = bundled_data.write_bundled_dataset(
-      source='sklearn:digits', raw_dir=os.path.join(root, 'raw'), num_clients=num_clients)
+    source='sklearn:digits', raw_dir=os.path.join(root, 'raw'), num_clients=num_clients
+  )
   _preprocess(raw.raw_dir, os.path.join(root, 'all'))
   raw_dirs = [os.path.join(root, f'raw-{s}') for s in SILOS]
   if not all(os.path.exists(os.path.join(d, 'train.csv')) for d in raw_dirs):
     silo_partition.partition_raw_csv(
-        train_file=raw.train_file, eval_file=raw.test_file,
-        feature_spec_file=raw.feature_spec_file, client_key='client_id', silo_dirs=raw_dirs)
+      train_file=raw.train_file,
+      eval_file=raw.test_file,
+      feature_spec_file=raw.feature_spec_file,
+      client_key='client_id',
+      silo_dirs=raw_dirs,
+    )
   silo_dirs = {}
   for name, raw_dir in zip(SILOS, raw_dirs):
     silo_dirs[name] = os.path.join(root, name)
@@ -70,8 +73,8 @@ def _silos_runtime(silo_dirs: dict[str, str], work_dir: str):
   try:
     for name, data_dir in silo_dirs.items():
       processes[name] = local_federation.start_silo(
-          data_dir=data_dir, tls=certs.silo_tls(name),
-          log_path=os.path.join(work_dir, f'{name}.log'))  # Ungoverned: runtime overhead only.
+        data_dir=data_dir, tls=certs.silo_tls(name), log_path=os.path.join(work_dir, f'{name}.log')
+      )  # Ungoverned: runtime overhead only.
     addresses = [cross_silo.SiloAddress(n, p.address) for n, p in processes.items()]
     with cross_silo.federation(addresses, certs.coordinator_tls()) as fed:
       yield fed.manifest
@@ -82,6 +85,7 @@ def _silos_runtime(silo_dirs: dict[str, str], work_dir: str):
 
 def main(args: dict) -> None:
   import tempfile
+
   num_clients = args.get('num_clients', 300)
   rounds = args.get('rounds', 10)
   all_dir, silo_dirs = prepare(num_clients)
@@ -95,8 +99,9 @@ def main(args: dict) -> None:
     runtimes.enter_context(execution_context.local_worker_context(all_dir))
     contexts = {'local': stack.current, 'silos': silo_context}
     manifests = {'local': manifest_lib.read_manifest(all_dir), 'silos': silo_manifest}
-    experiments = {name: experiment_lib.build_experiment(config, manifests[name])
-                   for name in contexts}
+    experiments = {
+      name: experiment_lib.build_experiment(config, manifests[name]) for name in contexts
+    }
     states = {}
     for name, experiment in experiments.items():
       with stack.install(contexts[name]):
@@ -104,22 +109,28 @@ def main(args: dict) -> None:
 
     def round_of(name):
       experiment = experiments[name]
-      clients = [client_sampling.sample_clients(
-          experiment.train_client_ids, scheme=experiment.sampling, round_num=r + 1, seed=0)
-                 for r in range(rounds)]
+      clients = [
+        client_sampling.sample_clients(
+          experiment.train_client_ids, scheme=experiment.sampling, round_num=r + 1, seed=0
+        )
+        for r in range(rounds)
+      ]
 
       def one_round(r):
         with stack.install(contexts[name]):
           states[name] = experiment.train_process.next(states[name], clients[r]).state
+
       return one_round
 
     times = harness.take_turns({name: round_of(name) for name in contexts}, rounds)
-  harness.emit({
+  harness.emit(
+    {
       'times': {name: t[1:] for name, t in times.items()},
       'median_s': {name: harness.median(t[1:]) for name, t in times.items()},
       'first_round_s': {name: t[0] for name, t in times.items()},
-      'turn_ratios': [s / l for s, l in zip(times['silos'][1:], times['local'][1:])],
-  })
+      'turn_ratios': [s / ln for s, ln in zip(times['silos'][1:], times['local'][1:])],
+    }
+  )
 
 
 if __name__ == '__main__':

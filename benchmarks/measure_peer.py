@@ -12,7 +12,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import sys
 import time
@@ -20,12 +19,9 @@ import time
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from benchmarks import harness
-from benchmarks import workloads
-from computations import client_data
-from computations import fedavg
-from computations import keras_model
-from runtime import execution_context
+from benchmarks import harness, workloads
+from fedpipe.computations import client_data, fedavg, keras_model
+from fedpipe.runtime import execution_context
 
 
 def main(args: dict) -> None:
@@ -33,13 +29,16 @@ def main(args: dict) -> None:
   _, x_test, _, y_test = workloads.digits_split()
   data_dir = workloads.client_data_dir(w, args['clients'])
   ids = [workloads.client_id(i) for i in range(args['clients'])]
-  build = lambda: keras_model.build_mlp(num_features=64, num_classes=10, hidden_units=(64, 64))
+
+  def build():
+    return keras_model.build_mlp(num_features=64, num_classes=10, hidden_units=(64, 64))
+
   process = fedavg.build_fedavg_process(
-      keras_model.build_model_fn(build, num_features=64),
-      client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
-      server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
-      dataset_fn=client_data.make_dataset_fn(
-          split='train', num_features=64, batch_size=16))
+    keras_model.build_model_fn(build, num_features=64),
+    client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
+    server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
+    dataset_fn=client_data.make_dataset_fn(split='train', num_features=64, batch_size=16),
+  )
   times = []
   with execution_context.local_worker_context(data_dir):
     state = process.initialize()
@@ -50,8 +49,9 @@ def main(args: dict) -> None:
     weights = process.get_model_weights(state)
   model = build()
   weights.assign_weights_to(model)
-  model.compile(loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=['accuracy'])
+  model.compile(
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=['accuracy']
+  )
   _, accuracy = model.evaluate(x_test, y_test, verbose=0)
   harness.emit({'round_times': times, 'test_accuracy': float(accuracy)})
 

@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import shutil
 import sys
@@ -22,10 +21,9 @@ import time
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from benchmarks import harness
-from benchmarks import workloads
-from pipelines import feature_spec as feature_spec_lib
-from pipelines import preprocess_pipeline
+from benchmarks import harness, workloads
+from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.preprocess import pipeline as preprocess_pipeline
 
 NUM_FEATURES = 16
 NUM_CLIENTS = 1000
@@ -35,11 +33,15 @@ NUM_FILES = 4
 def raw_csv(rows: int) -> tuple[str, feature_spec_lib.FeatureSpec]:
   """Writes (once) the synthetic raw files; returns their pattern and spec."""
   out = os.path.join(workloads.CACHE_DIR, f'raw-{rows}')
-  spec = feature_spec_lib.FeatureSpec.from_json({
-      'schema_version': 1, 'client_key': 'client_id',
+  spec = feature_spec_lib.FeatureSpec.from_json(
+    {
+      'schema_version': 1,
+      'client_key': 'client_id',
       'label': {'name': 'label', 'num_classes': 10},
       'features': [{'name': f'f{i}', 'mean': 0.0, 'std': 1.0} for i in range(NUM_FEATURES)],
-  }, source='benchmark')
+    },
+    source='benchmark',
+  )
   if not os.path.exists(os.path.join(out, 'done')):
     os.makedirs(out, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -49,8 +51,8 @@ def raw_csv(rows: int) -> tuple[str, feature_spec_lib.FeatureSpec]:
       clients = rng.integers(0, NUM_CLIENTS, len(chunk))
       with open(os.path.join(out, f'part-{part}.csv'), 'w') as f:
         f.write('client_id,label,' + ','.join(f'f{i}' for i in range(NUM_FEATURES)) + '\n')
-        for c, l, row in zip(clients, labels, x):
-          f.write(f'user_{c:04d},{l},' + ','.join(f'{v:.5f}' for v in row) + '\n')
+        for c, label, row in zip(clients, labels, x):
+          f.write(f'user_{c:04d},{label},' + ','.join(f'{v:.5f}' for v in row) + '\n')
     open(os.path.join(out, 'done'), 'w').close()
   return os.path.join(out, 'part-*.csv'), spec
 
@@ -64,15 +66,25 @@ def main(args: dict) -> None:
   try:
     started = time.perf_counter()
     summary = preprocess_pipeline.run_preprocessing(
-        train_files=pattern, eval_files=None, feature_spec=spec,
-        output_dir=os.path.join(out, 'clients'), min_examples_per_client=1,
-        max_malformed_fraction=0.0, pipeline_options=PipelineOptions(options))
+      train_files=pattern,
+      eval_files=None,
+      feature_spec=spec,
+      output_dir=os.path.join(out, 'clients'),
+      min_examples_per_client=1,
+      max_malformed_fraction=0.0,
+      pipeline_options=PipelineOptions(options),
+    )
     seconds = time.perf_counter() - started
   finally:
     shutil.rmtree(out, ignore_errors=True)
-  harness.emit({'seconds': seconds, 'rows': summary.total_rows_read,
-                'rows_per_s': summary.total_rows_read / seconds,
-                'clients': sum(summary.clients_written.values())})
+  harness.emit(
+    {
+      'seconds': seconds,
+      'rows': summary.total_rows_read,
+      'rows_per_s': summary.total_rows_read / seconds,
+      'clients': sum(summary.clients_written.values()),
+    }
+  )
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import io
 import json
@@ -21,10 +20,9 @@ import sys
 import tempfile
 import time
 
-from benchmarks import harness
-from benchmarks import measure_cross_silo
+from benchmarks import harness, measure_cross_silo
 from configs import digits_dp
-from pipelines import training_program
+from fedpipe.training import program as training_program
 
 
 def main(args: dict) -> None:
@@ -41,8 +39,13 @@ def main(args: dict) -> None:
   started = time.perf_counter()
   with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
     report = training_program.run(config, os.path.join(out, 'run'))
-  harness.emit({'epsilon': report['epsilon'], 'test_accuracy': report['test_accuracy'],
-                'seconds': time.perf_counter() - started})
+  harness.emit(
+    {
+      'epsilon': report['epsilon'],
+      'test_accuracy': report['test_accuracy'],
+      'seconds': time.perf_counter() - started,
+    }
+  )
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import collections
 import contextlib
 import json
@@ -30,28 +29,28 @@ import sys
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from benchmarks import harness
-from benchmarks import workloads
-from computations import client_data
-from computations import dp_aggregator
-from computations import fedavg
-from computations import keras_model
+from benchmarks import harness, workloads
+from fedpipe.computations import client_data, dp_aggregator, fedavg, keras_model
 
 
 def _keras_builder(w: workloads.Workload):
   return lambda: keras_model.build_mlp(
-      num_features=w.num_features, num_classes=w.num_classes, hidden_units=w.hidden_units)
+    num_features=w.num_features, num_classes=w.num_classes, hidden_units=w.hidden_units
+  )
 
 
 def keras_epoch(w: workloads.Workload, repetitions: int) -> list[float]:
   model = _keras_builder(w)()
-  model.compile(optimizer=tf.keras.optimizers.SGD(workloads.LEARNING_RATE),
-                loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.compile(
+    optimizer=tf.keras.optimizers.SGD(workloads.LEARNING_RATE),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
   data = tf.data.Dataset.from_tensor_slices((w.x, w.y)).batch(workloads.BATCH_SIZE).cache()
   # Warm up (tracing, first-call set-up) on a few batches, not a whole epoch.
   model.fit(data.take(20), epochs=1, verbose=0)
-  return harness.timed_repetitions(lambda: model.fit(data, epochs=1, verbose=0),
-                                   warmup=0, repetitions=repetitions)
+  return harness.timed_repetitions(
+    lambda: model.fit(data, epochs=1, verbose=0), warmup=0, repetitions=repetitions
+  )
 
 
 _KEEP_ALIVE = []
@@ -60,15 +59,17 @@ _KEEP_ALIVE = []
 def _plain_tff(w: workloads.Workload, num_clients: int):
   """Plain TFF's process and its in-memory client datasets."""
   datasets = [
-      tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
-          x=w.x[idx], y=w.y[idx])).batch(workloads.BATCH_SIZE)
-      for idx in workloads.partition(len(w.y), num_clients)
+    tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=w.x[idx], y=w.y[idx])).batch(
+      workloads.BATCH_SIZE
+    )
+    for idx in workloads.partition(len(w.y), num_clients)
   ]
   model_fn = keras_model.build_model_fn(_keras_builder(w), num_features=w.num_features)
   process = tff.learning.algorithms.build_weighted_fed_avg(
-      model_fn,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
+    model_fn,
+    client_optimizer_fn=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
+    server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+  )
   return process, datasets
 
 
@@ -78,20 +79,30 @@ def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
   aggregator = None
   if dp:
     aggregator = dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-        noise_multiplier=1.0, clip_norm=1.0, weight_cap=len(w.y) / num_clients,
-        expected_total_weight=float(num_clients))
+      noise_multiplier=1.0,
+      clip_norm=1.0,
+      weight_cap=len(w.y) / num_clients,
+      expected_total_weight=float(num_clients),
+    )
   return fedavg.build_fedavg_process(
-      model_fn,
-      client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
-      server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
-      model_aggregator=aggregator,
-      dataset_fn=client_data.make_dataset_fn(
-          split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE,
-          shuffle=False))
+    model_fn,
+    client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
+    server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
+    model_aggregator=aggregator,
+    dataset_fn=client_data.make_dataset_fn(
+      split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE, shuffle=False
+    ),
+  )
 
 
-def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int, *,
-                       with_dp: bool, with_two_per_core: bool = False) -> dict[str, list[float]]:
+def interleaved_rounds(
+  w: workloads.Workload,
+  num_clients: int,
+  repetitions: int,
+  *,
+  with_dp: bool,
+  with_two_per_core: bool = False,
+) -> dict[str, list[float]]:
   """Seconds per round of plain TFF and fedpipe (and fedpipe DP), rounds interleaved.
 
   All systems live in this one process and take turns round by round (the
@@ -99,8 +110,7 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
   hits every system alike; the ratio of each turn is reported too. Plain
   TFF runs on TFF's own local context, fedpipe on its isolated worker.
   """
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
-  from runtime import isolated_worker  # pylint: disable=g-import-not-at-top
+  from fedpipe.runtime import execution_context, isolated_worker
 
   plain_process, datasets = _plain_tff(w, num_clients)
   ids = [workloads.client_id(i) for i in range(num_clients)]
@@ -114,8 +124,11 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
     # name -> (process, its round argument, context).
     entries = {'plain_tff': (plain_process, datasets, plain_context)}
     if with_two_per_core:
-      workers.enter_context(execution_context.local_worker_context(
-          data_dir, max_concurrent_computation_calls=isolated_worker.TWO_PER_CORE))
+      workers.enter_context(
+        execution_context.local_worker_context(
+          data_dir, max_concurrent_computation_calls=isolated_worker.TWO_PER_CORE
+        )
+      )
       two_per_core_context = stack.current
     workers.enter_context(execution_context.local_worker_context(data_dir))
     fedpipe = _fedpipe(w, num_clients, dp=False)
@@ -136,6 +149,7 @@ def interleaved_rounds(w: workloads.Workload, num_clients: int, repetitions: int
       def one_round(_):
         with stack.install(context):
           states[name] = process.next(states[name], data).state
+
       return one_round
 
     rounds = {name: round_of(name) for name in entries}
@@ -149,17 +163,27 @@ def main(args: dict) -> None:
   system, reps = args['system'], args.get('repetitions', 3)
   if system == 'keras':
     times = keras_epoch(w, reps)
-    harness.emit({'times': times, 'median_s': harness.median(times),
-                  'examples': int(len(w.y))})
+    harness.emit({'times': times, 'median_s': harness.median(times), 'examples': int(len(w.y))})
   elif system == 'interleaved':
-    times = interleaved_rounds(w, args['num_clients'], reps, with_dp=args.get('with_dp', False),
-                               with_two_per_core=args.get('with_two_per_core', False))
-    harness.emit({
+    times = interleaved_rounds(
+      w,
+      args['num_clients'],
+      reps,
+      with_dp=args.get('with_dp', False),
+      with_two_per_core=args.get('with_two_per_core', False),
+    )
+    harness.emit(
+      {
         'times': times,
         'median_s': {name: harness.median(t) for name, t in times.items()},
-        'turn_ratios': {name: [a / b for a, b in zip(t, times['plain_tff'])]
-                        for name, t in times.items() if name != 'plain_tff'},
-        'examples': int(len(w.y))})
+        'turn_ratios': {
+          name: [a / b for a, b in zip(t, times['plain_tff'])]
+          for name, t in times.items()
+          if name != 'plain_tff'
+        },
+        'examples': int(len(w.y)),
+      }
+    )
   else:
     raise ValueError(f'unknown system {system!r}')
 

@@ -20,23 +20,22 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import contextlib
 import json
 import sys
 
-
 import tensorflow_federated as tff
 
-from benchmarks import harness
-from benchmarks import workloads
-from computations import client_data
-from computations import client_sampling
-from computations import dp_aggregator
-from computations import fedavg
-from computations import keras_model
-from computations import privacy_accounting
-from runtime import execution_context
+from benchmarks import harness, workloads
+from fedpipe.computations import (
+  client_data,
+  client_sampling,
+  dp_aggregator,
+  fedavg,
+  keras_model,
+  privacy_accounting,
+)
+from fedpipe.runtime import execution_context
 
 EXAMPLES_PER_CLIENT = 8
 
@@ -48,18 +47,25 @@ def main(args: dict) -> None:
   ids = [workloads.client_id(i) for i in range(population)]
   scheme = privacy_accounting.SamplingScheme('fixed_size', population, per_round)
   model_fn = keras_model.build_model_fn(
-      lambda: keras_model.build_mlp(num_features=w.num_features, num_classes=w.num_classes,
-                                    hidden_units=w.hidden_units),
-      num_features=w.num_features)
+    lambda: keras_model.build_mlp(
+      num_features=w.num_features, num_classes=w.num_classes, hidden_units=w.hidden_units
+    ),
+    num_features=w.num_features,
+  )
   process = fedavg.build_fedavg_process(
-      model_fn,
-      client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
-      server_optimizer=tff.learning.optimizers.build_sgdm(1.0, momentum=0.5),
-      model_aggregator=dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-          noise_multiplier=1.0, clip_norm=1.0, weight_cap=EXAMPLES_PER_CLIENT,
-          expected_total_weight=float(per_round)),
-      dataset_fn=client_data.make_dataset_fn(
-          split='train', num_features=w.num_features, batch_size=16))
+    model_fn,
+    client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
+    server_optimizer=tff.learning.optimizers.build_sgdm(1.0, momentum=0.5),
+    model_aggregator=dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
+      noise_multiplier=1.0,
+      clip_norm=1.0,
+      weight_cap=EXAMPLES_PER_CLIENT,
+      expected_total_weight=float(per_round),
+    ),
+    dataset_fn=client_data.make_dataset_fn(
+      split='train', num_features=w.num_features, batch_size=16
+    ),
+  )
   every = args.get('memory_every', 0)
   stack = tff.framework.get_context_stack()
   with contextlib.ExitStack() as workers:
@@ -78,32 +84,35 @@ def main(args: dict) -> None:
     for name, (context, _) in runs.items():
       with stack.install(context):
         states[name] = process.initialize()
-    clients = [client_sampling.sample_clients(ids, scheme=scheme, round_num=r + 1, seed=0)
-               for r in range(args['rounds'])]
+    clients = [
+      client_sampling.sample_clients(ids, scheme=scheme, round_num=r + 1, seed=0)
+      for r in range(args['rounds'])
+    ]
 
     def round_of(name):
       def one_round(r):
         with stack.install(runs[name][0]):
           states[name] = process.next(states[name], clients[r]).state
+
       return one_round
 
     memory = []
 
     def sample_memory(r):
       if every and ((r + 1) % every == 0 or r == 0):
-        memory.append([r + 1, harness.rss_mb()] +
-                      [harness.rss_mb(pid) for _, pid in runs.values()])
+        memory.append([r + 1, harness.rss_mb()] + [harness.rss_mb(pid) for _, pid in runs.values()])
 
-    times = harness.take_turns({name: round_of(name) for name in runs}, args['rounds'],
-                               after_each=sample_memory)
+    times = harness.take_turns(
+      {name: round_of(name) for name in runs}, args['rounds'], after_each=sample_memory
+    )
     peaks = {name: harness.peak_rss_mb(pid) for name, (_, pid) in runs.items()}
   steady = {name: t[1:] if len(t) > 1 else t for name, t in times.items()}
   result = {
-      'median_s': harness.median(steady['worker']),
-      'first_round_s': times['worker'][0],
-      'coordinator_peak_mb': harness.peak_rss_mb(),
-      'worker_peak_mb': peaks['worker'],
-      'memory': memory,
+    'median_s': harness.median(steady['worker']),
+    'first_round_s': times['worker'][0],
+    'coordinator_peak_mb': harness.peak_rss_mb(),
+    'worker_peak_mb': peaks['worker'],
+    'memory': memory,
   }
   if 'capped' in runs:
     result['capped_median_s'] = harness.median(steady['capped'])

@@ -13,11 +13,14 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   rounds = 30  # 40 (stop 8) cost ~70 s more of `make bench`.
   noise = [1.0, 3.0] if quick else [0.7, 1.2, 2.5]
   points = {'fixed': [], 'adaptive': []}
-  curve = [{'dp': False}] + [{'noise_multiplier': z, 'clipping': clipping}
-                             for clipping in points for z in noise]
+  curve = [{'dp': False}] + [
+    {'noise_multiplier': z, 'clipping': clipping} for clipping in points for z in noise
+  ]
   # A process per point: a crashed point cannot take the others down.
-  results = [harness.measure('benchmarks.measure_privacy_utility', {'rounds': rounds, **point})
-             for point in curve]
+  results = [
+    harness.measure('benchmarks.measure_privacy_utility', {'rounds': rounds, **point})
+    for point in curve
+  ]
   rows = []
   ceiling = None
   for point, r in zip(curve, results):
@@ -26,11 +29,14 @@ def run(*, quick: bool = False) -> list[harness.Table]:
       rows.append(['none (no DP)', '-', 'inf', ceiling, r['seconds']])
       continue
     points[point['clipping']].append((r['epsilon'], r['test_accuracy']))
-    rows.append([point['clipping'], point['noise_multiplier'], r['epsilon'], r['test_accuracy'],
-                 r['seconds']])
-  import matplotlib  # pylint: disable=g-import-not-at-top
+    rows.append(
+      [point['clipping'], point['noise_multiplier'], r['epsilon'], r['test_accuracy'], r['seconds']]
+    )
+  import matplotlib
+
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+
   os.makedirs(RESULTS_DIR, exist_ok=True)
   fig, ax = plt.subplots(figsize=(6, 3.8))
   for clipping, pts in points.items():
@@ -46,10 +52,16 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   fig.tight_layout()
   fig.savefig(os.path.join(RESULTS_DIR, 'privacy_utility.png'), dpi=100)
   plt.close(fig)
-  return [harness.Table(
+  return [
+    harness.Table(
       'Privacy-utility: held-out accuracy against epsilon',
-      ['clipping', 'noise multiplier', 'epsilon', 'test accuracy', 'training s'], rows,
-      [f'configs/digits_dp.py with {rounds} rounds (Poisson sampling, rate 0.2, RDP '
-       'accountant, delta 1e-5), one seed per point. Plot: benchmarks/results/privacy_utility.png',
-       f'Every point is a full run of the training program in its own process (worker start, '
-       f'{rounds} rounds, held-out evaluation, model export); "training s" is its wall time.'])]
+      ['clipping', 'noise multiplier', 'epsilon', 'test accuracy', 'training s'],
+      rows,
+      [
+        f'configs/digits_dp.py with {rounds} rounds (Poisson sampling, rate 0.2, RDP '
+        'accountant, delta 1e-5), one seed per point. Plot: benchmarks/results/privacy_utility.png',
+        f'Every point is a full run of the training program in its own process (worker start, '
+        f'{rounds} rounds, held-out evaluation, model export); "training s" is its wall time.',
+      ],
+    )
+  ]

@@ -9,7 +9,7 @@ only interface is a loopback nobody else shares.
 import runpy
 import sys
 
-from runtime import netns_relay
+from fedpipe.runtime import netns_relay
 
 
 def main() -> None:

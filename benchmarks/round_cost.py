@@ -27,51 +27,93 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     common = {'workload': workload, 'num_examples': synthetic_examples}
     if workload not in keras_cache:
       keras_cache[workload] = harness.measure(
-          'benchmarks.measure_round',
-          {**common, 'system': 'keras', 'repetitions': 5 if digits else 2})['median_s']
+        'benchmarks.measure_round', {**common, 'system': 'keras', 'repetitions': 5 if digits else 2}
+      )['median_s']
     keras = keras_cache[workload]
     # digits rounds are short and noisier: more turns. DP on digits only, to keep
     # `make bench` under 30 minutes.
     reps = (30 if clients == 10 else 10) if digits else (5 if clients == 10 else 3)
     if quick:
       reps = 3
-    r = harness.measure('benchmarks.measure_round', {
-        **common, 'system': 'interleaved', 'num_clients': clients, 'repetitions': reps,
-        'with_dp': digits, 'with_two_per_core': (workload, clients) in TWO_PER_CORE_CASES})
+    r = harness.measure(
+      'benchmarks.measure_round',
+      {
+        **common,
+        'system': 'interleaved',
+        'num_clients': clients,
+        'repetitions': reps,
+        'with_dp': digits,
+        'with_two_per_core': (workload, clients) in TWO_PER_CORE_CASES,
+      },
+    )
     plain, fedpipe = r['median_s']['plain_tff'], r['median_s']['fedpipe']
     fedpipe_dp = r['median_s'].get('fedpipe_dp', '-')
     two_per_core, concurrency_gain = '-', '-'
     if 'fedpipe_two_per_core' in r['times']:
       two_per_core = r['median_s']['fedpipe_two_per_core']
-      concurrency_gain = '{:.2f}x'.format(harness.median(
-          [a / b for a, b in zip(r['times']['fedpipe_two_per_core'], r['times']['fedpipe'])]))
+      concurrency_gain = '{:.2f}x'.format(
+        harness.median(
+          [a / b for a, b in zip(r['times']['fedpipe_two_per_core'], r['times']['fedpipe'])]
+        )
+      )
     turns = r['turn_ratios']['fedpipe']
     ratio_plain = harness.median(turns)
     ratio_keras = fedpipe / keras
     examples = 1797 if digits else synthetic_examples
-    rows.append([workload, f'{examples:,}', clients, reps, keras, plain, fedpipe, fedpipe_dp,
-                 f'{ratio_plain:.2f}x ({harness.verdict(ratio_plain, TARGET_VS_PLAIN_TFF)}; '
-                 f'turns {min(turns):.2f}-{max(turns):.2f})',
-                 f'{ratio_keras:.2f}x' + (
-                     f' ({harness.verdict(ratio_keras, TARGET_VS_KERAS_SYNTHETIC_10)})'
-                     if (workload, clients) == ('synthetic', 10) else ''),
-                 two_per_core, concurrency_gain])
+    rows.append(
+      [
+        workload,
+        f'{examples:,}',
+        clients,
+        reps,
+        keras,
+        plain,
+        fedpipe,
+        fedpipe_dp,
+        f'{ratio_plain:.2f}x ({harness.verdict(ratio_plain, TARGET_VS_PLAIN_TFF)}; '
+        f'turns {min(turns):.2f}-{max(turns):.2f})',
+        f'{ratio_keras:.2f}x'
+        + (
+          f' ({harness.verdict(ratio_keras, TARGET_VS_KERAS_SYNTHETIC_10)})'
+          if (workload, clients) == ('synthetic', 10)
+          else ''
+        ),
+        two_per_core,
+        concurrency_gain,
+      ]
+    )
   notes = [
-      'Seconds per round (per epoch for Keras), medians after one warm-up. Plain TFF and '
-      'fedpipe (and fedpipe DP) run in one process taking turns round by round, so a slow '
-      'spell of the machine hits both; "fedpipe / plain TFF" is the median of the per-turn '
-      'ratios, with the range of those ratios. The Keras epoch is measured in its own process in the same run.',
-      f'Targets: fedpipe <= {TARGET_VS_PLAIN_TFF}x plain TFF; fedpipe <= '
-      f'{TARGET_VS_KERAS_SYNTHETIC_10}x the Keras epoch on synthetic at 10 clients.',
-      'Models: digits 64-64-10 MLP; synthetic 128-256-256-10 MLP (101,642 parameters). '
-      'Batch 16, SGD, one local epoch, all clients every round.',
-      'fedpipe\'s worker runs every client of a round at once, as TFF does (the default); '
-      '"fedpipe, two per core" is the same process on a second worker with '
-      'runtime.max_concurrent_computation_calls=0 (two clients per CPU core at once), taking '
-      'turns with the others; the last column is the median per-turn ratio of the two.',
+    'Seconds per round (per epoch for Keras), medians after one warm-up. Plain TFF and '
+    'fedpipe (and fedpipe DP) run in one process taking turns round by round, so a slow '
+    'spell of the machine hits both; "fedpipe / plain TFF" is the median of the per-turn '
+    'ratios, with the range of those ratios. The Keras epoch is measured in its own process in the same run.',
+    f'Targets: fedpipe <= {TARGET_VS_PLAIN_TFF}x plain TFF; fedpipe <= '
+    f'{TARGET_VS_KERAS_SYNTHETIC_10}x the Keras epoch on synthetic at 10 clients.',
+    'Models: digits 64-64-10 MLP; synthetic 128-256-256-10 MLP (101,642 parameters). '
+    'Batch 16, SGD, one local epoch, all clients every round.',
+    "fedpipe's worker runs every client of a round at once, as TFF does (the default); "
+    '"fedpipe, two per core" is the same process on a second worker with '
+    'runtime.max_concurrent_computation_calls=0 (two clients per CPU core at once), taking '
+    'turns with the others; the last column is the median per-turn ratio of the two.',
   ]
-  return [harness.Table(
+  return [
+    harness.Table(
       'Round cost: fedpipe vs plain TFF vs one centralized Keras epoch',
-      ['workload', 'examples', 'clients', 'turns', 'Keras epoch s', 'plain TFF s', 'fedpipe s',
-       'fedpipe DP s', 'fedpipe / plain TFF', 'fedpipe / Keras', 'fedpipe, two per core s',
-       'two per core / all at once'], rows, notes)]
+      [
+        'workload',
+        'examples',
+        'clients',
+        'turns',
+        'Keras epoch s',
+        'plain TFF s',
+        'fedpipe s',
+        'fedpipe DP s',
+        'fedpipe / plain TFF',
+        'fedpipe / Keras',
+        'fedpipe, two per core s',
+        'two per core / all at once',
+      ],
+      rows,
+      notes,
+    )
+  ]

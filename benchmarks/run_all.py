@@ -13,31 +13,34 @@ import sys
 import time
 import traceback
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from benchmarks import client_scale
-from benchmarks import cross_silo_overhead
-from benchmarks import flower_peer
-from benchmarks import harness
-from benchmarks import preprocess_throughput
-from benchmarks import privacy_utility
-from benchmarks import round_cost
+from benchmarks import (
+  client_scale,
+  cross_silo_overhead,
+  flower_peer,
+  harness,
+  preprocess_throughput,
+  privacy_utility,
+  round_cost,
+)
 
 BENCHMARKS = {
-    'round_cost': round_cost,
-    'client_scale': client_scale,
-    'preprocess': preprocess_throughput,
-    'privacy_utility': privacy_utility,
-    'flower': flower_peer,
-    'cross_silo': cross_silo_overhead,
+  'round_cost': round_cost,
+  'client_scale': client_scale,
+  'preprocess': preprocess_throughput,
+  'privacy_utility': privacy_utility,
+  'flower': flower_peer,
+  'cross_silo': cross_silo_overhead,
 }
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Smaller sizes and fewer repetitions (minutes).')
 _ONLY = flags.DEFINE_list('only', list(BENCHMARKS), f'Which benchmarks: {", ".join(BENCHMARKS)}.')
 _RESULTS = flags.DEFINE_string(
-    'results', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'),
-    'Markdown file for the results.')
+  'results',
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), 'RESULTS.md'),
+  'Markdown file for the results.',
+)
 
 
 def main(argv: list[str]) -> int:
@@ -48,18 +51,20 @@ def main(argv: list[str]) -> int:
     return 2
   started = time.monotonic()
   sections = [
-      '# fedpipe benchmark results', '',
-      f'Measured {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} on '
-      f'{harness.machine_description()}{" (--quick)" if _QUICK.value else ""}, with '
-      '`make bench` (`python -m benchmarks.run_all`). Every ratio compares numbers measured in '
-      'the same run; each measurement ran in its own process in a private network namespace.',
-      '']
+    '# fedpipe benchmark results',
+    '',
+    f'Measured {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")} on '
+    f'{harness.machine_description()}{" (--quick)" if _QUICK.value else ""}, with '
+    '`make bench` (`python -m benchmarks.run_all`). Every ratio compares numbers measured in '
+    'the same run; each measurement ran in its own process in a private network namespace.',
+    '',
+  ]
   for name in _ONLY.value:
     section_start = time.monotonic()
     print(f'== {name} ...', flush=True)
     try:
       tables = BENCHMARKS[name].run(quick=_QUICK.value)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       traceback.print_exc()
       tables = [harness.Table(name, ['error'], [[str(e).splitlines()[0][:300]]])]
     for table in tables:

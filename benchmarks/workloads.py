@@ -4,7 +4,7 @@
 MLP. `synthetic`: 200,000 examples of 128 features labelled by a fixed random
 teacher network, a 128-256-256-10 MLP (101,642 parameters). Clients get
 near-equal shuffled shares. Per-client TFRecords (fedpipe's format, see
-pipelines/manifest.py) are cached under benchmarks/.cache.
+fedpipe/data/manifest.py) are cached under benchmarks/.cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from pipelines import manifest as manifest_lib
+from fedpipe.data import manifest as manifest_lib
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache')
 BATCH_SIZE = 16
@@ -37,7 +37,8 @@ class Workload:
 def load(name: str, *, num_examples: int = 200_000) -> Workload:
   """The named workload (deterministic)."""
   if name == 'digits':
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+    from sklearn.datasets import load_digits
+
     x, y = load_digits(return_X_y=True)
     return Workload('digits', (x / 16.0).astype(np.float32), y.astype(np.int64), (64, 64), 10)
   if name == 'digits_train':  # The peer comparison's training split.
@@ -60,11 +61,13 @@ def load(name: str, *, num_examples: int = 200_000) -> Workload:
 
 def digits_split():
   """Digits scaled to [0, 1], split 80/20 stratified with seed 0: (x_train, x_test, y_train, y_test)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
   x, y = load_digits(return_X_y=True)
-  return train_test_split((x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.2,
-                          random_state=0, stratify=y)
+  return train_test_split(
+    (x / 16.0).astype(np.float32), y.astype(np.int64), test_size=0.2, random_state=0, stratify=y
+  )
 
 
 def partition(num_examples: int, num_clients: int) -> list[np.ndarray]:
@@ -79,7 +82,7 @@ def client_id(i: int) -> str:
 
 def client_data_dir(workload: Workload, num_clients: int) -> str:
   """Writes (once) the workload as per-client TFRecords + manifest; returns the dir."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   out = os.path.join(CACHE_DIR, f'{workload.name}-{len(workload.y)}-{num_clients}')
   if os.path.exists(manifest_lib.manifest_path(out)):
@@ -93,13 +96,26 @@ def client_data_dir(workload: Workload, num_clients: int) -> str:
     path = os.path.join(out, manifest_lib.client_file(manifest_lib.TRAIN_SPLIT, cid))
     with tf.io.TFRecordWriter(path) as writer:
       for j in idx:
-        writer.write(tf.train.Example(features=tf.train.Features(feature={
-            'x': tf.train.Feature(float_list=tf.train.FloatList(value=workload.x[j])),
-            'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[workload.y[j]])),
-        })).SerializeToString())
-  manifest_lib.write_manifest(out, manifest_lib.Manifest(
+        writer.write(
+          tf.train.Example(
+            features=tf.train.Features(
+              feature={
+                'x': tf.train.Feature(float_list=tf.train.FloatList(value=workload.x[j])),
+                'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[workload.y[j]])),
+              }
+            )
+          ).SerializeToString()
+        )
+  manifest_lib.write_manifest(
+    out,
+    manifest_lib.Manifest(
       feature_spec={'benchmark': workload.name},
-      splits={manifest_lib.TRAIN_SPLIT: manifest_lib.SplitManifest(counts),
-              manifest_lib.EVAL_SPLIT: manifest_lib.SplitManifest({})},
-      num_features=workload.num_features, num_classes=workload.num_classes))
+      splits={
+        manifest_lib.TRAIN_SPLIT: manifest_lib.SplitManifest(counts),
+        manifest_lib.EVAL_SPLIT: manifest_lib.SplitManifest({}),
+      },
+      num_features=workload.num_features,
+      num_classes=workload.num_classes,
+    ),
+  )
   return out

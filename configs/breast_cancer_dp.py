@@ -8,7 +8,7 @@ rounds, held-out accuracy about 0.94 here): DP needs populations.
 
 from ml_collections import config_dict
 
-from configs import base
+from fedpipe.config import base
 
 
 def get_config() -> config_dict.ConfigDict:

@@ -8,7 +8,7 @@ measured here over 8 sampling seeds: mean 0.917, range 0.908-0.930.
 
 from ml_collections import config_dict
 
-from configs import base
+from fedpipe.config import base
 
 
 def get_config() -> config_dict.ConfigDict:

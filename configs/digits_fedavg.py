@@ -2,7 +2,7 @@
 
 from ml_collections import config_dict
 
-from configs import base
+from fedpipe.config import base
 
 
 def get_config() -> config_dict.ConfigDict:

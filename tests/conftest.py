@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import pytest  # pylint: disable=g-import-not-at-top
+import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,15 +15,16 @@ def default_sigint() -> None:
   A suite started as a background job of a non-interactive shell inherits an
   ignored SIGINT, and Python keeps it ignored in its children.
   """
-  import signal  # pylint: disable=g-import-not-at-top
+  import signal
 
   signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tamper_governance_db(state_dir, *statements):
   """Edits a silo's governance database as an intruder would: triggers dropped, SQL run."""
-  import sqlite3  # pylint: disable=g-import-not-at-top
-  from runtime import governance_store  # pylint: disable=g-import-not-at-top
+  import sqlite3
+
+  from fedpipe.governance import store as governance_store
 
   db = sqlite3.connect(os.path.join(state_dir, governance_store.DB_FILENAME))
   db.execute('DROP TRIGGER IF EXISTS audit_no_update')
@@ -43,10 +44,10 @@ def worker_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tff_worker(worker_dir):
   """A running isolated worker installed as TFF's default context."""
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  from fedpipe.runtime import execution_context
 
   with execution_context.local_worker_context(
-      worker_dir, log_path=os.path.join(worker_dir, 'worker.log')
+    worker_dir, log_path=os.path.join(worker_dir, 'worker.log')
   ) as worker:
     yield worker
 
@@ -54,6 +55,6 @@ def tff_worker(worker_dir):
 @pytest.fixture(scope='session', autouse=True)
 def _no_unisolated_tff_worker():
   """TFF's import-time default context would start an exposed worker: refuse it."""
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  from fedpipe.runtime import execution_context
 
   execution_context.refuse_unisolated_default_context()

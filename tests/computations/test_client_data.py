@@ -1,4 +1,4 @@
-"""Tests of computations.client_data: client datasets read from real TFRecord files."""
+"""Tests of fedpipe.computations.client_data: client datasets read from real TFRecord files."""
 
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from computations import client_data
-from pipelines import manifest
+from fedpipe.computations import client_data
+from fedpipe.data import manifest
 
 NUM_FEATURES = 3
 
@@ -20,10 +20,16 @@ def _write_client(directory, split, client_id, num_examples):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with tf.io.TFRecordWriter(path) as writer:
     for features, label in zip(x, y):
-      writer.write(tf.train.Example(features=tf.train.Features(feature={
-          'x': tf.train.Feature(float_list=tf.train.FloatList(value=features)),
-          'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-      })).SerializeToString())
+      writer.write(
+        tf.train.Example(
+          features=tf.train.Features(
+            feature={
+              'x': tf.train.Feature(float_list=tf.train.FloatList(value=features)),
+              'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            }
+          )
+        ).SerializeToString()
+      )
   return x, y
 
 
@@ -41,7 +47,8 @@ def _batches(dataset):
 def test_reads_every_example_in_file_order_in_batches(in_data_dir, num_examples):
   x, y = _write_client(in_data_dir, 'train', 'c1', num_examples)
   dataset_fn = client_data.make_dataset_fn(
-      split='train', num_features=NUM_FEATURES, batch_size=4, shuffle=False)
+    split='train', num_features=NUM_FEATURES, batch_size=4, shuffle=False
+  )
 
   batches = _batches(dataset_fn(tf.constant('c1')))
 
@@ -54,7 +61,8 @@ def test_reads_every_example_in_file_order_in_batches(in_data_dir, num_examples)
 def test_epochs_repeat_and_shuffle_keeps_every_example(in_data_dir):
   x, y = _write_client(in_data_dir, 'train', 'c1', 50)
   dataset_fn = client_data.make_dataset_fn(
-      split='train', num_features=NUM_FEATURES, batch_size=8, epochs=2, shuffle=True)
+    split='train', num_features=NUM_FEATURES, batch_size=8, epochs=2, shuffle=True
+  )
 
   batches = _batches(dataset_fn(tf.constant('c1')))
   seen_y = np.concatenate([b[1] for b in batches])
@@ -72,11 +80,15 @@ def test_reads_the_eval_split_from_its_own_folder(in_data_dir):
   _write_client(in_data_dir, 'train', 'c1', 10)
   _, y_eval = _write_client(in_data_dir, 'eval', 'c1', 3)
   comp = client_data.build_dataset_computation(
-      split='eval', num_features=NUM_FEATURES, batch_size=8, shuffle=False)
+    split='eval', num_features=NUM_FEATURES, batch_size=8, shuffle=False
+  )
   # The type TFF checks compositions (evaluation) against: the model's input spec.
   assert str(comp.type_signature) == '(str -> <x=float32[?,3],y=int64[?]>*)'
-  batches = _batches(client_data.make_dataset_fn(
-      split='eval', num_features=NUM_FEATURES, batch_size=8, shuffle=False)(tf.constant('c1')))
+  batches = _batches(
+    client_data.make_dataset_fn(
+      split='eval', num_features=NUM_FEATURES, batch_size=8, shuffle=False
+    )(tf.constant('c1'))
+  )
   np.testing.assert_array_equal(batches[0][1], y_eval)
 
 
@@ -95,17 +107,21 @@ def test_a_missing_client_file_names_the_file(in_data_dir):
 
 def test_a_record_of_the_wrong_width_fails_to_parse(in_data_dir):
   _write_client(in_data_dir, 'train', 'c1', 3)
-  dataset_fn = client_data.make_dataset_fn(split='train', num_features=NUM_FEATURES + 1,
-                                           batch_size=2)
+  dataset_fn = client_data.make_dataset_fn(
+    split='train', num_features=NUM_FEATURES + 1, batch_size=2
+  )
   with pytest.raises(tf.errors.InvalidArgumentError, match='x'):
     _batches(dataset_fn(tf.constant('c1')))
 
 
-@pytest.mark.parametrize('kwargs, message', [
+@pytest.mark.parametrize(
+  'kwargs, message',
+  [
     ({'split': 'test'}, 'split must be one of'),
     ({'batch_size': 0}, 'must be >= 1'),
     ({'epochs': 0}, 'must be >= 1'),
-])
+  ],
+)
 def test_bad_arguments_say_which(kwargs, message):
   args = {'split': 'train', 'num_features': NUM_FEATURES, 'batch_size': 2, **kwargs}
   with pytest.raises(ValueError, match=message):

@@ -2,16 +2,18 @@
 
 import numpy as np
 
-from computations import client_sampling
-from computations import privacy_accounting as pa
+from fedpipe.computations import client_sampling
+from fedpipe.computations import privacy_accounting as pa
 
 IDS = [f'c{i:04d}' for i in range(1000)]
 
 
 def test_poisson_rate_and_variable_size():
   scheme = pa.SamplingScheme('poisson', population_size=1000, clients_per_round=100)
-  sizes = [len(client_sampling.sample_clients(IDS, scheme=scheme, round_num=r, seed=3))
-           for r in range(1, 201)]
+  sizes = [
+    len(client_sampling.sample_clients(IDS, scheme=scheme, round_num=r, seed=3))
+    for r in range(1, 201)
+  ]
   # Mean of 200 Binomial(1000, 0.1) draws: std 0.67, so |mean-100| < 4 always.
   assert abs(np.mean(sizes) - 100) < 4
   assert len(set(sizes)) > 5

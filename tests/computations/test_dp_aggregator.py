@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from computations import dp_aggregator
+from fedpipe.computations import dp_aggregator
 
 VALUE_TYPE = tff.TensorType(np.float32, [4])
 WEIGHT_TYPE = tff.TensorType(np.float32)
@@ -17,43 +17,47 @@ DENOMINATOR = 3.0
 
 def _fixed(noise_multiplier=0.0):
   return dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-      noise_multiplier=noise_multiplier, clip_norm=CLIP, weight_cap=CAP,
-      expected_total_weight=DENOMINATOR,
+    noise_multiplier=noise_multiplier,
+    clip_norm=CLIP,
+    weight_cap=CAP,
+    expected_total_weight=DENOMINATOR,
   )
 
 
 def _adaptive(noise_multiplier=0.0):
   return dp_aggregator.CappedWeightDPFactory.gaussian_adaptive(
-      noise_multiplier=noise_multiplier, expected_clients_per_round=5.0,
-      weight_cap=CAP, expected_total_weight=DENOMINATOR, initial_clip_norm=CLIP,
+    noise_multiplier=noise_multiplier,
+    expected_clients_per_round=5.0,
+    weight_cap=CAP,
+    expected_total_weight=DENOMINATOR,
+    initial_clip_norm=CLIP,
   )
 
 
 def _adversarial_clients(rng, n=6):
   """Updates from tiny to huge norms, weights from far below to far above the cap."""
-  values = [rng.normal(size=4).astype(np.float32) * scale
-            for scale in np.geomspace(1e-3, 1e4, n)]
+  values = [rng.normal(size=4).astype(np.float32) * scale for scale in np.geomspace(1e-3, 1e4, n)]
   weights = [float(w) for w in np.geomspace(0.5, 1e6, n)]
   rng.shuffle(weights)
   return values, weights
 
 
 class TestTypeSignature:
-
   def test_is_a_weighted_aggregator(self):
     process = _fixed().create(VALUE_TYPE, WEIGHT_TYPE)
     params = process.next.type_signature.parameter
     assert params[1] == tff.FederatedType(VALUE_TYPE, tff.CLIENTS)
     assert params[2] == tff.FederatedType(WEIGHT_TYPE, tff.CLIENTS)
-    assert process.next.type_signature.result.result == tff.FederatedType(
-        VALUE_TYPE, tff.SERVER
-    )
+    assert process.next.type_signature.result.result == tff.FederatedType(VALUE_TYPE, tff.SERVER)
 
-  @pytest.mark.parametrize('name,kwargs', [
+  @pytest.mark.parametrize(
+    'name,kwargs',
+    [
       ('noise', dict(noise_multiplier=-1.0, clip_norm=1.0)),
       ('clip', dict(noise_multiplier=1.0, clip_norm=0.0)),
       ('cap', dict(noise_multiplier=1.0, clip_norm=1.0, weight_cap=0.0)),
-  ])
+    ],
+  )
   def test_rejects_out_of_range_parameters_by_name(self, name, kwargs):
     args = dict(weight_cap=1.0, expected_total_weight=1.0)
     args.update(kwargs)
@@ -63,19 +67,22 @@ class TestTypeSignature:
   def test_adaptive_rejects_too_few_clients_for_the_noise(self):
     with pytest.raises(dp_aggregator.DPAggregatorConfigError, match='expected clients'):
       dp_aggregator.CappedWeightDPFactory.gaussian_adaptive(
-          noise_multiplier=5.0, expected_clients_per_round=2.0,
-          weight_cap=1.0, expected_total_weight=1.0,
+        noise_multiplier=5.0,
+        expected_clients_per_round=2.0,
+        weight_cap=1.0,
+        expected_total_weight=1.0,
       )
 
 
 @pytest.mark.usefixtures('tff_worker')
 class TestExecution:
-
   def test_computes_capped_weighted_sum_over_fixed_denominator(self):
     process = _fixed().create(VALUE_TYPE, WEIGHT_TYPE)
-    values = [np.array([3, 4, 0, 0], np.float32),   # norm 5 -> clipped to 1
-              np.array([0.1, 0, 0, 0], np.float32)]
-    weights = [5.0, 1000.0]                         # capped to 0.5 and 1
+    values = [
+      np.array([3, 4, 0, 0], np.float32),  # norm 5 -> clipped to 1
+      np.array([0.1, 0, 0, 0], np.float32),
+    ]
+    weights = [5.0, 1000.0]  # capped to 0.5 and 1
     out = process.next(process.initialize(), values, weights)
     expected = (0.5 * np.array([0.6, 0.8, 0, 0]) + np.array([0.1, 0, 0, 0])) / DENOMINATOR
     np.testing.assert_allclose(out.result, expected, rtol=1e-5, atol=1e-7)
@@ -91,8 +98,8 @@ class TestExecution:
       values, weights = _adversarial_clients(rng)
       full = process.next(state, values, weights).result * DENOMINATOR
       for k in range(len(values)):
-        rest_v = values[:k] + values[k + 1:]
-        rest_w = weights[:k] + weights[k + 1:]
+        rest_v = values[:k] + values[k + 1 :]
+        rest_w = weights[:k] + weights[k + 1 :]
         without = process.next(state, rest_v, rest_w).result * DENOMINATOR
         worst = max(worst, float(np.linalg.norm(full - without)))
     assert worst <= CLIP * (1 + 1e-5)
@@ -106,18 +113,18 @@ class TestExecution:
     values, weights = _adversarial_clients(np.random.default_rng(7))
     full = process.next(state, values, weights).result
     moves = [
-        np.linalg.norm(full - process.next(
-            state, values[:k] + values[k + 1:], weights[:k] + weights[k + 1:]).result)
-        for k in range(len(values))
+      np.linalg.norm(
+        full
+        - process.next(state, values[:k] + values[k + 1 :], weights[:k] + weights[k + 1 :]).result
+      )
+      for k in range(len(values))
     ]
     assert max(moves) > 10 * CLIP / DENOMINATOR
 
   def test_noise_has_the_configured_scale(self):
     """Std of the output noise is z*clip/denominator (flake rate < 1e-6)."""
     z = 2.0
-    process = _fixed(noise_multiplier=z).create(
-        tff.TensorType(np.float32, [20000]), WEIGHT_TYPE
-    )
+    process = _fixed(noise_multiplier=z).create(tff.TensorType(np.float32, [20000]), WEIGHT_TYPE)
     out = process.next(process.initialize(), [np.zeros(20000, np.float32)], [1.0])
     expected = z * CLIP / DENOMINATOR
     # 20000 samples: the sample std is within 5% of the truth with p > 1-1e-6.

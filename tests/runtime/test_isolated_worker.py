@@ -12,9 +12,8 @@ import time
 
 import pytest
 
-from runtime import isolated_worker
-from tests.conftest import REPO_ROOT
-from tests.conftest import default_sigint
+from fedpipe.runtime import isolated_worker
+from tests.conftest import REPO_ROOT, default_sigint
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +40,9 @@ def _wait_dead(pids, timeout=15.0):
 
 
 def _worker_binary_pids():
-  out = subprocess.run(['pgrep', '-f', 'tensorflow_federated/data/worker_binary'],
-                       capture_output=True, text=True).stdout
+  out = subprocess.run(
+    ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
+  ).stdout
   return {int(p) for p in out.split()}
 
 
@@ -57,7 +57,7 @@ def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
   before_workers = _worker_binary_pids()
   with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)) as worker:
     assert worker.target.startswith('unix://')
-    path = worker.target[len('unix://'):]
+    path = worker.target[len('unix://') :]
     mode = os.stat(path).st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
@@ -74,17 +74,21 @@ def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
   assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize('configured,expected', [
+@pytest.mark.parametrize(
+  'configured,expected',
+  [
     (isolated_worker.TWO_PER_CORE, 2 * len(os.sched_getaffinity(0))),
     (isolated_worker.NO_LIMIT, -1),
     (-5, -1),
     (3, 3),
-])
+  ],
+)
 def test_worker_runs_the_configured_number_of_clients_at_once(tmp_path, configured, expected):
   assert isolated_worker.resolve_concurrent_calls(configured) == expected
   before = _worker_binary_pids()
-  with isolated_worker.IsolatedWorker(working_dir=str(tmp_path),
-                                      max_concurrent_computation_calls=configured):
+  with isolated_worker.IsolatedWorker(
+    working_dir=str(tmp_path), max_concurrent_computation_calls=configured
+  ):
     argvs = []
     for pid in _worker_binary_pids() - before:
       with open(f'/proc/{pid}/cmdline', 'rb') as f:
@@ -110,10 +114,11 @@ def test_worker_inherits_the_allocator_settings_of_its_owner(tmp_path, monkeypat
 
 def test_runs_computations_reading_files_relative_to_its_working_dir(tmp_path, worker_dir):
   del worker_dir
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_federated as tff
+
+  from fedpipe.runtime import execution_context
 
   (tmp_path / 'hello.txt').write_text('from the silo')
 
@@ -125,10 +130,10 @@ def test_runs_computations_reading_files_relative_to_its_working_dir(tmp_path, w
     assert read('hello.txt') == b'from the silo'
 
 
-_REFUSE = textwrap.dedent('''
+_REFUSE = textwrap.dedent("""
     import numpy as np
     import tensorflow_federated as tff
-    from runtime import execution_context
+    from fedpipe.runtime import execution_context
     execution_context.refuse_unisolated_default_context()
 
     @tff.tensorflow.computation(np.int32)
@@ -141,45 +146,61 @@ _REFUSE = textwrap.dedent('''
       print('refused:', e)
     else:
       print('ran without a fedpipe runtime')
-''')
+""")
 
 
 def test_refuses_to_run_without_a_fedpipe_runtime():
   # A fresh interpreter: the session's tff_worker fixture may hold the context here.
   before = _worker_binary_pids()
-  out = subprocess.run([sys.executable, '-c', _REFUSE], cwd=REPO_ROOT, capture_output=True,
-                       text=True, timeout=300, stdin=subprocess.DEVNULL)
+  out = subprocess.run(
+    [sys.executable, '-c', _REFUSE],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    stdin=subprocess.DEVNULL,
+  )
   assert 'refused:' in out.stdout, out.stdout + out.stderr
   assert 'local_worker_context' in out.stdout
   assert _worker_binary_pids() - before == set()
 
 
-_OWNER = textwrap.dedent('''
+_OWNER = textwrap.dedent("""
     import os, sys, time
-    from runtime import isolated_worker, shutdown
+    from fedpipe.runtime import isolated_worker
+    from fedpipe.runtime import shutdown
     with shutdown.graceful_termination():
       with isolated_worker.IsolatedWorker(working_dir=sys.argv[1]) as w:
         print(os.getpid(), w.pid, flush=True)
         time.sleep(600)
-''')
+""")
 
 
 def _start_owner(tmp_path):
   owner = subprocess.Popen(
-      [sys.executable, '-c', _OWNER, str(tmp_path)], cwd=REPO_ROOT,
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=default_sigint)
+    [sys.executable, '-c', _OWNER, str(tmp_path)],
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    preexec_fn=default_sigint,
+  )
   line = owner.stdout.readline().split()
   assert len(line) == 2, 'owner did not start a worker'
   relay_pid = int(line[1])
-  workers = {p for p in _worker_binary_pids()
-             if os.path.exists(f'/proc/{p}/status')
-             and f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()}
+  workers = {
+    p
+    for p in _worker_binary_pids()
+    if os.path.exists(f'/proc/{p}/status')
+    and f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()
+  }
   assert workers, 'worker_binary is not a child of the relay'
   return owner, relay_pid, workers
 
 
-@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
-                         ids=['kill-9', 'sigterm', 'ctrl-c'])
+@pytest.mark.parametrize(
+  'sig', [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=['kill-9', 'sigterm', 'ctrl-c']
+)
 def test_worker_ends_when_its_owner_is_killed(tmp_path, sig):
   owner, relay_pid, workers = _start_owner(tmp_path)
   os.kill(owner.pid, sig)
@@ -215,8 +236,9 @@ def _private_data_dir(tmp_path):
 
 
 def _worker_of(relay_pid):
-  (pid,) = [p for p in _worker_binary_pids()
-            if f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()]
+  (pid,) = [
+    p for p in _worker_binary_pids() if f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()
+  ]
   return pid
 
 
@@ -227,9 +249,9 @@ def _status(pid):
 
 def _file_reader():
   """A computation that returns the contents of the file at a path it is given."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_federated as tff
 
   @tff.tensorflow.computation(np.str_)
   def read(path):
@@ -239,7 +261,7 @@ def _file_reader():
 
 
 def test_computations_read_only_files_in_the_working_dir(tmp_path):
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  from fedpipe.runtime import execution_context
 
   data = _private_data_dir(tmp_path)
   key = tmp_path / 'silo.key'
@@ -251,18 +273,27 @@ def test_computations_read_only_files_in_the_working_dir(tmp_path):
   with execution_context.local_worker_context(str(data)) as worker:
     assert worker.confined
     assert read('train/c0.txt') == b'client zero'
-    for path in (str(key), '/etc/shadow', '/etc/passwd', os.path.join(str(data), 'train/c0.txt'),
-                 f'{REPO_ROOT}/runtime/silo.py', '/root/.bashrc'):
-      with pytest.raises(Exception, match='No such file or directory|NOT_FOUND|Permission denied') as error:
+    for path in (
+      str(key),
+      '/etc/shadow',
+      '/etc/passwd',
+      os.path.join(str(data), 'train/c0.txt'),
+      f'{REPO_ROOT}/fedpipe/cli/silo.py',
+      '/root/.bashrc',
+    ):
+      with pytest.raises(
+        Exception, match='No such file or directory|NOT_FOUND|Permission denied'
+      ) as error:
         read(path)
       assert b'PRIVATE KEY' not in str(error.value).encode()
 
 
 def test_computations_cannot_write_into_the_working_dir(tmp_path):
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_federated as tff
+
+  from fedpipe.runtime import execution_context
 
   data = _private_data_dir(tmp_path)
 
@@ -300,9 +331,20 @@ def test_worker_runs_unprivileged_in_its_own_mount_and_pid_namespaces(tmp_path):
       assert os.readlink(f'/proc/{pid}/ns/{ns}') != os.readlink(f'/proc/self/ns/{ns}'), ns
     # Its root holds only what it needs; its working dir is the data, read-only.
     assert set(os.listdir(f'/proc/{pid}/root')) <= {
-        'bin', 'data', 'dev', 'lib', 'lib32', 'lib64', 'libx32', 'opt', 'proc', 'sbin', 'tmp',
-        'usr',
-        isolated_worker.worker_binary_path().split('/')[1]}
+      'bin',
+      'data',
+      'dev',
+      'lib',
+      'lib32',
+      'lib64',
+      'libx32',
+      'opt',
+      'proc',
+      'sbin',
+      'tmp',
+      'usr',
+      isolated_worker.worker_binary_path().split('/')[1],
+    }
     assert not os.path.exists(f'/proc/{pid}/root/etc')
     assert os.readlink(f'/proc/{pid}/cwd') == '/data'
     with open(f'/proc/{pid}/mountinfo') as f:
@@ -316,8 +358,9 @@ def test_no_confinement_fails_with_the_fix_or_runs_unconfined_only_when_allowed(
   with pytest.raises(isolated_worker.WorkerConfinementError) as error:
     isolated_worker.IsolatedWorker(working_dir='/dev/pts').start()
   assert 'allow_unconfined_worker' in str(error.value)
-  with isolated_worker.IsolatedWorker(working_dir='/dev/pts',
-                                      allow_unconfined_filesystem=True) as worker:
+  with isolated_worker.IsolatedWorker(
+    working_dir='/dev/pts', allow_unconfined_filesystem=True
+  ) as worker:
     assert not worker.confined and not worker.exposed
     assert worker.target.startswith('unix://')
     pid = _worker_of(worker.pid)
@@ -325,14 +368,14 @@ def test_no_confinement_fails_with_the_fix_or_runs_unconfined_only_when_allowed(
     assert os.readlink(f'/proc/{pid}/ns/net') != os.readlink('/proc/self/ns/net')
 
 
-_KILLED_OWNER = textwrap.dedent('''
+_KILLED_OWNER = textwrap.dedent("""
     import sys, time
-    from runtime import isolated_worker
+    from fedpipe.runtime import isolated_worker
     worker = isolated_worker.IsolatedWorker(working_dir=sys.argv[1])
     worker.start()
     print(worker.target, flush=True)
     time.sleep(600)
-''')
+""")
 
 
 @pytest.fixture
@@ -346,16 +389,22 @@ def private_tmpdir(monkeypatch):
 
 
 def test_temporary_dirs_go_on_stop_and_after_kill_9_at_the_next_start(tmp_path, private_tmpdir):
-  owner = subprocess.Popen([sys.executable, '-c', _KILLED_OWNER, str(tmp_path)], cwd=REPO_ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  owner = subprocess.Popen(
+    [sys.executable, '-c', _KILLED_OWNER, str(tmp_path)],
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   with owner:
     target = owner.stdout.readline().strip()
     assert target.startswith(f'unix://{private_tmpdir}/fedpipe-worker-{owner.pid}-')
-    owner_dir = os.path.dirname(target[len('unix://'):])
+    owner_dir = os.path.dirname(target[len('unix://') :])
     with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)) as worker:
       # A live owner's directory stays.
       assert sorted(os.listdir(private_tmpdir)) == sorted(
-          [os.path.basename(owner_dir), os.path.basename(os.path.dirname(worker.log_path))])
+        [os.path.basename(owner_dir), os.path.basename(os.path.dirname(worker.log_path))]
+      )
     assert os.listdir(private_tmpdir) == [os.path.basename(owner_dir)]
     owner.kill()
   assert os.path.isdir(owner_dir)  # SIGKILL left it.
@@ -371,12 +420,12 @@ def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
   dead = subprocess.Popen(['true'])
   dead.wait()
   names = {
-      'mine': f'fedpipe-worker-{me}-{started}-abc_123',
-      'reused': f'fedpipe-worker-{me}-{started - 1}-abc_123',
-      'dead': f'fedpipe-worker-{dead.pid}-{started}-abc_123',
-      'legacy_new': 'fedpipe-worker-abcd1234',
-      'legacy_old': 'fedpipe-worker-efgh5678',
-      'other': 'something-else',
+    'mine': f'fedpipe-worker-{me}-{started}-abc_123',
+    'reused': f'fedpipe-worker-{me}-{started - 1}-abc_123',
+    'dead': f'fedpipe-worker-{dead.pid}-{started}-abc_123',
+    'legacy_new': 'fedpipe-worker-abcd1234',
+    'legacy_old': 'fedpipe-worker-efgh5678',
+    'other': 'something-else',
   }
   for name in names.values():
     os.mkdir(os.path.join(private_tmpdir, name))
@@ -384,16 +433,18 @@ def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
   os.utime(os.path.join(private_tmpdir, names['legacy_old']), (old, old))
   removed = isolated_worker.remove_stale_tmpdirs()
   assert sorted(os.path.basename(p) for p in removed) == sorted(
-      [names['reused'], names['dead'], names['legacy_old']])
+    [names['reused'], names['dead'], names['legacy_old']]
+  )
   assert sorted(os.listdir(private_tmpdir)) == sorted(
-      [names['mine'], names['legacy_new'], names['other']])
+    [names['mine'], names['legacy_new'], names['other']]
+  )
 
 
 @pytest.mark.slow
 def test_a_checkout_under_tmp_runs_its_worker_confined(tmp_path, monkeypatch):
   """The worker binary of a checkout under /tmp (a CI clone, say) would land in
   the sandbox's own /tmp: it is mounted elsewhere inside."""
-  from runtime import execution_context  # pylint: disable=g-import-not-at-top
+  from fedpipe.runtime import execution_context
 
   assert str(tmp_path).startswith('/tmp/')
   binary = tmp_path / 'venv' / 'tensorflow_federated' / 'data' / 'worker_binary'

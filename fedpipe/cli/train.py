@@ -1,0 +1,126 @@
+r"""Trains a federated model, with user-level DP, on preprocessed client data.
+
+    python -m fedpipe.cli.train --config=configs/digits_dp.py \
+        [--config.training.rounds=50] [--output_dir=runs/digits_dp] [--overwrite]
+
+Each round prints one line (round, clients, loss, accuracy, ε so far,
+seconds). Rerunning the same command after an interruption resumes from the
+last checkpoint. At the end it evaluates on the held-out clients, exports the
+Keras model, writes the privacy report and a plot, and prints
+
+    test_accuracy=<float>
+    epsilon=<float>
+    delta=<float>
+    output_dir=<path>
+
+One run at a time uses an output directory: a second one is refused at once.
+
+Exit status: 0 on success; 2 with one line `error: ...` on stderr for a
+problem the user can fix (a flag, the config, the data, the output directory,
+a failed round); 130 on Ctrl-C and 143 on SIGTERM, after one line saying
+after which round training stopped.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Workers are started with fork+exec while gRPC channels are open.
+os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
+
+import sys
+
+from absl import app, flags
+
+from fedpipe.cli import entrypoint as cli
+from fedpipe.runtime import execution_context, shutdown
+from fedpipe.training import loop as training_loop
+from fedpipe.training import program as training_program
+from fedpipe.training import run_directory
+
+# Importing TFF made it a default context holding a local worker manager, whose
+# __del__ fails at interpreter exit if nothing replaced it (an early error).
+execution_context.refuse_unisolated_default_context()
+
+_CONFIG = cli.define_config_flag()
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Run directory; default runs/<config.name>.')
+_SILOS = flags.DEFINE_string(
+  'silos', None, 'Train across these silos: [name=]host:port,... (sets runtime.mode=silos).'
+)
+_TLS_CA = flags.DEFINE_string('tls_ca', None, 'CA certificate that signed the silos (PEM).')
+_TLS_CERT = flags.DEFINE_string('tls_cert', None, "This coordinator's client certificate (PEM).")
+_TLS_KEY = flags.DEFINE_string('tls_key', None, "This coordinator's private key (PEM).")
+_SUBMIT_STUDY = flags.DEFINE_bool(
+  'submit_study',
+  False,
+  "Only submit this run's study to the silos for approval, print "
+  "each silo's answer and the study id, and exit (docs/governance.md).",
+)
+_OVERWRITE = flags.DEFINE_bool(
+  'overwrite', False, 'Discard a previous run in --output_dir instead of resuming it.'
+)
+
+
+def _apply_runtime_flags(config) -> None:
+  runtime = config.runtime
+  if _SILOS.value:
+    runtime.silos = _SILOS.value
+    runtime.mode = 'silos'
+  for flag, field in ((_TLS_CA, 'tls_ca'), (_TLS_CERT, 'tls_cert'), (_TLS_KEY, 'tls_key')):
+    if flag.value:
+      runtime[field] = flag.value
+
+
+def _interruption_message(progress: training_loop.Progress, *, submitting: bool) -> str:
+  if submitting:
+    return 'interrupted; rerun the same command to submit the study'
+  done, saved = progress.rounds_completed, progress.last_checkpoint
+  if not done:
+    return 'interrupted before the first round; rerun the same command to resume'
+  if saved == done:
+    return f'interrupted after round {done}; rerun the same command to resume'
+  if not saved:
+    return (
+      f'interrupted after round {done}, before its first checkpoint; rerun the same '
+      'command to start again'
+    )
+  return (
+    f'interrupted after round {done}; rerun the same command to resume from the '
+    f'checkpoint of round {saved}'
+  )
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
+  training_program.quiet_logs()
+  progress = training_loop.Progress()
+  try:
+    with shutdown.graceful_termination():
+      config = cli.load_config(_CONFIG)
+      _apply_runtime_flags(config)
+      output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
+      if _SUBMIT_STUDY.value:
+        with run_directory.lock(output_dir):
+          training_program.submit_study(config, output_dir)
+      else:
+        training_program.run(config, output_dir, overwrite=_OVERWRITE.value, progress=progress)
+  except training_program.USER_ERRORS as e:
+    cli.fail(str(e))
+  except (KeyboardInterrupt, shutdown.Terminated) as e:
+    print(
+      _interruption_message(progress, submitting=_SUBMIT_STUDY.value), file=sys.stderr, flush=True
+    )
+    return shutdown.interruption_exit_code(e)
+  return 0
+
+
+def run() -> None:
+  """Console-script entrypoint."""
+  app.run(
+    lambda argv: sys.exit(main(argv)),
+    flags_parser=lambda argv: cli.parse_flags(argv, known_only=False),
+  )
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,1 @@
+"""Typed TFF computations: Keras model wrapping, FedAvg/FedProx/FedAdam, DP aggregation, accounting."""

@@ -1,0 +1,1 @@
+"""Experiment configs: the base fields with their defaults, and validation at the edge."""

@@ -1,0 +1,114 @@
+"""The fields every fedpipe experiment config has, with safe defaults.
+
+An experiment config (`configs/<name>.py`) starts from `get_base_config()` and
+changes what differs. Programs take it with `--config=configs/<name>.py` and
+single fields with `--config.training.rounds=5`; `fedpipe.config.validation.validate`
+checks the whole config once, at the program's edge.
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+
+def get_base_config() -> config_dict.ConfigDict:
+  """Returns the base config; see the comments for each field's meaning."""
+  config = config_dict.ConfigDict()
+  config.name = 'experiment'
+  config.seed = 0  # Model initialization and bundled-data generation.
+
+  config.data = config_dict.ConfigDict()
+  data = config.data
+  # Bundled raw data to generate (`python -m fedpipe.cli.make_data`):
+  # 'sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', or 'none' for
+  # data you bring yourself.
+  data.source = 'sklearn:digits'
+  data.raw_dir = 'data/digits/raw'
+  data.raw_format = 'csv'  # csv | jsonl
+  data.num_clients = 300
+  data.partition = 'iid'  # iid | dirichlet (label skew)
+  data.dirichlet_alpha = 0.5  # Smaller is more skewed.
+  data.test_fraction = 0.2
+  # Inputs of the preprocessing pipeline (file patterns) and its feature spec.
+  data.train_files = 'data/digits/raw/train.csv'
+  data.eval_files = 'data/digits/raw/test.csv'
+  data.feature_spec = 'data/digits/raw/feature_spec.json'
+  # Output of the preprocessing pipeline: per-client TFRecords + manifest.
+  data.processed_dir = 'data/digits/clients'
+  data.min_examples_per_client = 1
+  # Preprocessing fails, writing nothing, above this fraction of bad rows.
+  data.max_malformed_fraction = 0.05
+
+  config.model = config_dict.ConfigDict()
+  config.model.hidden_units = (64, 64)
+
+  config.training = config_dict.ConfigDict()
+  training = config.training
+  training.rounds = 100
+  training.clients_per_round = 60  # Expected number under Poisson sampling.
+  training.sampling = 'poisson'  # poisson | fixed_size
+  # None: a secret random seed, kept in the output directory for resuming.
+  training.sampling_seed = config_dict.placeholder(int)
+  training.local_epochs = 1
+  training.batch_size = 16
+  training.client_learning_rate = 0.1
+  training.server_optimizer = 'sgdm'  # sgdm | adam
+  training.server_learning_rate = 1.0
+  training.server_momentum = 0.9
+  # 'cosine' decays the server learning rate to server_lr_final_fraction of
+  # its value by the last round: later (noisier, under DP) updates move the
+  # model less. Post-processing: it costs no privacy.
+  training.server_lr_schedule = 'constant'  # constant | cosine
+  training.server_lr_final_fraction = 0.1
+  training.adam_beta1 = 0.9
+  training.adam_beta2 = 0.99
+  training.adam_epsilon = 1e-3
+  training.proximal_strength = 0.0  # > 0 turns FedAvg into FedProx.
+  training.checkpoint_every = 1
+  training.keep_checkpoints = 3
+  training.eval_every = 0  # Federated evaluation every N rounds; 0: at the end only.
+
+  config.dp = config_dict.ConfigDict()
+  dp = config.dp
+  dp.enabled = True
+  # Either the noise multiplier, or a target epsilon to calibrate it for.
+  dp.noise_multiplier = config_dict.placeholder(float)
+  dp.target_epsilon = config_dict.placeholder(float)
+  dp.delta = 1e-5
+  dp.clipping = 'fixed'  # fixed | adaptive
+  dp.clip_norm = 1.0  # Fixed clipping norm of a client's model update.
+  dp.initial_clip_norm = 0.1  # Adaptive clipping (Andrew et al. 2021).
+  dp.target_unclipped_quantile = 0.5
+  dp.clip_learning_rate = 0.2
+  dp.clipped_count_stddev = config_dict.placeholder(float)
+  # Client weight (examples processed in a round) at which the weight is
+  # capped; None: the median client's weight.
+  dp.weight_cap = config_dict.placeholder(float)
+  dp.accountant = 'rdp'  # rdp | pld
+
+  config.runtime = config_dict.ConfigDict()
+  runtime = config.runtime
+  runtime.mode = 'local'  # local | silos
+  # mode=silos: the silos to train across, '[name=]host:port,...', and this
+  # coordinator's mutual-TLS files (see docs/deploy-silo.md).
+  runtime.silos = ''
+  runtime.tls_ca = ''
+  runtime.tls_cert = ''
+  runtime.tls_key = ''
+  # A silo that is down or fails: 'fail' stops with an error naming it;
+  # 'drop' continues without it (logged and counted per round).
+  runtime.on_silo_failure = 'fail'
+  runtime.silo_round_timeout_s = 600.0
+  runtime.silo_connect_timeout_s = 30.0
+  runtime.min_silos_per_round = 1
+  # Run the TFF worker on a host port if no private network namespace can be
+  # made. It is then reachable, unauthenticated, from any network.
+  runtime.allow_exposed_worker = False
+  # Run the TFF worker with the host's filesystem if the kernel cannot confine
+  # it to the client data (mount namespace, unprivileged user).
+  runtime.allow_unconfined_worker = False
+  # Clients the TFF worker trains at once: < 0 = no limit (TFF's default; best
+  # for many small clients), 0 = two per CPU core (faster for large clients,
+  # see fedpipe/runtime/isolated_worker.py), else the limit.
+  runtime.max_concurrent_computation_calls = -1
+  return config

@@ -1,0 +1,207 @@
+"""Checks an experiment config once, at the program's edge.
+
+Every problem is reported with the field's full name, the value found and
+what is allowed, all at once, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ml_collections import config_dict
+
+SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'none')
+
+
+class ConfigError(ValueError):
+  """One or more config fields are invalid; the message names each."""
+
+  def __init__(self, problems: Iterable[str]):
+    self.problems = list(problems)
+    super().__init__('invalid config:\n' + '\n'.join(f'  - {p}' for p in self.problems))
+
+
+def _get(config: config_dict.ConfigDict, path: str) -> Any:
+  node = config
+  for part in path.split('.'):
+    node = node[part]
+  return node
+
+
+class _Checker:
+  """Collects problems as `config.<path>: <what is wrong>` lines."""
+
+  def __init__(self, config: config_dict.ConfigDict):
+    self._config = config
+    self.problems: list[str] = []
+
+  def value(self, path: str) -> Any:
+    try:
+      return _get(self._config, path)
+    except (KeyError, AttributeError):
+      self.problems.append(
+        f'config.{path}: missing (start from fedpipe.config.base.get_base_config())'
+      )
+      return None
+
+  def check(self, path: str, ok: Callable[[Any], bool], allowed: str) -> Any:
+    value = self.value(path)
+    if value is None:
+      if not any(p.startswith(f'config.{path}:') for p in self.problems):
+        self.problems.append(f'config.{path}: is None; must be {allowed}')
+      return None
+    try:
+      good = ok(value)
+    except (TypeError, ValueError):
+      good = False
+    if not good:
+      self.problems.append(f'config.{path}: got {value!r}; must be {allowed}')
+    return value if good else None
+
+  def one_of(self, path: str, choices: tuple[str, ...]) -> Any:
+    return self.check(path, lambda v: v in choices, f'one of {", ".join(choices)}')
+
+  def integer(self, path: str, minimum: int) -> Any:
+    return self.check(
+      path,
+      lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+      f'an integer >= {minimum}',
+    )
+
+  def number(
+    self,
+    path: str,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+  ) -> Any:
+    def ok(v):
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+      return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    lo = '(' if low_open else '['
+    hi = ')' if high_open else ']'
+    return self.check(path, ok, f'a number in {lo}{low:g}, {high:g}{hi}')
+
+  def text(self, path: str) -> Any:
+    return self.check(path, lambda v: isinstance(v, str) and bool(v), 'a non-empty string')
+
+  def add(self, problem: str) -> None:
+    self.problems.append(problem)
+
+
+def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Returns `config` unchanged if it is valid.
+
+  Raises:
+    ConfigError: Listing every invalid field.
+  """
+  c = _Checker(config)
+  c.text('name')
+  c.integer('seed', 0)
+
+  source = c.one_of('data.source', SOURCES)
+  c.one_of('data.raw_format', ('csv', 'jsonl'))
+  if source != 'none':
+    c.text('data.raw_dir')
+    c.integer('data.num_clients', 1)
+    c.one_of('data.partition', ('iid', 'dirichlet'))
+    c.number('data.dirichlet_alpha', low=0, low_open=True)
+    c.number('data.test_fraction', low=0, high=1, low_open=True, high_open=True)
+  c.text('data.train_files')
+  eval_files = c.value('data.eval_files')
+  if eval_files is not None and not isinstance(eval_files, str):
+    c.add(f'config.data.eval_files: got {eval_files!r}; must be a file pattern or None')
+  c.text('data.feature_spec')
+  c.text('data.processed_dir')
+  c.integer('data.min_examples_per_client', 1)
+  c.number('data.max_malformed_fraction', low=0, high=1)
+
+  hidden = c.value('model.hidden_units')
+  if hidden is not None and (
+    not isinstance(hidden, (tuple, list))
+    or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
+  ):
+    c.add(f'config.model.hidden_units: got {hidden!r}; must be a tuple of positive integers')
+
+  c.integer('training.rounds', 1)
+  c.integer('training.clients_per_round', 1)
+  sampling = c.one_of('training.sampling', ('poisson', 'fixed_size'))
+  seed = c.value('training.sampling_seed')
+  if seed is not None and (not isinstance(seed, int) or seed < 0):
+    c.add(f'config.training.sampling_seed: got {seed!r}; must be None or an integer >= 0')
+  c.integer('training.local_epochs', 1)
+  c.integer('training.batch_size', 1)
+  c.number('training.client_learning_rate', low=0, low_open=True)
+  c.one_of('training.server_optimizer', ('sgdm', 'adam'))
+  c.number('training.server_learning_rate', low=0, low_open=True)
+  c.number('training.server_momentum', low=0, high=1, high_open=True)
+  c.one_of('training.server_lr_schedule', ('constant', 'cosine'))
+  c.number('training.server_lr_final_fraction', low=0, high=1)
+  c.number('training.adam_beta1', low=0, high=1, high_open=True)
+  c.number('training.adam_beta2', low=0, high=1, high_open=True)
+  c.number('training.adam_epsilon', low=0, low_open=True)
+  c.number('training.proximal_strength', low=0)
+  c.integer('training.checkpoint_every', 1)
+  c.integer('training.keep_checkpoints', 1)
+  c.integer('training.eval_every', 0)
+
+  dp_enabled = c.check('dp.enabled', lambda v: isinstance(v, bool), 'true or false')
+  if dp_enabled:
+    noise = c.value('dp.noise_multiplier')
+    target = c.value('dp.target_epsilon')
+    if (noise is None) == (target is None):
+      c.add(
+        'config.dp: set exactly one of dp.noise_multiplier and dp.target_epsilon '
+        f'(got noise_multiplier={noise!r}, target_epsilon={target!r})'
+      )
+    if noise is not None:
+      c.number('dp.noise_multiplier', low=0)
+    if target is not None:
+      c.number('dp.target_epsilon', low=0, low_open=True)
+    c.number('dp.delta', low=0, high=1, low_open=True, high_open=True)
+    clipping = c.one_of('dp.clipping', ('fixed', 'adaptive'))
+    if clipping == 'fixed':
+      c.number('dp.clip_norm', low=0, low_open=True)
+    else:
+      c.number('dp.initial_clip_norm', low=0, low_open=True)
+      c.number('dp.target_unclipped_quantile', low=0, high=1)
+      c.number('dp.clip_learning_rate', low=0)
+      if c.value('dp.clipped_count_stddev') is not None:
+        c.number('dp.clipped_count_stddev', low=0)
+    if c.value('dp.weight_cap') is not None:
+      c.number('dp.weight_cap', low=0, low_open=True)
+    accountant = c.one_of('dp.accountant', ('rdp', 'pld'))
+    if accountant == 'pld' and sampling == 'fixed_size':
+      c.add(
+        'config.dp.accountant: pld cannot analyse training.sampling=fixed_size; '
+        'use dp.accountant=rdp or training.sampling=poisson'
+      )
+
+  mode = c.one_of('runtime.mode', ('local', 'silos'))
+  if mode == 'silos':
+    for field in ('silos', 'tls_ca', 'tls_cert', 'tls_key'):
+      c.check(
+        f'runtime.{field}',
+        lambda v: isinstance(v, str) and bool(v),
+        'set for runtime.mode=silos (or pass --silos/--tls_* to the program)',
+      )
+    c.one_of('runtime.on_silo_failure', ('fail', 'drop'))
+    c.number('runtime.silo_round_timeout_s', low=0, low_open=True)
+    c.number('runtime.silo_connect_timeout_s', low=0, low_open=True)
+    c.integer('runtime.min_silos_per_round', 1)
+  c.check('runtime.allow_exposed_worker', lambda v: isinstance(v, bool), 'true or false')
+  c.check('runtime.allow_unconfined_worker', lambda v: isinstance(v, bool), 'true or false')
+  c.check(
+    'runtime.max_concurrent_computation_calls',
+    lambda v: isinstance(v, int) and not isinstance(v, bool),
+    'an integer (0: two per CPU core; < 0: no limit)',
+  )
+  if c.problems:
+    raise ConfigError(c.problems)
+  return config

@@ -1,0 +1,96 @@
+"""`tf.train.Example` records and TFRecord files without importing TensorFlow.
+
+Beam workers that write client files only need to build Example protos and
+frame them as TFRecords. Importing TensorFlow for that costs each worker
+process several seconds of start-up (measured 2.5 s vs 8.1 s for an empty
+2-worker multi-process pipeline, benchmarks/measure_beam_startup.py), which
+dominates small preprocessing runs. This module declares the Example messages
+in a private protobuf descriptor pool (the same fields and numbers as
+tensorflow/core/example/{example,feature}.proto, so the bytes are the same as
+`tf.train.Example.SerializeToString()`) and writes TFRecord framing with
+Beam's TFRecord coder (CRC32C from google-crc32c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from apache_beam.io import tfrecordio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_FIELD = descriptor_pb2.FieldDescriptorProto
+
+
+def _example_file() -> descriptor_pb2.FileDescriptorProto:
+  """The Example/Features/Feature messages, as declared by TensorFlow (proto3)."""
+  f = descriptor_pb2.FileDescriptorProto(
+    name='fedpipe/tf_example.proto', package='tensorflow', syntax='proto3'
+  )
+
+  def message(name: str, fields: Iterable[tuple[str, int, int, int, str]]):
+    m = f.message_type.add(name=name)
+    for field_name, number, label, kind, type_name in fields:
+      m.field.add(
+        name=field_name, number=number, label=label, type=kind, type_name=type_name or None
+      )
+    return m
+
+  repeated, optional = _FIELD.LABEL_REPEATED, _FIELD.LABEL_OPTIONAL
+  message('BytesList', [('value', 1, repeated, _FIELD.TYPE_BYTES, '')])
+  message('FloatList', [('value', 1, repeated, _FIELD.TYPE_FLOAT, '')])
+  message('Int64List', [('value', 1, repeated, _FIELD.TYPE_INT64, '')])
+  feature = message(
+    'Feature',
+    [
+      ('bytes_list', 1, optional, _FIELD.TYPE_MESSAGE, '.tensorflow.BytesList'),
+      ('float_list', 2, optional, _FIELD.TYPE_MESSAGE, '.tensorflow.FloatList'),
+      ('int64_list', 3, optional, _FIELD.TYPE_MESSAGE, '.tensorflow.Int64List'),
+    ],
+  )
+  feature.oneof_decl.add(name='kind')
+  for field in feature.field:
+    field.oneof_index = 0
+  features = message(
+    'Features', [('feature', 1, repeated, _FIELD.TYPE_MESSAGE, '.tensorflow.Features.FeatureEntry')]
+  )
+  entry = features.nested_type.add(name='FeatureEntry')
+  entry.options.map_entry = True
+  entry.field.add(name='key', number=1, label=optional, type=_FIELD.TYPE_STRING)
+  entry.field.add(
+    name='value',
+    number=2,
+    label=optional,
+    type=_FIELD.TYPE_MESSAGE,
+    type_name='.tensorflow.Feature',
+  )
+  message('Example', [('features', 1, optional, _FIELD.TYPE_MESSAGE, '.tensorflow.Features')])
+  return f
+
+
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(_example_file())
+
+Example = message_factory.GetMessageClass(_POOL.FindMessageTypeByName('tensorflow.Example'))
+"""`tensorflow.Example`, wire-compatible with `tf.train.Example`."""
+
+
+def write_tfrecord_file(path: str, records: Iterable[bytes]) -> int:
+  """Writes `records` to a new uncompressed TFRecord file (any Beam filesystem).
+
+  Args:
+    path: The file to create; replaced if it exists.
+    records: The serialized records, in file order.
+
+  Returns:
+    The number of records written.
+  """
+  count = 0
+  with FileSystems.create(
+    path, mime_type='application/octet-stream', compression_type=CompressionTypes.UNCOMPRESSED
+  ) as f:
+    for record in records:
+      tfrecordio._TFRecordUtil.write_record(f, record)
+      count += 1
+  return count

@@ -1,0 +1,188 @@
+"""The manifest of a preprocessed client-data directory: what exists, never what it holds.
+
+The Beam preprocessing pipeline writes, under its output directory,
+
+    manifest.json
+    train/<client_id>.tfrecord     one file per training client
+    eval/<client_id>.tfrecord      one file per evaluation client
+    dead_letter/...                rejected raw records, with reasons
+
+Each TFRecord holds `tf.train.Example`s with two features: `x`, a float list
+of `num_features` normalized values, and `y`, one int64 class label.
+
+The manifest lists client ids and example counts per split plus the feature
+spec. A silo publishes it to the coordinator; it never contains records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_FILENAME = 'manifest.json'
+TRAIN_SPLIT = 'train'
+EVAL_SPLIT = 'eval'
+SPLITS = (TRAIN_SPLIT, EVAL_SPLIT)
+RECORD_EXTENSION = '.tfrecord'
+
+# Client ids are file names at the silo: no separators, no leading dot.
+CLIENT_ID_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,127}'
+_CLIENT_ID_RE = re.compile(CLIENT_ID_PATTERN)
+
+
+class ManifestError(ValueError):
+  """A client-data directory or its manifest is missing, malformed or inconsistent."""
+
+
+def is_valid_client_id(client_id: str) -> bool:
+  return _CLIENT_ID_RE.fullmatch(client_id) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitManifest:
+  """The clients of one split: id -> number of examples."""
+
+  clients: Mapping[str, int]
+  excluded_clients: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.clients.values())
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'num_clients': len(self.clients),
+      'num_examples': self.num_examples,
+      'clients': dict(sorted(self.clients.items())),
+      'excluded_clients': dict(sorted(self.excluded_clients.items())),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """What a preprocessed client-data directory holds."""
+
+  feature_spec: Mapping[str, Any]
+  splits: Mapping[str, SplitManifest]
+  num_features: int
+  num_classes: int
+  dead_letter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def split(self, name: str) -> SplitManifest:
+    if name not in self.splits:
+      raise ManifestError(
+        f'manifest has no split {name!r} (it has {sorted(self.splits)}); '
+        "re-run preprocessing with that split's input files configured."
+      )
+    return self.splits[name]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'schema_version': SCHEMA_VERSION,
+      'record_format': {
+        'x': {'dtype': 'float32', 'shape': [self.num_features]},
+        'y': {'dtype': 'int64', 'shape': []},
+      },
+      'num_features': self.num_features,
+      'num_classes': self.num_classes,
+      'feature_spec': dict(self.feature_spec),
+      'splits': {k: v.to_json() for k, v in sorted(self.splits.items())},
+      'dead_letter': dict(self.dead_letter),
+      **dict(self.extra),
+    }
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any], *, source: str = 'manifest') -> Manifest:
+    """Builds a manifest from its JSON form.
+
+    Raises:
+      ManifestError: If a field is missing, of the wrong type, or the schema
+        version is not this code's.
+    """
+    try:
+      version = data['schema_version']
+      if version != SCHEMA_VERSION:
+        raise ManifestError(
+          f'{source}: schema_version {version} is not supported (expected '
+          f'{SCHEMA_VERSION}); re-run preprocessing with this fedpipe version.'
+        )
+      splits = {}
+      for name, split in data['splits'].items():
+        clients = {str(k): int(v) for k, v in split['clients'].items()}
+        for client_id in clients:
+          if not is_valid_client_id(client_id):
+            raise ManifestError(f'{source}: invalid client id {client_id!r} in split {name!r}')
+        excluded = {str(k): int(v) for k, v in split.get('excluded_clients', {}).items()}
+        splits[name] = SplitManifest(clients=clients, excluded_clients=excluded)
+      known = {
+        'schema_version',
+        'record_format',
+        'num_features',
+        'num_classes',
+        'feature_spec',
+        'splits',
+        'dead_letter',
+      }
+      return cls(
+        feature_spec=dict(data['feature_spec']),
+        splits=splits,
+        num_features=int(data['num_features']),
+        num_classes=int(data['num_classes']),
+        dead_letter=dict(data.get('dead_letter', {})),
+        extra={k: v for k, v in data.items() if k not in known},
+      )
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+      if isinstance(e, ManifestError):
+        raise
+      raise ManifestError(f'{source}: malformed manifest ({type(e).__name__}: {e})') from e
+
+
+def manifest_path(data_dir: str) -> str:
+  return os.path.join(data_dir, MANIFEST_FILENAME)
+
+
+def client_file(split: str, client_id: str) -> str:
+  """The path of a client's records relative to the data directory."""
+  return f'{split}/{client_id}{RECORD_EXTENSION}'
+
+
+def write_manifest(data_dir: str, manifest: Manifest) -> str:
+  """Writes `manifest.json` atomically; returns its path."""
+  path = manifest_path(data_dir)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(manifest.to_json(), f, indent=2, sort_keys=False)
+    f.write('\n')
+  os.replace(tmp, path)
+  return path
+
+
+def read_manifest(data_dir: str) -> Manifest:
+  """Reads and validates the manifest of a client-data directory.
+
+  Raises:
+    ManifestError: If the directory or its manifest is missing or malformed.
+  """
+  path = manifest_path(data_dir)
+  if not os.path.isdir(data_dir):
+    raise ManifestError(
+      f'client-data directory {data_dir!r} does not exist; run the '
+      'preprocessing pipeline first (python -m fedpipe.cli.preprocess --config=...).'
+    )
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except FileNotFoundError as e:
+    raise ManifestError(
+      f'{path} not found: {data_dir!r} is not a preprocessed client-data '
+      'directory; run python -m fedpipe.cli.preprocess --config=... first.'
+    ) from e
+  except (OSError, json.JSONDecodeError) as e:
+    raise ManifestError(f'cannot read {path}: {e}') from e
+  return Manifest.from_json(data, source=path)

@@ -1,0 +1,531 @@
+"""A data owner's silo: TFF's executor service over mutual TLS, relayed to an isolated worker.
+
+The server a data owner runs on their own infrastructure:
+
+* speaks TFF's `ExecutorGroup` gRPC service to the coordinator over mutual
+  TLS: callers without a client certificate signed by the silo's CA never get
+  past the handshake;
+* relays every call to a TFF worker it starts and supervises itself, in a
+  private loopback-only network namespace, with the silo's client-data
+  directory as the worker's working directory (data is read here, by client
+  id, and only aggregates leave);
+* publishes its manifest (client ids, example counts, feature spec) through
+  `fedpipe.Silo/GetManifest`, never record contents;
+* answers standard gRPC health checks (`grpc.health.v1.Health`);
+* logs one JSON object per event;
+* restarts its worker if it dies, and ends it on shutdown;
+* with a governance gate, also takes study requests (`fedpipe.Silo/SubmitStudy`,
+  `StudyStatus`) and runs only approved computations (see governance_gate).
+
+Every executor call passes through `ExecutorProxy`, where a `CallGate` (the
+data owner's policy, see governance) may refuse it before it reaches the
+worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow_federated.proto.v0 import executor_pb2_grpc
+
+from fedpipe.data import manifest as manifest_lib
+from fedpipe.federation import tls as tls_lib
+from fedpipe.federation import tls_front
+from fedpipe.runtime import isolated_worker
+
+LOG = logging.getLogger('fedpipe.silo')
+
+EXECUTOR_SERVICE = 'tensorflow_federated.v0.ExecutorGroup'
+SILO_SERVICE = 'fedpipe.Silo'
+_EXECUTOR_METHODS = (
+  'GetExecutor',
+  'CreateValue',
+  'CreateCall',
+  'CreateStruct',
+  'CreateSelection',
+  'Compute',
+  'Dispose',
+  'DisposeExecutor',
+)
+_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+GRPC_OPTIONS = (
+  ('grpc.max_send_message_length', _MAX_MESSAGE_BYTES),
+  ('grpc.max_receive_message_length', _MAX_MESSAGE_BYTES),
+  # Coordinators send keepalive pings every 30 s (cross_silo).
+  ('grpc.http2.min_recv_ping_interval_without_data_ms', 20_000),
+  ('grpc.keepalive_permit_without_calls', 1),
+)
+_WATCH_INTERVAL_S = 1.0
+
+
+class SiloStartError(RuntimeError):
+  """The silo server cannot start; the message says what to fix."""
+
+
+class CallGate(Protocol):
+  """Decides whether an executor call may reach the worker.
+
+  Returns None to allow it, or a message to refuse it with
+  PERMISSION_DENIED. `on_forwarded` runs after the worker answered and
+  before the answer is sent, `on_failed` after the worker failed and before
+  its error is sent: each returns None to send it, or a message to withhold
+  it (PERMISSION_DENIED).
+  """
+
+  def check(self, method: str, request, caller: str) -> str | None: ...
+
+  def on_forwarded(self, method: str, request, response, caller: str) -> str | None: ...
+
+  def on_failed(self, method: str, request, caller: str) -> str | None: ...
+
+
+class _WorkerLink:
+  """The supervised worker and a stub to it; replaced when the worker dies."""
+
+  def __init__(
+    self, data_dir: str, log_path: str | None, max_concurrent: int, allow_unconfined: bool = False
+  ):
+    self._data_dir = data_dir
+    self._log_path = log_path
+    self._max_concurrent = max_concurrent
+    self._allow_unconfined = allow_unconfined
+    self._lock = threading.Lock()
+    self.worker: isolated_worker.IsolatedWorker | None = None
+    self.channel: grpc.Channel | None = None
+    self.stub: executor_pb2_grpc.ExecutorGroupStub | None = None
+    self.restarts = 0
+
+  def start(self) -> None:
+    with self._lock:
+      worker = isolated_worker.IsolatedWorker(
+        working_dir=self._data_dir,
+        log_path=self._log_path,
+        max_concurrent_computation_calls=self._max_concurrent,
+        allow_unconfined_filesystem=self._allow_unconfined,
+      )
+      worker.start()
+      self.worker = worker
+      self.channel = grpc.insecure_channel(worker.target, options=GRPC_OPTIONS)
+      self.stub = executor_pb2_grpc.ExecutorGroupStub(self.channel)
+
+  def stop(self) -> None:
+    with self._lock:
+      if self.channel is not None:
+        self.channel.close()
+      if self.worker is not None:
+        self.worker.stop()
+      self.worker = self.channel = self.stub = None
+
+  def alive(self) -> bool:
+    return self.worker is not None and self.worker.is_alive()
+
+
+class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
+  """Forwards TFF executor calls to the worker, through the gate, with logs."""
+
+  def __init__(
+    self,
+    link: _WorkerLink,
+    *,
+    silo_name: str,
+    gate: CallGate | None = None,
+    identify: Callable[[grpc.ServicerContext], str] | None = None,
+  ):
+    self._link = link
+    self._silo_name = silo_name
+    self._gate = gate
+    # The caller's certificate name; ends the call with UNAUTHENTICATED if none.
+    self._identify = identify or (
+      lambda context: tls_lib.authenticated_caller(context, server=f'silo {silo_name}')
+    )
+
+  def _forward(self, method: str, request, context: grpc.ServicerContext):
+    caller = self._identify(context)
+    if self._gate is not None:
+      refusal = self._gate.check(method, request, caller)
+      if refusal is not None:
+        LOG.warning(
+          json.dumps(
+            {
+              'event': 'refused',
+              'silo': self._silo_name,
+              'method': method,
+              'caller': caller,
+              'reason': refusal,
+            }
+          )
+        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {refusal}')
+    stub = self._link.stub
+    if stub is None:
+      context.abort(grpc.StatusCode.UNAVAILABLE, f'silo {self._silo_name}: worker is restarting')
+    started = time.monotonic()
+    try:
+      response = getattr(stub, method)(request)
+    except grpc.RpcError as e:
+      LOG.error(
+        json.dumps(
+          {
+            'event': 'worker_error',
+            'silo': self._silo_name,
+            'method': method,
+            'caller': caller,
+            'code': e.code().name,
+            'details': (e.details() or '')[:2000],
+          }
+        )
+      )
+      # A computation's failure says something about the data too: it is
+      # charged like a result before the caller hears of it.
+      withheld = self._gate.on_failed(method, request, caller) if self._gate else None
+      if withheld is not None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
+      context.abort(e.code(), f'silo {self._silo_name}: {redact_worker_error(e.details())}')
+    if self._gate is not None:
+      withheld = self._gate.on_forwarded(method, request, response, caller)
+      if withheld is not None:
+        LOG.warning(
+          json.dumps(
+            {
+              'event': 'withheld',
+              'silo': self._silo_name,
+              'method': method,
+              'caller': caller,
+              'reason': withheld,
+            }
+          )
+        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
+    if method in ('GetExecutor', 'DisposeExecutor'):
+      LOG.info(
+        json.dumps(
+          {
+            'event': method,
+            'silo': self._silo_name,
+            'caller': caller,
+            'ms': round(1000 * (time.monotonic() - started), 1),
+          }
+        )
+      )
+    return response
+
+
+_BRACKETED = re.compile(r'\[[^\[\]]*\]')
+
+
+def redact_worker_error(details: str | None) -> str:
+  """What a caller is told of a worker error: its first line, without tensor values.
+
+  TensorFlow quotes tensor contents in brackets (an `Assert`'s data, a
+  failed check's values), and an approved computation could fail on purpose
+  to carry client data out in its error. The caller gets the first line with
+  every bracketed part cut; the silo's log keeps the whole text.
+  """
+  line = (details or '').split('\n', 1)[0]
+  previous = None
+  while previous != line:
+    previous, line = line, _BRACKETED.sub('[…]', line)
+  return line[:300] + ("; the full error is in the silo's log" if details else '')
+
+
+def _make_method(name: str) -> Callable:
+  def method(self, request, context):
+    return self._forward(name, request, context)
+
+  method.__name__ = name
+  return method
+
+
+for _name in _EXECUTOR_METHODS:
+  setattr(ExecutorProxy, _name, _make_method(_name))
+
+
+class _CallerCheckedHealth(health.HealthServicer):
+  """gRPC health checks, answered only to callers the silo's policy allows."""
+
+  def __init__(self, allows: Callable[[grpc.ServicerContext], str | None]):
+    super().__init__()
+    self._allows = allows
+
+  def Check(self, request, context):
+    refusal = self._allows(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    return super().Check(request, context)
+
+  def Watch(self, request, context, send_response_callback=None):
+    refusal = self._allows(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    return super().Watch(request, context, send_response_callback)
+
+
+class SiloServer:
+  """A silo: mTLS executor service, manifest, health; owns its worker."""
+
+  def __init__(
+    self,
+    *,
+    data_dir: str,
+    listen: str,
+    tls: tls_lib.TlsFiles,
+    silo_name: str,
+    gate: CallGate | None = None,
+    worker_log: str | None = None,
+    max_concurrent_computation_calls: int = isolated_worker.NO_LIMIT,
+    max_workers: int = 16,
+    allow_unconfined_worker: bool = False,
+  ):
+    """Configures the silo; `start()` starts it.
+
+    Args:
+      data_dir: The preprocessed client-data directory (manifest.json +
+        per-client TFRecords) the silo serves.
+      listen: `host:port` to listen on; port 0 picks a free port.
+      tls: This silo's certificate and key, and the CA whose client
+        certificates it accepts.
+      silo_name: Name reported to coordinators and in logs.
+      gate: Optional policy deciding which calls may run.
+      worker_log: File for the worker's output.
+      max_concurrent_computation_calls: Computations the silo's worker runs at
+        once (see `isolated_worker.resolve_concurrent_calls`).
+      max_workers: gRPC server threads.
+      allow_unconfined_worker: Run the worker with the host's filesystem where
+        it cannot be confined to the data (see `worker_sandbox`).
+    """
+    self._data_dir = data_dir
+    self._listen = listen
+    self._tls = tls
+    self.silo_name = silo_name
+    self._gate = gate
+    self._max_workers = max_workers
+    self._link = _WorkerLink(
+      data_dir, worker_log, max_concurrent_computation_calls, allow_unconfined_worker
+    )
+    self._server: grpc.Server | None = None
+    self._health = _CallerCheckedHealth(self._refusal)
+    self._stop = threading.Event()
+    self._watcher: threading.Thread | None = None
+    self._manifest_json = b''
+    self._front: tls_front.TlsFront | None = None
+    self._internal_port: int | None = None
+    self.port: int | None = None
+
+  @property
+  def address(self) -> str:
+    host = self._listen.rsplit(':', 1)[0]
+    return f'{host}:{self.port}'
+
+  def _caller(self, context: grpc.ServicerContext) -> str:
+    """The caller's certificate name, as the TLS front verified it.
+
+    A connection the front did not relay (a local process dialling the
+    internal port) ends with UNAUTHENTICATED, whatever the method.
+    """
+    return tls_lib.authenticated_caller(context, self._front, server=f'silo {self.silo_name}')
+
+  def _refusal(self, context: grpc.ServicerContext) -> str | None:
+    """Why the caller may not use this silo at all (None: it may)."""
+    policy = getattr(self._gate, 'policy', None)
+    caller = self._caller(context)
+    if policy is not None and not policy.allows_caller(caller):
+      LOG.warning(
+        json.dumps(
+          {
+            'event': 'refused',
+            'silo': self.silo_name,
+            'caller': caller,
+            'peer': context.peer(),
+            'reason': 'not in allowed_callers',
+          }
+        )
+      )
+      return f"silo {self.silo_name}: caller {caller!r} is not allowed by this silo's policy"
+    return None
+
+  def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    del request
+    refusal = self._refusal(context)
+    if refusal is not None:
+      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    LOG.info(
+      json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': self._caller(context)})
+    )
+    return self._manifest_json
+
+  def _study_method(self, name: str) -> Callable:
+    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+      caller = self._caller(context)
+      try:
+        result = getattr(self._gate, name)(request, caller)
+      except PermissionError as e:  # governance_gate.StudyAccessError
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self.silo_name}: {e}')
+      except LookupError as e:  # governance_gate.UnknownStudyError
+        context.abort(grpc.StatusCode.NOT_FOUND, f'silo {self.silo_name}: {e}')
+      except ValueError as e:  # study_request.StudyRequestError
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'silo {self.silo_name}: {e}')
+      return json.dumps(result).encode()
+
+    return handle
+
+  def start(self) -> SiloServer:
+    """Loads the manifest, starts the worker, then serves.
+
+    Raises:
+      SiloStartError: If the data directory, TLS files, worker or listen
+        address is unusable.
+    """
+    try:
+      manifest = manifest_lib.read_manifest(self._data_dir)
+      tls_context = self._tls.server_ssl_context()
+    except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
+      raise SiloStartError(str(e)) from e
+    served = manifest.to_json()
+    # The names of raw columns the feature spec ignores stay at the silo.
+    served.get('preprocessing', {}).pop('ignored_columns', None)
+    self._manifest_json = json.dumps({'silo': self.silo_name, 'manifest': served}).encode()
+    try:
+      self._link.start()
+    except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
+      raise SiloStartError(str(e)) from e
+    server = grpc.server(
+      concurrent.futures.ThreadPoolExecutor(max_workers=self._max_workers),
+      options=GRPC_OPTIONS,
+    )
+    executor_pb2_grpc.add_ExecutorGroupServicer_to_server(
+      ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate, identify=self._caller),
+      server,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+    silo_methods = {'GetManifest': self._get_manifest}
+    if hasattr(self._gate, 'submit_study'):
+      silo_methods['SubmitStudy'] = self._study_method('submit_study')
+      silo_methods['StudyStatus'] = self._study_method('study_status')
+    server.add_generic_rpc_handlers(
+      [
+        grpc.method_handlers_generic_handler(
+          SILO_SERVICE,
+          {
+            name: grpc.unary_unary_rpc_method_handler(
+              handler, request_deserializer=None, response_serializer=None
+            )
+            for name, handler in silo_methods.items()
+          },
+        )
+      ]
+    )
+    # gRPC serves loopback only, in plaintext: the TLS front on `listen` does
+    # the handshakes (and logs the failed ones) and relays to it.
+    self._internal_port = server.add_insecure_port('127.0.0.1:0')
+    if not self._internal_port:
+      self._link.stop()
+      raise SiloStartError('cannot listen on a loopback port (127.0.0.1:0) for the gRPC server')
+    server.start()
+    front = tls_front.TlsFront(
+      listen=self._listen,
+      context=tls_context,
+      backend_port=self._internal_port,
+      silo_name=self.silo_name,
+      logger=LOG,
+    )
+    self._front = front  # Before it accepts: its first callers are looked up in it.
+    try:
+      self.port = front.start()
+    except tls_front.TlsFrontError as e:
+      self._front = None
+      server.stop(None)
+      self._link.stop()
+      raise SiloStartError(str(e)) from e
+    self._server = server
+    self._set_serving(True)
+    self._watcher = threading.Thread(target=self._watch_worker, name='worker-watch', daemon=True)
+    self._watcher.start()
+    LOG.info(
+      json.dumps(
+        {
+          'event': 'serving',
+          'silo': self.silo_name,
+          'address': self.address,
+          'internal_address': f'127.0.0.1:{self._internal_port}',
+          'clients': {s: len(m.clients) for s, m in manifest.splits.items()},
+          'governed': self._gate is not None,
+          'worker_target': self._link.worker.target,
+        }
+      )
+    )
+    return self
+
+  def _set_serving(self, serving: bool) -> None:
+    status = (
+      health_pb2.HealthCheckResponse.SERVING
+      if serving
+      else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in ('', EXECUTOR_SERVICE, SILO_SERVICE):
+      self._health.set(service, status)
+
+  def _watch_worker(self) -> None:
+    while not self._stop.wait(_WATCH_INTERVAL_S):
+      if self._link.alive():
+        continue
+      self._set_serving(False)
+      worker = self._link.worker
+      # Without --worker_log the log goes with the worker's directory: keep its end.
+      LOG.error(
+        json.dumps(
+          {
+            'event': 'worker_died',
+            'silo': self.silo_name,
+            'restarts': self._link.restarts,
+            'log_tail': worker.log_tail() if worker else '',
+          }
+        )
+      )
+      self._link.stop()
+      try:
+        self._link.start()
+        self._link.restarts += 1
+        self._set_serving(True)
+        LOG.info(json.dumps({'event': 'worker_restarted', 'silo': self.silo_name}))
+      except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
+        LOG.error(
+          json.dumps({'event': 'worker_restart_failed', 'silo': self.silo_name, 'error': str(e)})
+        )
+
+  def worker_pid(self) -> int | None:
+    worker = self._link.worker
+    return worker.pid if worker else None
+
+  def stop(self, grace: float = 5.0) -> None:
+    """Stops serving (in-flight calls get `grace` seconds) and ends the worker."""
+    self._stop.set()
+    if self._front is not None:
+      self._front.stop_accepting()
+    if self._server is not None:
+      self._set_serving(False)
+      self._server.stop(grace).wait()
+      self._server = None
+    if self._front is not None:
+      self._front.stop()
+      self._front = None
+    if self._watcher is not None:
+      self._watcher.join(timeout=5)
+    self._link.stop()
+    LOG.info(json.dumps({'event': 'stopped', 'silo': self.silo_name}))
+
+  def request_stop(self) -> None:
+    """Makes `wait()` return (safe from a signal handler)."""
+    self._stop.set()
+
+  def wait(self) -> None:
+    """Blocks until `stop()` is called."""
+    self._stop.wait()

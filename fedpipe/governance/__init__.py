@@ -1,0 +1,1 @@
+"""What a silo runs on its data: policies, study requests, fingerprints, review, the gate, the audit."""

@@ -1,0 +1,562 @@
+"""Enforces a silo's policy on every executor call, before it reaches the worker.
+
+The `CallGate` of a governed silo server. For each call from a coordinator it
+checks, in order:
+
+* the caller's certificate name is in the policy's `allowed_callers`;
+* every computation sent (`CreateValue`) has the fingerprint of a
+  computation in a study approved for this caller, so nothing unapproved is
+  ever loaded by the worker, let alone run on data;
+* client ids sent are ids this silo holds, at least
+  `min_clients_per_aggregate` of them at once;
+* a clipping norm sent in the server state does not exceed `max_clip_norm`;
+* every call (`CreateCall`) of an approved computation, whatever the
+  coordinator calls it, is refused when its study's budget for the
+  computation's role is spent (training rounds or evaluations, set at
+  approval; the role is the one recorded at submission, where one
+  computation can have only one role on a silo);
+* a call is charged, with its privacy cost recomputed here from the study's
+  approved parameters, when a value carrying its result is first computed
+  for the caller, or when it fails, before the result or the error leaves
+  the silo: a call whose result never left (the round failed elsewhere
+  first) is not charged, and nothing leaves uncharged. A charge that would pass the policy's lifetime ε, or that finds
+  the state disagreeing with its audit log, withholds the result.
+
+It also serves the study-request methods of `fedpipe.Silo` (`SubmitStudy`,
+`StudyStatus`), through which coordinators ask for approval.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from tensorflow_federated.proto.v0 import executor_pb2
+
+from fedpipe.computations import privacy_accounting
+from fedpipe.governance import fingerprint as computation_fingerprint
+from fedpipe.governance import policy as silo_policy
+from fedpipe.governance import privacy_ledger, study_request
+from fedpipe.governance import review as computation_review
+from fedpipe.governance import store as governance_store
+
+LOG = logging.getLogger('fedpipe.silo')
+_MAX_TRACKED_EXECUTORS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _ValueInfo:
+  """What the gate knows about a value on the worker.
+
+  `pending` holds the reservations of calls whose results this value carries
+  and that are not charged yet: whichever value of that lineage is computed
+  first (released to the caller) charges them.
+  """
+
+  fingerprint: str | None = None
+  clients: frozenset[str] = frozenset()
+  pending: frozenset[int] = frozenset()
+
+
+def _walk(value: executor_pb2.Value, name: str = '', placement: str = ''):
+  """Yields (kind, payload) for computations, client-id lists and named scalars."""
+  kind = value.WhichOneof('value')
+  if kind == 'computation':
+    yield 'computation', value.computation
+  elif kind == 'struct':
+    for element in value.struct.element:
+      yield from _walk(element.value, element.name, placement)
+  elif kind == 'federated':
+    uri = value.federated.type.placement.value.uri
+    members = list(value.federated.value)
+    if (
+      uri == 'clients'
+      and members
+      and all(m.WhichOneof('value') == 'array' and m.array.HasField('string_list') for m in members)
+    ):
+      yield (
+        'client_ids',
+        [s.decode('utf-8', 'replace') for m in members for s in m.array.string_list.value],
+      )
+    for member in members:
+      yield from _walk(member, name, uri)
+  elif kind == 'array' and name == 'l2_norm_clip' and value.array.float32_list.value:
+    yield 'clip_norm', float(value.array.float32_list.value[0])
+
+
+def review_study(
+  request: study_request.StudyRequest,
+  policy: silo_policy.SiloPolicy,
+  *,
+  silo_clients: int,
+  other_roles: dict[str, set[tuple[str, str]]] | None = None,
+) -> dict[str, Any]:
+  """The silo's own reading of a request: recomputed ε, what each computation does, violations.
+
+  Args:
+    request: The study as submitted.
+    policy: The silo's policy.
+    silo_clients: How many clients this silo holds.
+    other_roles: Fingerprint -> {(study id, role)} of computations already
+      submitted in other studies: one computation has one role on a silo.
+
+  Returns:
+    A JSON-able review; `violations` lists every reason the study does not
+    fit, naming the computation and the op or type where it is one of them.
+  """
+  privacy = request.privacy
+  violations = []
+  try:
+    epsilon = privacy_ledger.study_epsilon(privacy, request.rounds, delta=policy.delta)
+  except (privacy_accounting.PrivacyAccountingError, KeyError, TypeError, ValueError) as e:
+    epsilon = float('inf')
+    violations.append(f'privacy parameters cannot be accounted for: {e}')
+  try:
+    violations += policy.violations(
+      epsilon=epsilon,
+      noise_multiplier=float(privacy['noise_multiplier'] or 0.0),
+      clipping=str(privacy['clipping']),
+      clip_norm=float(privacy['clip_norm'] or 0.0),
+      rounds=request.rounds,
+      clients_per_round=int(privacy['clients_per_round']),
+      evaluations=request.evaluations,
+    )
+    if int(privacy['population_size']) < silo_clients:
+      violations.append(
+        f'population_size {privacy["population_size"]} is smaller than this '
+        f"silo's {silo_clients} clients: the sampling rate would be understated"
+      )
+  except (KeyError, TypeError, ValueError) as e:
+    violations.append(f'privacy parameters are malformed: {e}')
+  computations = []
+  roles = collections.Counter(c.role for c in request.computations)
+  for role, count in roles.items():
+    if count > 1:
+      violations.append(f'{count} computations have the role {role}; a study has one of each')
+  for c in request.computations:
+    description = computation_review.describe(c.proto, policy.extra_allowed_ops)
+    name = f'{c.role} computation {computation_fingerprint.short(c.fingerprint)}'
+    for problem in list(description.problems) + computation_review.role_problems(
+      c.role, description
+    ):
+      violations.append(f'{name}: {problem}')
+    for other_study, other_role in sorted((other_roles or {}).get(c.fingerprint, ())):
+      if other_role != c.role and other_study != request.study_id:
+        violations.append(
+          f'{name} was submitted as {other_role} in study {other_study}; a '
+          'computation has one role on this silo'
+        )
+    computations.append(dict(role=c.role, fingerprint=c.fingerprint, **description.to_json()))
+  return {
+    'epsilon_at_policy_delta': epsilon if epsilon != float('inf') else None,
+    'policy_delta': policy.delta,
+    'silo_clients': silo_clients,
+    'stated_epsilon': privacy.get('epsilon'),
+    'violations': violations,
+    'computations': computations,
+  }
+
+
+@dataclasses.dataclass
+class _Reservation:
+  """A call that ran (or runs) on client data, charged when its result is released."""
+
+  study_id: str
+  fingerprint: str
+  role: str
+  caller: str
+  executor_id: str
+  clients: tuple[str, ...]
+  charged: bool = False
+
+
+class GovernanceGate:
+  """A silo's policy and governance state, applied to executor calls."""
+
+  def __init__(
+    self,
+    policy: silo_policy.SiloPolicy,
+    store: governance_store.GovernanceStore,
+    *,
+    client_ids: Iterable[str],
+    silo_name: str,
+  ):
+    """Checks the governance state against its audit log, then gates calls with it.
+
+    Raises:
+      governance_store.TamperedError: If the state or its log was altered.
+    """
+    problems = store.verify()
+    if problems:
+      raise governance_store.TamperedError(
+        f'governance state {store.path} is TAMPERED; the silo will not run on it:\n  - '
+        + '\n  - '.join(problems)
+      )
+    self.policy = policy
+    self.store = store
+    self._client_ids = frozenset(client_ids)
+    self._silo = silo_name
+    self._lock = threading.Lock()
+    self._charge_lock = threading.Lock()
+    self._values: collections.OrderedDict[str, dict[str, _ValueInfo]] = collections.OrderedDict()
+    self._pending: collections.OrderedDict[int, _ValueInfo] = collections.OrderedDict()
+    self._fingerprints: dict[bytes, str] = {}
+    self._reservations: dict[int, _Reservation] = {}
+    self._next_reservation = 0
+
+  # CallGate.
+
+  def check(self, method: str, request, caller: str) -> str | None:
+    if not self.policy.allows_caller(caller):
+      return f"caller {caller!r} is not allowed by this silo's policy"
+    if method not in ('GetExecutor', 'DisposeExecutor'):
+      # Values of an executor the gate no longer tracks (disposed, or evicted
+      # past _MAX_TRACKED_EXECUTORS) could carry uncharged results.
+      with self._lock:
+        values = self._values.get(request.executor.id)
+        info = values.get(request.value_ref.id) if values and method == 'Compute' else None
+      if values is None or (method == 'Compute' and info is None):
+        return self._refuse(
+          caller,
+          f'{method} on an executor or value this silo does not '
+          'track (disposed or evicted); start a new executor',
+        )
+      if method == 'Compute':  # What the released value carries, fixed before it runs.
+        self._stage(request, info)
+    if method == 'CreateValue':
+      return self._check_value(request, caller)
+    if method == 'CreateCall':
+      return self._check_call(request, caller)
+    if method == 'CreateStruct':
+      refs = [e.value_ref.id for e in request.element]
+      self._stage(request, self._lineage(request.executor.id, refs))
+    elif method == 'CreateSelection':
+      self._stage(request, self._lineage(request.executor.id, [request.source_ref.id]))
+    return None
+
+  def on_forwarded(self, method: str, request, response, caller: str) -> str | None:
+    """Tracks values; charges calls whose results are about to leave the silo.
+
+    Returns:
+      None to release `response`, or why it is withheld.
+    """
+    if method == 'GetExecutor':
+      with self._lock:
+        self._values[response.executor.id] = {}
+        while len(self._values) > _MAX_TRACKED_EXECUTORS:
+          executor_id, _ = self._values.popitem(last=False)
+          self._drop_reservations(executor_id)
+    elif method == 'DisposeExecutor':
+      with self._lock:
+        self._values.pop(request.executor.id, None)
+        self._drop_reservations(request.executor.id)
+    elif method in ('CreateValue', 'CreateCall', 'CreateStruct', 'CreateSelection'):
+      with self._lock:
+        info = self._pending.pop(id(request), None)
+        if info is not None:
+          self._values.setdefault(request.executor.id, {})[response.value_ref.id] = info
+    elif method == 'Compute':
+      with self._lock:
+        info = self._pending.pop(id(request), None)
+      if info is None:
+        return "the value's lineage was lost while it was computed; it is not released"
+      if info.pending:
+        return self._charge(info.pending, caller)
+    return None
+
+  def on_failed(self, method: str, request, caller: str) -> str | None:
+    """Charges the calls behind a failed call or computation before its error leaves.
+
+    An approved computation can fail on purpose, depending on the data (an
+    `Assert`): its error is a release like its result.
+
+    Returns:
+      None to send the error, or why it is withheld.
+    """
+    with self._lock:
+      info = self._pending.pop(id(request), None)
+    if method in ('CreateCall', 'Compute') and info is not None and info.pending:
+      return self._charge(info.pending, caller)
+    return None
+
+  # Checks.
+
+  def _stage(self, request, info: _ValueInfo) -> None:
+    with self._lock:
+      self._pending[id(request)] = info
+      while len(self._pending) > 10_000:
+        self._pending.popitem(last=False)
+
+  def _lineage(self, executor_id: str, refs: Iterable[str]) -> _ValueInfo:
+    """The clients and uncharged calls a value made of `refs` carries."""
+    with self._lock:
+      values = self._values.get(executor_id, {})
+      found = [values[r] for r in refs if r in values]
+    return _ValueInfo(
+      clients=frozenset().union(*(v.clients for v in found)),
+      pending=frozenset().union(*(v.pending for v in found)),
+    )
+
+  def _drop_reservations(self, executor_id: str) -> None:
+    """Forgets an executor's calls: its values are gone (caller holds `_lock`)."""
+    for key in [k for k, r in self._reservations.items() if r.executor_id == executor_id]:
+      del self._reservations[key]
+
+  def _fingerprint(self, computation) -> str:
+    """The fingerprint, memoized by the sent bytes: a run resends the same computation."""
+    key = hashlib.sha256(computation.SerializeToString()).digest()
+    with self._lock:
+      cached = self._fingerprints.get(key)
+    if cached is None:
+      cached = computation_fingerprint.fingerprint(computation)
+      with self._lock:
+        if len(self._fingerprints) > 256:
+          self._fingerprints.clear()
+        self._fingerprints[key] = cached
+    return cached
+
+  def _refuse(self, caller: str, reason: str, **detail) -> str:
+    self.store.record(
+      'refused',
+      caller=caller,
+      study_id=detail.pop('study_id', None),
+      fingerprint=detail.pop('fingerprint', None),
+      detail=dict(detail, reason=reason),
+    )
+    return reason
+
+  def _unapproved_reason(self, fp: str, caller: str) -> str:
+    known = [s for s in self.store.studies_with(fp) if s.caller == caller]
+    short = computation_fingerprint.short(fp)
+    if not known:
+      return (
+        f'computation {short} is not part of any study submitted by {caller!r}; '
+        'it was refused before running. Submit it as a study and have the data owner '
+        'approve it'
+      )
+    states = ', '.join(f'study {s.study_id} is {s.status}' for s in known)
+    return f'computation {short} is not approved for {caller!r} ({states})'
+
+  def _check_value(self, request, caller: str) -> str | None:
+    info = _ValueInfo()
+    approved = None
+    for kind, payload in _walk(request.value):
+      if kind == 'computation':
+        fp = self._fingerprint(payload)
+        if approved is None:
+          approved = self.store.approved_computations(caller)
+        if fp not in approved:
+          return self._refuse(caller, self._unapproved_reason(fp, caller), fingerprint=fp)
+        info = dataclasses.replace(info, fingerprint=fp)
+      elif kind == 'client_ids':
+        unknown = sorted(set(payload) - self._client_ids)
+        if unknown:
+          return self._refuse(
+            caller,
+            f'{len(unknown)} client id(s) are not held by silo '
+            f'{self._silo}: {", ".join(unknown[:5])}',
+          )
+        if len(set(payload)) != len(payload):
+          return self._refuse(
+            caller, 'client ids repeat within one aggregate: each client counts once'
+          )
+        if len(payload) < self.policy.min_clients_per_aggregate:
+          return self._refuse(
+            caller,
+            f"{len(payload)} client(s) in one aggregate; this silo's policy needs at "
+            f'least min_clients_per_aggregate={self.policy.min_clients_per_aggregate}',
+          )
+        info = dataclasses.replace(info, clients=info.clients | frozenset(payload))
+      elif kind == 'clip_norm' and payload > self.policy.max_clip_norm * (1 + 1e-6):
+        return self._refuse(
+          caller,
+          f"clipping norm {payload:g} exceeds this silo's "
+          f'max_clip_norm {self.policy.max_clip_norm:g}',
+        )
+    self._stage(request, info)
+    return None
+
+  def _check_call(self, request, caller: str) -> str | None:
+    """Any call of an approved computation needs budget left; its charge waits for release."""
+    with self._lock:
+      values = self._values.get(request.executor.id, {})
+      function = values.get(request.function_ref.id)
+    # Only computations of approved studies get a fingerprint here (`_check_value`).
+    if function is None or function.fingerprint is None:
+      return self._refuse(caller, 'the called function is not an approved computation')
+    argument = (
+      self._lineage(request.executor.id, [request.argument_ref.id])
+      if request.HasField('argument_ref')
+      else _ValueInfo()
+    )
+    with self._charge_lock:
+      choice = self._choose_study(function.fingerprint, caller)
+      if isinstance(choice, str):
+        return self._refuse(caller, choice, fingerprint=function.fingerprint)
+      study, role = choice
+      with self._lock:
+        key = self._next_reservation
+        self._next_reservation += 1
+        self._reservations[key] = _Reservation(
+          study_id=study.study_id,
+          fingerprint=function.fingerprint,
+          role=role,
+          caller=caller,
+          executor_id=request.executor.id,
+          clients=tuple(sorted(argument.clients)),
+        )
+    self._stage(request, _ValueInfo(clients=argument.clients, pending=argument.pending | {key}))
+    return None
+
+  def _choose_study(self, fp: str, caller: str):
+    """The oldest approved study of `caller` with a call of `fp` left, and its role.
+
+    Returns:
+      (study, role), or why none can pay for the call.
+    """
+    candidates = self.store.approved_computations(caller).get(fp, [])
+    reasons = []
+    for study_id, role in candidates:
+      study = self.store.get(study_id)
+      if role == governance_store.ROLE_TRAIN:
+        left = study.rounds_remaining
+        kind = 'rounds'
+      else:
+        left = study.evaluations_remaining
+        kind = 'evaluations'
+      # Calls in flight are not counted: a coordinator that dies mid-round
+      # leaves calls that will never be released. Two calls racing for the
+      # last one both run; the second one's result is withheld when charged.
+      if left > 0:
+        return study, role
+      reasons.append(
+        f'study {study_id} has used all {getattr(study, kind + "_approved")} approved {kind}'
+        f'; its data owner can add more with `fedpipe-governance extend {study_id} '
+        f'--{kind}=N`'
+      )
+    return '; '.join(reasons) or f'computation {computation_fingerprint.short(fp)} is not approved'
+
+  def _charge(self, pending: frozenset[int], caller: str) -> str | None:
+    """Charges every uncharged call behind a value before it leaves the silo."""
+    del caller
+    with self._charge_lock:
+      with self._lock:
+        if any(k not in self._reservations for k in pending):
+          return 'its executor was disposed while it was computed; it is not released'
+        due = [self._reservations[k] for k in sorted(pending) if not self._reservations[k].charged]
+      for r in due:
+        try:
+          detail = self._charge_detail(r)
+          study = self.store.charge(
+            r.study_id, fingerprint=r.fingerprint, caller=r.caller, clients=r.clients, detail=detail
+          )
+          r.charged = True
+        except (governance_store.GovernanceError, _LifetimeExceededError) as e:
+          return self._refuse(
+            r.caller, f'result withheld: {e}', study_id=r.study_id, fingerprint=r.fingerprint
+          )
+        LOG.info(
+          json.dumps(
+            {
+              'event': 'call_charged',
+              'silo': self._silo,
+              'study': r.study_id,
+              'role': r.role,
+              'rounds_used': study.rounds_used,
+              'evaluations_used': study.evaluations_used,
+              'clients': len(r.clients),
+              **detail,
+            }
+          )
+        )
+    return None
+
+  def _charge_detail(self, r: _Reservation) -> dict[str, Any]:
+    """The privacy cost of one more call, recomputed here from the study's approved terms."""
+    if r.role != governance_store.ROLE_TRAIN:
+      return {'unnoised_release': True}
+    study = self.store.get(r.study_id)
+    privacy = study.request['privacy']
+    rounds = study.rounds_used + 1
+    epsilon = privacy_ledger.study_epsilon(privacy, rounds, delta=self.policy.delta)
+    ledger = [row for row in self.store.ledger() if row['study_id'] != r.study_id]
+    spent = privacy_ledger.ledger_epsilons(
+      ledger, delta=self.policy.delta, extra=[(privacy, rounds)]
+    )['spent']
+    if spent > self.policy.max_lifetime_epsilon * (1 + 1e-9):
+      raise _LifetimeExceededError(
+        f'one more round of study {r.study_id} would bring the lifetime epsilon spent on '
+        f"this silo's data to {spent:.4g}, above max_lifetime_epsilon "
+        f'{self.policy.max_lifetime_epsilon:g}'
+      )
+    return {
+      'epsilon': round(epsilon, 6),
+      'lifetime_epsilon': round(spent, 6),
+      'delta': self.policy.delta,
+    }
+
+  # fedpipe.Silo study methods.
+
+  def submit_study(self, payload: bytes, caller: str) -> dict[str, Any]:
+    """Stores a study request (idempotent) and returns its status."""
+    if not self.policy.allows_caller(caller):
+      raise StudyAccessError(f"caller {caller!r} is not allowed by this silo's policy")
+    try:
+      data = json.loads(payload)
+    except ValueError as e:
+      raise study_request.StudyRequestError(f'a study request is JSON: {e}') from e
+    request = study_request.StudyRequest.from_json(data)
+    other_roles = self.store.roles_of([c.fingerprint for c in request.computations])
+    review = review_study(
+      request, self.policy, silo_clients=len(self._client_ids), other_roles=other_roles
+    )
+    study = self.store.submit(
+      study_id=request.study_id,
+      caller=caller,
+      name=request.name,
+      request=request.to_json(),
+      review=review,
+      roles={c.fingerprint: c.role for c in request.computations},
+    )
+    LOG.info(
+      json.dumps(
+        {
+          'event': 'study_submitted',
+          'silo': self._silo,
+          'caller': caller,
+          'study': study.study_id,
+          'status': study.status,
+        }
+      )
+    )
+    return study.summary()
+
+  def study_status(self, payload: bytes, caller: str) -> dict[str, Any]:
+    if not self.policy.allows_caller(caller):
+      raise StudyAccessError(f"caller {caller!r} is not allowed by this silo's policy")
+    try:
+      study_id = json.loads(payload)['study_id']
+    except (ValueError, KeyError, TypeError) as e:
+      raise study_request.StudyRequestError('a status request is {"study_id": "<id>"}') from e
+    study = self.store.get(str(study_id))
+    if study is None or study.caller != caller:
+      raise UnknownStudyError(f'no study {study_id} from {caller!r}')
+    return study.summary()
+
+
+class _LifetimeExceededError(RuntimeError):
+  """One more charge would exceed the policy's lifetime ε."""
+
+
+class StudyAccessError(PermissionError):
+  """The caller may not use this silo's study methods."""
+
+
+class UnknownStudyError(LookupError):
+  """No study with that id was submitted by this caller."""

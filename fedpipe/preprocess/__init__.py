@@ -1,0 +1,1 @@
+"""The Beam preprocessing pipeline: feature spec, validating DoFns, per-client output."""

@@ -1,0 +1,1 @@
+"""Execution on one machine: the isolated TFF worker and the contexts that reach it."""

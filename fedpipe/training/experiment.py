@@ -1,0 +1,239 @@
+"""Turns a validated config and the clients' manifest into typed building blocks.
+
+This is the only place that reads config fields for training: the
+computations it builds take plain typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import tensorflow_federated as tff
+from ml_collections import config_dict
+
+from fedpipe.computations import (
+  client_data,
+  dp_aggregator,
+  evaluation,
+  fedavg,
+  keras_model,
+  privacy_accounting,
+)
+from fedpipe.data import manifest as manifest_lib
+
+
+class ExperimentError(ValueError):
+  """The config and the available client data do not fit together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySettings:
+  """The DP mechanism of a run, as the accountant and the report see it."""
+
+  noise_multiplier: float
+  delta: float
+  accountant: privacy_accounting.Accountant
+  clipping: str
+  clip_norm: float | None
+  weight_cap: float
+  expected_total_weight: float
+  target_epsilon: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a training run needs, built from config + manifest."""
+
+  train_process: tff.learning.templates.LearningProcess
+  eval_process: tff.learning.templates.LearningProcess
+  train_client_ids: list[str]
+  eval_client_ids: list[str]
+  sampling: privacy_accounting.SamplingScheme
+  rounds: int
+  privacy: PrivacySettings | None
+  num_features: int
+  num_classes: int
+  keras_model_builder: keras_model.KerasModelBuilder
+
+
+def keras_builder(config: config_dict.ConfigDict, manifest: manifest_lib.Manifest):
+  hidden_units = tuple(int(h) for h in config.model.hidden_units)
+
+  def build():
+    return keras_model.build_mlp(
+      num_features=manifest.num_features,
+      num_classes=manifest.num_classes,
+      hidden_units=hidden_units,
+      seed=config.seed,
+    )
+
+  return build
+
+
+def _server_optimizer(training: config_dict.ConfigDict) -> tff.learning.optimizers.Optimizer:
+  if training.server_optimizer == 'adam':
+    optimizer = tff.learning.optimizers.build_adam(
+      learning_rate=training.server_learning_rate,
+      beta_1=training.adam_beta1,
+      beta_2=training.adam_beta2,
+      epsilon=training.adam_epsilon,
+    )
+  else:
+    optimizer = tff.learning.optimizers.build_sgdm(
+      learning_rate=training.server_learning_rate, momentum=training.server_momentum
+    )
+  if training.server_lr_schedule == 'cosine':
+    optimizer = tff.learning.optimizers.schedule_learning_rate(
+      optimizer,
+      fedavg.cosine_decay(
+        training.server_learning_rate,
+        rounds=training.rounds,
+        final_fraction=training.server_lr_final_fraction,
+      ),
+    )
+  return optimizer
+
+
+def _privacy_settings(
+  config: config_dict.ConfigDict,
+  sampling: privacy_accounting.SamplingScheme,
+  client_weights: list[float],
+) -> PrivacySettings:
+  dp = config.dp
+  if dp.noise_multiplier is not None:
+    noise_multiplier = float(dp.noise_multiplier)
+  else:
+    noise_multiplier = privacy_accounting.noise_multiplier_for_epsilon(
+      target_epsilon=dp.target_epsilon,
+      sampling=sampling,
+      rounds=config.training.rounds,
+      delta=dp.delta,
+      accountant=dp.accountant,
+    )
+  weight_cap = (
+    float(dp.weight_cap) if dp.weight_cap is not None else float(statistics.median(client_weights))
+  )
+  expected_total_weight = sampling.sampling_rate * sum(
+    min(w / weight_cap, 1.0) for w in client_weights
+  )
+  return PrivacySettings(
+    noise_multiplier=noise_multiplier,
+    delta=float(dp.delta),
+    accountant=dp.accountant,
+    clipping=dp.clipping,
+    clip_norm=float(dp.clip_norm) if dp.clipping == 'fixed' else None,
+    weight_cap=weight_cap,
+    expected_total_weight=expected_total_weight,
+    target_epsilon=dp.target_epsilon,
+  )
+
+
+def build_aggregator(
+  config: config_dict.ConfigDict,
+  privacy: PrivacySettings,
+  sampling: privacy_accounting.SamplingScheme,
+) -> dp_aggregator.CappedWeightDPFactory:
+  dp = config.dp
+  if dp.clipping == 'adaptive':
+    return dp_aggregator.CappedWeightDPFactory.gaussian_adaptive(
+      noise_multiplier=privacy.noise_multiplier,
+      expected_clients_per_round=float(sampling.clients_per_round),
+      weight_cap=privacy.weight_cap,
+      expected_total_weight=privacy.expected_total_weight,
+      initial_clip_norm=dp.initial_clip_norm,
+      target_unclipped_quantile=dp.target_unclipped_quantile,
+      learning_rate=dp.clip_learning_rate,
+      clipped_count_stddev=dp.clipped_count_stddev,
+    )
+  return dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
+    noise_multiplier=privacy.noise_multiplier,
+    clip_norm=dp.clip_norm,
+    weight_cap=privacy.weight_cap,
+    expected_total_weight=privacy.expected_total_weight,
+  )
+
+
+def build_experiment(config: config_dict.ConfigDict, manifest: manifest_lib.Manifest) -> Experiment:
+  """Builds the processes, sampling scheme and privacy settings of a run.
+
+  Args:
+    config: A config that passed `fedpipe.config.validation.validate`.
+    manifest: The manifest of the clients' data (local directory or the
+      union of the silos' manifests).
+
+  Returns:
+    An `Experiment`.
+
+  Raises:
+    ExperimentError: If the data cannot support the config (too few clients,
+      an empty client, no evaluation split).
+    privacy_accounting.PrivacyAccountingError: If no noise multiplier reaches
+      the target epsilon.
+  """
+  training = config.training
+  train_split = manifest.split(manifest_lib.TRAIN_SPLIT)
+  if not train_split.clients:
+    raise ExperimentError('the manifest lists no training clients; check the preprocessing summary')
+  empty = sorted(c for c, n in train_split.clients.items() if n <= 0)
+  if empty:
+    raise ExperimentError(
+      f'training clients with no examples: {empty[:10]}; re-run preprocessing '
+      '(data.min_examples_per_client excludes such clients)'
+    )
+  train_ids = sorted(train_split.clients)
+  if training.clients_per_round > len(train_ids):
+    raise ExperimentError(
+      f'config.training.clients_per_round={training.clients_per_round} exceeds '
+      f'the {len(train_ids)} training clients in the data; lower it or add clients'
+    )
+  eval_split = manifest.split(manifest_lib.EVAL_SPLIT)
+  if not eval_split.clients:
+    raise ExperimentError(
+      'the manifest lists no evaluation clients; set config.data.eval_files '
+      'and re-run preprocessing'
+    )
+  sampling = privacy_accounting.SamplingScheme(
+    method=training.sampling,
+    population_size=len(train_ids),
+    clients_per_round=training.clients_per_round,
+  )
+  client_weights = [float(train_split.clients[c] * training.local_epochs) for c in train_ids]
+  privacy = _privacy_settings(config, sampling, client_weights) if config.dp.enabled else None
+  builder = keras_builder(config, manifest)
+  model_fn = keras_model.build_model_fn(builder, num_features=manifest.num_features)
+  train_data = client_data.make_dataset_fn(
+    split=manifest_lib.TRAIN_SPLIT,
+    num_features=manifest.num_features,
+    batch_size=training.batch_size,
+    epochs=training.local_epochs,
+  )
+  eval_data = client_data.build_dataset_computation(
+    split=manifest_lib.EVAL_SPLIT,
+    num_features=manifest.num_features,
+    batch_size=max(training.batch_size, 64),
+    shuffle=False,
+  )
+  train_process = fedavg.build_fedavg_process(
+    model_fn,
+    client_optimizer=tff.learning.optimizers.build_sgdm(
+      learning_rate=training.client_learning_rate
+    ),
+    server_optimizer=_server_optimizer(training),
+    model_aggregator=build_aggregator(config, privacy, sampling) if privacy else None,
+    proximal_strength=training.proximal_strength,
+    dataset_fn=train_data,
+  )
+  eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
+  return Experiment(
+    train_process=train_process,
+    eval_process=eval_process,
+    train_client_ids=train_ids,
+    eval_client_ids=sorted(eval_split.clients),
+    sampling=sampling,
+    rounds=training.rounds,
+    privacy=privacy,
+    num_features=manifest.num_features,
+    num_classes=manifest.num_classes,
+    keras_model_builder=builder,
+  )

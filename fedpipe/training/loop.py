@@ -1,0 +1,204 @@
+"""Program logic of a training run: rounds, checkpoints, metrics, privacy so far.
+
+Takes only interfaces (processes, a state manager, release managers), in
+the manner of TFF's example program logic, so the same loop runs on the local
+runtime and across silos. Resuming is built in: the latest saved state is
+loaded and the run continues from the round after it; client sampling is a
+pure function of (seed, round), so a resumed run draws the clients an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import tensorflow_federated as tff
+
+from fedpipe.computations import client_sampling, evaluation, privacy_accounting
+from fedpipe.federation import cross_silo
+from fedpipe.training import experiment as experiment_lib
+
+
+class RoundFailedError(RuntimeError):
+  """A training round failed; the message names the round and the cause."""
+
+
+@dataclasses.dataclass
+class Progress:
+  """How far a run has got, updated by `train` as it goes.
+
+  A caller keeps a reference to say where an interrupted run stopped.
+
+  Attributes:
+    rounds_completed: The last round whose metrics were released (0: none).
+    last_checkpoint: The last round whose state was saved (0: none); a rerun
+      resumes from it.
+  """
+
+  rounds_completed: int = 0
+  last_checkpoint: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+  """Where a run ended."""
+
+  state: Any
+  rounds_completed: int
+  resumed_from: int
+  epsilon: float | None
+
+
+def describe_error(error: BaseException) -> str:
+  """One line for an execution error: a worker's gRPC status, not its graph dump."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, cross_silo.SiloError):
+      return str(e)
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, grpc.RpcError) and hasattr(e, 'details'):
+      details = (e.details() or '').split('\n')[0]
+      details = details.split(' while evaluating local')[0].strip()
+      return f'worker error {e.code().name}: {details}'
+  text = str(error).split('\n')[0]
+  return f'{type(error).__name__}: {text[:500]}'
+
+
+def epsilon_after(experiment: experiment_lib.Experiment, rounds: int) -> float | None:
+  """ε spent after `rounds` rounds, or None without DP."""
+  if experiment.privacy is None:
+    return None
+  return privacy_accounting.compute_epsilon(
+    noise_multiplier=experiment.privacy.noise_multiplier,
+    sampling=experiment.sampling,
+    rounds=rounds,
+    delta=experiment.privacy.delta,
+    accountant=experiment.privacy.accountant,
+  )
+
+
+def evaluate(experiment: experiment_lib.Experiment, model_weights: Any) -> dict[str, float]:
+  """Federated evaluation of `model_weights` on every evaluation client."""
+  process = experiment.eval_process
+  state = process.set_model_weights(process.initialize(), model_weights)
+  return evaluation.metrics_of(process.next(state, experiment.eval_client_ids))
+
+
+def _round_metrics(output: Any) -> dict[str, float]:
+  train = output.metrics['client_work']['train']
+  metrics = {
+    'train_loss': float(train['loss']),
+    'train_accuracy': float(train['accuracy']),
+    'train_examples': float(train['num_examples']),
+  }
+  dp_metrics = output.metrics.get('aggregator', {}).get('dp_query_metrics', {})
+  if 'clip' in dp_metrics:
+    metrics['clip_norm'] = float(dp_metrics['clip'])
+  return metrics
+
+
+def _format_progress(round_num: int, rounds: int, values: dict[str, float]) -> str:
+  parts = [
+    f'round {round_num:>{len(str(rounds))}}/{rounds}',
+    f'clients={int(values["clients"]):d}',
+    f'loss={values["train_loss"]:.4f}',
+    f'accuracy={values["train_accuracy"]:.4f}',
+  ]
+  if 'epsilon' in values:
+    parts.append(f'epsilon={values["epsilon"]:.3f}')
+  if values.get('dropped_silos'):
+    parts.append(f'dropped_silos={int(values["dropped_silos"])}')
+  if 'eval_accuracy' in values:
+    parts.append(f'eval_accuracy={values["eval_accuracy"]:.4f}')
+  parts.append(f'{values["round_seconds"]:.2f}s')
+  return '  '.join(parts)
+
+
+async def train(
+  experiment: experiment_lib.Experiment,
+  *,
+  sampling_seed: int,
+  state_manager: tff.program.ProgramStateManager,
+  release_managers: Sequence[tff.program.ReleaseManager],
+  checkpoint_every: int = 1,
+  eval_every: int = 0,
+  report: Callable[[str], None] = print,
+  runtime_metrics: Callable[[], dict[str, float]] | None = None,
+  progress: Progress | None = None,
+) -> TrainingResult:
+  """Runs (or resumes) training to `experiment.rounds` rounds.
+
+  Args:
+    experiment: The processes and sampling of the run.
+    sampling_seed: Seed of the per-round client sampling.
+    state_manager: Saves and loads the training state; its latest version is
+      the last completed round.
+    release_managers: Receive each round's metrics, keyed by round number.
+    checkpoint_every: Save the state every this many rounds (and always after
+      the last one).
+    eval_every: Run federated evaluation every this many rounds (0: never).
+    report: Receives one progress line per round.
+    runtime_metrics: Called after each round; its values (e.g. silos dropped)
+      join the round's metrics.
+    progress: Updated as rounds complete and are saved.
+
+  Returns:
+    A `TrainingResult`.
+
+  Raises:
+    RoundFailedError: If a round fails; the last checkpoint stays valid.
+  """
+  process = experiment.train_process
+  initial_state = process.initialize()
+  state, start_round = await state_manager.load_latest(initial_state)
+  if state is None:
+    state, start_round = initial_state, 0
+  else:
+    report(f'resuming from the checkpoint of round {start_round}')
+  progress = progress if progress is not None else Progress()
+  progress.rounds_completed = progress.last_checkpoint = start_round
+  epsilon = epsilon_after(experiment, start_round)
+  for round_num in range(start_round + 1, experiment.rounds + 1):
+    started = time.monotonic()
+    clients = client_sampling.sample_clients(
+      experiment.train_client_ids,
+      scheme=experiment.sampling,
+      round_num=round_num,
+      seed=sampling_seed,
+    )
+    try:
+      output = process.next(state, clients)
+    except Exception as e:
+      raise RoundFailedError(
+        f'round {round_num} failed ({len(clients)} clients): {describe_error(e)}. '
+        'The last checkpoint is kept: fix the cause and rerun the same command '
+        'to resume.'
+      ) from e
+    state = output.state
+    values = {'clients': float(len(clients)), **_round_metrics(output)}
+    if runtime_metrics is not None:
+      values.update(runtime_metrics())
+    epsilon = epsilon_after(experiment, round_num)
+    if epsilon is not None:
+      values['epsilon'] = epsilon
+    if eval_every and round_num % eval_every == 0:
+      eval_metrics = evaluate(experiment, process.get_model_weights(state))
+      values['eval_loss'] = eval_metrics['loss']
+      values['eval_accuracy'] = eval_metrics['accuracy']
+    values['round_seconds'] = time.monotonic() - started
+    for manager in release_managers:
+      await manager.release(values, key=round_num)
+    progress.rounds_completed = round_num
+    if round_num % checkpoint_every == 0 or round_num == experiment.rounds:
+      await state_manager.save(state, round_num)
+      progress.last_checkpoint = round_num
+    report(_format_progress(round_num, experiment.rounds, values))
+  return TrainingResult(
+    state=state,
+    rounds_completed=experiment.rounds,
+    resumed_from=start_round,
+    epsilon=epsilon,
+  )

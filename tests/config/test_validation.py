@@ -1,0 +1,67 @@
+"""Config validation names every bad field, and every shipped config is valid."""
+
+import glob
+import importlib
+import os
+
+import pytest
+
+from fedpipe.config import base, validation
+from tests.conftest import REPO_ROOT
+
+EXPERIMENTS = sorted(
+  os.path.basename(p)[:-3]
+  for p in glob.glob(os.path.join(REPO_ROOT, 'configs', '*.py'))
+  if os.path.basename(p) not in ('__init__.py', 'base.py', 'validation.py')
+)
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_every_shipped_config_is_valid(name):
+  validation.validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+def test_all_problems_are_reported_at_once_with_field_names():
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.training.rounds = 0
+  config.training.sampling = 'random'
+  config.dp.delta = 2.0
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  message = str(error.value)
+  assert 'config.training.rounds: got 0; must be an integer >= 1' in message
+  assert "config.training.sampling: got 'random'; must be one of poisson, fixed_size" in message
+  assert 'config.dp.delta' in message
+  assert len(error.value.problems) == 3
+
+
+def test_dp_needs_exactly_one_of_noise_and_target_epsilon():
+  config = base.get_base_config()
+  with pytest.raises(validation.ConfigError, match='exactly one of'):
+    validation.validate(config)
+  config.dp.noise_multiplier = 1.0
+  config.dp.target_epsilon = 3.0
+  with pytest.raises(validation.ConfigError, match='exactly one of'):
+    validation.validate(config)
+  config.dp.noise_multiplier = None
+  validation.validate(config)
+
+
+def test_pld_with_fixed_size_sampling_is_refused_with_the_fix():
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.dp.accountant = 'pld'
+  config.training.sampling = 'fixed_size'
+  with pytest.raises(validation.ConfigError, match='use dp.accountant=rdp'):
+    validation.validate(config)
+
+
+def test_silo_mode_requires_silos_and_tls_files():
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.runtime.mode = 'silos'
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  for field in ('runtime.silos', 'runtime.tls_ca', 'runtime.tls_cert', 'runtime.tls_key'):
+    assert f'config.{field}' in str(error.value)

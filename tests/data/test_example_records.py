@@ -1,0 +1,98 @@
+"""Tests of fedpipe.data.example_records: Example bytes and TFRecord files as TensorFlow writes them."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedpipe.data import example_records
+from tests.conftest import REPO_ROOT
+
+
+def _tf_example(x, y, extra=None):
+  e = tf.train.Example()
+  e.features.feature['x'].float_list.value[:] = x
+  e.features.feature['y'].int64_list.value[:] = y
+  if extra is not None:
+    e.features.feature['id'].bytes_list.value[:] = extra
+  return e
+
+
+def _ours(x, y, extra=None):
+  e = example_records.Example()
+  e.features.feature['x'].float_list.value[:] = x
+  e.features.feature['y'].int64_list.value[:] = y
+  if extra is not None:
+    e.features.feature['id'].bytes_list.value[:] = extra
+  return e
+
+
+@pytest.mark.parametrize(
+  'x,y,extra',
+  [
+    ([0.5, -1.25, 3.0], [7], None),
+    ([], [0], None),
+    (list(np.linspace(-3, 3, 64, dtype=np.float32)), [9], None),
+    ([1e-38, 3.4e38, -0.0], [-1, 2**40], [b'client-7', b'']),
+  ],
+)
+def test_example_bytes_equal_tf_train_example(x, y, extra):
+  ours = _ours(x, y, extra).SerializeToString()
+  assert ours == _tf_example(x, y, extra).SerializeToString()
+  parsed = tf.train.Example.FromString(ours)
+  np.testing.assert_array_equal(
+    parsed.features.feature['x'].float_list.value, np.float32(x) if x else []
+  )
+  assert list(parsed.features.feature['y'].int64_list.value) == y
+
+
+def test_tfrecord_file_equals_tf_writer_and_reads_back(tmp_path):
+  records = [_ours([float(i), -i / 3], [i % 10]).SerializeToString() for i in range(50)]
+  records.append(b'')  # An empty record is framed too.
+  ours, theirs = tmp_path / 'ours.tfrecord', tmp_path / 'theirs.tfrecord'
+  assert example_records.write_tfrecord_file(str(ours), iter(records)) == len(records)
+  with tf.io.TFRecordWriter(str(theirs)) as writer:
+    for r in records:
+      writer.write(r)
+  assert ours.read_bytes() == theirs.read_bytes()
+  # TF checks the CRCs when it reads.
+  read = [r.numpy() for r in tf.data.TFRecordDataset(str(ours))]
+  assert read == records
+
+
+def test_corrupted_byte_fails_tf_crc_check(tmp_path):
+  path = tmp_path / 'one.tfrecord'
+  example_records.write_tfrecord_file(str(path), [_ours([1.0, 2.0], [1]).SerializeToString()])
+  data = bytearray(path.read_bytes())
+  data[20] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(tf.errors.DataLossError):
+    list(tf.data.TFRecordDataset(str(path)))
+
+
+def test_rewrite_replaces_the_file(tmp_path):
+  path = str(tmp_path / 'f.tfrecord')
+  example_records.write_tfrecord_file(path, [b'a' * 100, b'b'])
+  assert example_records.write_tfrecord_file(path, [b'c']) == 1
+  assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b'c']
+
+
+@pytest.mark.parametrize('module', ['fedpipe.data.example_records', 'fedpipe.preprocess.dofns'])
+def test_worker_side_modules_do_not_import_tensorflow(module):
+  # Beam's worker processes import these; TensorFlow would add seconds to each.
+  code = (
+    f'import sys, {module}; '
+    'bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras")); '
+    'print(bad); sys.exit(1 if bad else 0)'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
