@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags
 
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import certificates
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'certs', 'Directory for the files.')
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
         hosts=_HOSTS.value,
         organization=_ORG.value,
       )
-  except certificates.CertificateError as e:
+  except FedpipeError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'wrote {files.cert} and {files.key}')

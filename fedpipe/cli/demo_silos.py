@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from fedpipe.cli import entrypoint as cli
 from fedpipe.datasets import silo_partition
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import local_federation
 from fedpipe.preprocess import feature_spec as feature_spec_lib
 from fedpipe.runtime import shutdown
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> int:
       for name in data_dirs:
         _approve_as_data_owner(work_dir, name, study_id)
       training_program.run(config, run_dir)
-  except training_program.USER_ERRORS as e:
+  except FedpipeError as e:
     cli.fail(str(e))
   finally:
     silos.stop()

@@ -31,6 +31,7 @@ import sys
 
 from absl import app, flags
 
+from fedpipe.errors import FedpipeError
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger
 from fedpipe.governance import store as governance_store
@@ -60,7 +61,7 @@ _FULL = flags.DEFINE_bool('full', False, 'show: full type signatures and op list
 _COMMANDS = ('list', 'show', 'approve', 'reject', 'extend', 'budget', 'audit')
 
 
-class UsageError(ValueError):
+class UsageError(FedpipeError, ValueError):
   pass
 
 
@@ -385,7 +386,7 @@ def main(argv: list[str]) -> int:
         return _audit(store)
     finally:
       store.close()
-  except (UsageError, silo_policy.PolicyError, governance_store.GovernanceError) as e:
+  except FedpipeError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -22,6 +22,7 @@ from absl import app, flags
 
 from fedpipe.cli import entrypoint as cli
 from fedpipe.datasets import bundled_data
+from fedpipe.errors import FedpipeError
 
 _CONFIG = cli.define_config_flag()
 _OVERWRITE = flags.DEFINE_bool(
@@ -55,7 +56,7 @@ def main(argv: Sequence[str]) -> None:
       seed=config.seed,
       overwrite=_OVERWRITE.value,
     )
-  except bundled_data.BundledDataError as e:
+  except FedpipeError as e:
     cli.fail(str(e))
   if result.reused:
     print(

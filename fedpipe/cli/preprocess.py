@@ -33,7 +33,7 @@ logging.getLogger().addFilter(_not_bigquery_notice)
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from fedpipe.cli import entrypoint as cli
-from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.preprocess import feature_spec as feature_spec_lib
 
 logging.getLogger().removeFilter(_not_bigquery_notice)
@@ -54,7 +54,7 @@ def main(argv: Sequence[str]) -> None:
   data = config.data
   try:
     spec = feature_spec_lib.FeatureSpec.load(data.feature_spec)
-  except feature_spec_lib.FeatureSpecError as e:
+  except FedpipeError as e:
     cli.fail(str(e))
   # Imported once flags and spec are known good: it imports TensorFlow (seconds).
   from fedpipe.preprocess import pipeline as preprocess_pipeline
@@ -72,11 +72,7 @@ def main(argv: Sequence[str]) -> None:
       max_malformed_fraction=data.max_malformed_fraction,
       pipeline_options=PipelineOptions(beam_args),
     )
-  except (
-    feature_spec_lib.FeatureSpecError,
-    preprocess_pipeline.PreprocessError,
-    manifest_lib.ManifestError,
-  ) as e:
+  except FedpipeError as e:
     cli.fail(str(e))
   print(summary.format())
 

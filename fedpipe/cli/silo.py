@@ -29,6 +29,7 @@ import sys
 from absl import app, flags
 
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import certificates, silo_server
 from fedpipe.federation import tls as tls_lib
 from fedpipe.governance import gate as governance_gate
@@ -149,12 +150,7 @@ def main(argv: list[str]) -> int:
       return 2
   try:
     gate = _governance(name)
-  except (
-    silo_policy.PolicyError,
-    governance_store.GovernanceError,
-    manifest_lib.ManifestError,
-    ValueError,
-  ) as e:
+  except (FedpipeError, ValueError) as e:
     print(f'error: silo {name}: {e}', file=sys.stderr)
     return 2
   server = silo_server.SiloServer(
@@ -171,7 +167,7 @@ def main(argv: list[str]) -> int:
     signal.signal(sig, lambda *_: server.request_stop())
   try:
     server.start()
-  except silo_server.SiloStartError as e:
+  except FedpipeError as e:
     print(f'error: silo {name}: {e}', file=sys.stderr)
     return 2
   print(f'ready address={server.address}', flush=True)

@@ -32,6 +32,7 @@ import sys
 from absl import app, flags
 
 from fedpipe.cli import entrypoint as cli
+from fedpipe.errors import FedpipeError
 from fedpipe.runtime import execution_context, shutdown
 from fedpipe.training import loop as training_loop
 from fedpipe.training import program as training_program
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
           training_program.submit_study(config, output_dir)
       else:
         training_program.run(config, output_dir, overwrite=_OVERWRITE.value, progress=progress)
-  except training_program.USER_ERRORS as e:
+  except FedpipeError as e:
     cli.fail(str(e))
   except (KeyboardInterrupt, shutdown.Terminated) as e:
     print(

@@ -36,11 +36,13 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
+from fedpipe.errors import FedpipeError
+
 _UPDATE = 'update'
 _WEIGHT = 'weight'
 
 
-class DPAggregatorConfigError(ValueError):
+class DPAggregatorConfigError(FedpipeError, ValueError):
   """A DP aggregator parameter is out of its valid range."""
 
 

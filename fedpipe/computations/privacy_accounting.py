@@ -18,13 +18,15 @@ from typing import Literal
 import dp_accounting
 import numpy as np
 
+from fedpipe.errors import FedpipeError
+
 Sampling = Literal['poisson', 'fixed_size']
 Accountant = Literal['rdp', 'pld']
 SAMPLING_METHODS = ('poisson', 'fixed_size')
 ACCOUNTANTS = ('rdp', 'pld')
 
 
-class PrivacyAccountingError(ValueError):
+class PrivacyAccountingError(FedpipeError, ValueError):
   """The privacy parameters cannot be accounted for as given."""
 
 

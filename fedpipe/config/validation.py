@@ -12,10 +12,12 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from fedpipe.errors import FedpipeError
+
 SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'none')
 
 
-class ConfigError(ValueError):
+class ConfigError(FedpipeError, ValueError):
   """One or more config fields are invalid; the message names each."""
 
   def __init__(self, problems: Iterable[str]):

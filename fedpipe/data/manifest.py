@@ -23,6 +23,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fedpipe.errors import FedpipeError
+
 SCHEMA_VERSION = 1
 MANIFEST_FILENAME = 'manifest.json'
 TRAIN_SPLIT = 'train'
@@ -35,7 +37,7 @@ CLIENT_ID_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,127}'
 _CLIENT_ID_RE = re.compile(CLIENT_ID_PATTERN)
 
 
-class ManifestError(ValueError):
+class ManifestError(FedpipeError, ValueError):
   """A client-data directory or its manifest is missing, malformed or inconsistent."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpipe.errors import FedpipeError
 from fedpipe.preprocess import feature_spec as feature_spec_lib
 
 GENERATION_FILENAME = 'generation.json'
@@ -45,7 +46,7 @@ LABEL_COLUMN = 'label'
 GENERATOR_VERSION = 1
 
 
-class BundledDataError(ValueError):
+class BundledDataError(FedpipeError, ValueError):
   """The bundled-data parameters are invalid, or the raw directory is not ours to replace."""
 
 

@@ -13,8 +13,10 @@ import os
 import shutil
 from collections.abc import Sequence
 
+from fedpipe.errors import FedpipeError
 
-class SiloPartitionError(ValueError):
+
+class SiloPartitionError(FedpipeError, ValueError):
   """The raw files cannot be split as asked."""
 
 

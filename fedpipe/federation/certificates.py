@@ -21,10 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpipe.errors import FedpipeError
+
 _VALIDITY = datetime.timedelta(days=365)
 
 
-class CertificateError(ValueError):
+class CertificateError(FedpipeError, ValueError):
   """A certificate or key file is missing, unreadable or of the wrong kind."""
 
 

@@ -40,6 +40,7 @@ import grpc
 import tensorflow_federated as tff
 
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import silo_server
 from fedpipe.federation import tls as tls_lib
 from fedpipe.runtime import execution_context, isolated_worker
@@ -57,7 +58,7 @@ _KEEPALIVE_OPTIONS = (
 _SILO_NAME_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}')
 
 
-class SiloError(RuntimeError):
+class SiloError(FedpipeError, RuntimeError):
   """A silo could not serve; the message names it and what happened."""
 
   def __init__(self, silo: str, message: str):
@@ -77,7 +78,7 @@ class SiloNotGovernedError(SiloError):
   """The silo takes no study requests: it runs with --allow_ungoverned."""
 
 
-class FederationError(ValueError):
+class FederationError(FedpipeError, ValueError):
   """The silos' configuration or manifests do not fit together."""
 
 

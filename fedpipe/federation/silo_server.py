@@ -38,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_federated.proto.v0 import executor_pb2_grpc
 
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import tls as tls_lib
 from fedpipe.federation import tls_front
 from fedpipe.runtime import isolated_worker
@@ -67,7 +68,7 @@ GRPC_OPTIONS = (
 _WATCH_INTERVAL_S = 1.0
 
 
-class SiloStartError(RuntimeError):
+class SiloStartError(FedpipeError, RuntimeError):
   """The silo server cannot start; the message says what to fix."""
 
 

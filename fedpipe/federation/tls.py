@@ -9,8 +9,10 @@ from typing import Protocol
 
 import grpc
 
+from fedpipe.errors import FedpipeError
 
-class TlsConfigError(ValueError):
+
+class TlsConfigError(FedpipeError, ValueError):
   """A TLS file is missing, unreadable or not PEM."""
 
 

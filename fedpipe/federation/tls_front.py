@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any
 
+from fedpipe.errors import FedpipeError
+
 _CHUNK_BYTES = 1 << 20
 _WRITE_HIGH_WATER_BYTES = 4 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -49,7 +51,7 @@ FAILURE_WINDOW_S = 60.0
 _STOP_TIMEOUT_S = 10.0
 
 
-class TlsFrontError(RuntimeError):
+class TlsFrontError(FedpipeError, RuntimeError):
   """The front cannot start; the message says what to fix."""
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from fedpipe.computations import privacy_accounting
+from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger, study_request
@@ -554,9 +555,9 @@ class _LifetimeExceededError(RuntimeError):
   """One more charge would exceed the policy's lifetime ε."""
 
 
-class StudyAccessError(PermissionError):
+class StudyAccessError(FedpipeError, PermissionError):
   """The caller may not use this silo's study methods."""
 
 
-class UnknownStudyError(LookupError):
+class UnknownStudyError(FedpipeError, LookupError):
   """No study with that id was submitted by this caller."""

@@ -38,6 +38,8 @@ import math
 import tomllib
 from typing import Any
 
+from fedpipe.errors import FedpipeError
+
 _PRIVACY_FIELDS = {
   'delta': float,
   'max_epsilon': float,
@@ -63,7 +65,7 @@ _OPTIONAL = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(FedpipeError, ValueError):
   """The policy file is missing, malformed or inconsistent; the message says where."""
 
 

@@ -44,6 +44,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from fedpipe.errors import FedpipeError
+
 DB_FILENAME = 'governance.sqlite'
 ANCHOR_FILENAME = 'audit.anchor'
 PENDING, APPROVED, REJECTED = 'pending', 'approved', 'rejected'
@@ -94,7 +96,7 @@ _USED = {ROLE_TRAIN: 'rounds_used', ROLE_EVALUATE: 'evaluations_used'}
 _APPROVED = {ROLE_TRAIN: 'rounds_approved', ROLE_EVALUATE: 'evaluations_approved'}
 
 
-class GovernanceError(RuntimeError):
+class GovernanceError(FedpipeError, RuntimeError):
   """A governance operation cannot be done; the message says why and what to do."""
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from tensorflow_federated.proto.v0 import computation_pb2
 
+from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import store as governance_store
 
@@ -39,7 +40,7 @@ _PRIVACY_KEYS = (
 )
 
 
-class StudyRequestError(ValueError):
+class StudyRequestError(FedpipeError, ValueError):
   """A study request is malformed; the message says which part."""
 
 

@@ -29,6 +29,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from fedpipe.errors import FedpipeError
+
 SCHEMA_VERSION = 1
 
 # Reason codes of malformed records. They are stable: dashboards and the
@@ -63,11 +65,11 @@ _LABEL_KEYS = frozenset({'name', 'num_classes'})
 _TOP_KEYS = frozenset({'schema_version', 'client_key', 'label', 'features'})
 
 
-class FeatureSpecError(ValueError):
+class FeatureSpecError(FedpipeError, ValueError):
   """A feature spec is unreadable or invalid, or does not match the input data."""
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(FedpipeError, ValueError):
   """A raw record does not satisfy the feature spec.
 
   Attributes:

@@ -43,6 +43,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from apache_beam.runners.runner import PipelineState
 
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.preprocess import dofns as preprocess_dofns
 from fedpipe.preprocess import feature_spec as feature_spec_lib
 
@@ -66,7 +67,7 @@ DEFAULT_RUNNER = 'FnApiRunner'
 _LOCAL_RUNNERS = ('DirectRunner', 'direct', 'FnApiRunner', 'SwitchingDirectRunner')
 
 
-class PreprocessError(Exception):
+class PreprocessError(FedpipeError):
   """Base of the errors that stop preprocessing before anything is replaced."""
 
 

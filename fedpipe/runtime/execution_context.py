@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import grpc
 import tensorflow_federated as tff
 
+from fedpipe.errors import FedpipeError
 from fedpipe.runtime import isolated_worker
 
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
@@ -24,7 +25,7 @@ CHANNEL_OPTIONS = (
 )
 
 
-class NoRuntimeError(RuntimeError):
+class NoRuntimeError(FedpipeError, RuntimeError):
   """A TFF computation was invoked outside any fedpipe runtime."""
 
 

@@ -43,6 +43,7 @@ from types import TracebackType
 
 from absl import logging
 
+from fedpipe.errors import FedpipeError
 from fedpipe.runtime import process_lifetime, worker_sandbox
 
 _READY_TIMEOUT_S = 240.0
@@ -84,7 +85,7 @@ def resolve_concurrent_calls(value: int) -> int:
   return -1 if value < 0 else value
 
 
-class WorkerIsolationError(RuntimeError):
+class WorkerIsolationError(FedpipeError, RuntimeError):
   """The TFF worker cannot be isolated from the network on this host."""
 
 
@@ -92,7 +93,7 @@ class WorkerConfinementError(WorkerIsolationError):
   """The TFF worker cannot be confined to its working directory on this host."""
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(FedpipeError, RuntimeError):
   """The TFF worker process did not start serving."""
 
 

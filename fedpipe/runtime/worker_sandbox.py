@@ -42,6 +42,8 @@ import select
 import signal
 from collections.abc import Callable
 
+from fedpipe.errors import FedpipeError
+
 # How the relay's error report starts when the worker cannot be confined.
 CONFINEMENT_FAILED = "cannot confine the worker's filesystem"
 NOBODY = 65534
@@ -92,7 +94,7 @@ _ARCH_SYSCALLS = {  # (pivot_root, capset)
 }
 
 
-class SandboxError(RuntimeError):
+class SandboxError(FedpipeError, RuntimeError):
   """The worker's filesystem cannot be confined on this host."""
 
 

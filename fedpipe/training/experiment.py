@@ -21,9 +21,10 @@ from fedpipe.computations import (
   privacy_accounting,
 )
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 
 
-class ExperimentError(ValueError):
+class ExperimentError(FedpipeError, ValueError):
   """The config and the available client data do not fit together."""
 
 

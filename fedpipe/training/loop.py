@@ -19,11 +19,12 @@ import grpc
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_sampling, evaluation, privacy_accounting
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.training import experiment as experiment_lib
 
 
-class RoundFailedError(RuntimeError):
+class RoundFailedError(FedpipeError, RuntimeError):
   """A training round failed; the message names the round and the cause."""
 
 

@@ -14,32 +14,16 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from absl import logging
 
-from fedpipe.computations import privacy_accounting
 from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.federation import cross_silo
 from fedpipe.federation import tls as tls_lib
-from fedpipe.runtime import execution_context, isolated_worker
+from fedpipe.runtime import execution_context
 from fedpipe.training import experiment as experiment_lib
 from fedpipe.training import loop as training_loop
 from fedpipe.training import plot as training_plot
 from fedpipe.training import privacy_report, run_directory
 from fedpipe.training import study as study_lib
-
-USER_ERRORS = (
-  validation.ConfigError,
-  manifest_lib.ManifestError,
-  experiment_lib.ExperimentError,
-  privacy_accounting.PrivacyAccountingError,
-  run_directory.RunDirectoryError,
-  isolated_worker.WorkerIsolationError,
-  isolated_worker.WorkerStartError,
-  training_loop.RoundFailedError,
-  cross_silo.SiloError,
-  cross_silo.FederationError,
-  tls_lib.TlsConfigError,
-  study_lib.StudyNotApprovedError,
-)
 
 
 def quiet_logs() -> None:

@@ -36,6 +36,8 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from fedpipe.errors import FedpipeError
+
 LOCK_FILE = '.lock'
 RUN_CONFIG = 'run_config.json'
 SAMPLING_SEED = 'sampling_seed'
@@ -48,7 +50,7 @@ _RESUMABLE_CHANGES = (
 )
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(FedpipeError, RuntimeError):
   """The output directory cannot be used: not writable, held by another run, or not this run's."""
 
 

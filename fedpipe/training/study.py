@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from fedpipe.computations import privacy_accounting
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.governance import study_request
 from fedpipe.training import experiment as experiment_lib
@@ -21,7 +22,7 @@ from fedpipe.training import experiment as experiment_lib
 _TIMEOUT_S = 60.0
 
 
-class StudyNotApprovedError(RuntimeError):
+class StudyNotApprovedError(FedpipeError, RuntimeError):
   """Some silo has not approved this run's study; the message says which and what to do."""
 
 

@@ -269,6 +269,8 @@ def test_kill_9_mid_run_then_the_same_command_resumes_and_finishes(client_data, 
       'exactly one of dp.noise_multiplier and dp.target_epsilon',
     ),
     ([f'--config.training.clients_per_round={NUM_CLIENTS + 1}'], 'clients_per_round'),
+    # Found by the aggregator, not by config validation: once a traceback.
+    (['--config.dp.clipping=adaptive'], 'increase `clipped_count_stddev`'),
   ],
 )
 def test_bad_flags_and_config_fail_clearly_and_write_nothing(
