@@ -1,6 +1,6 @@
 r"""Cross-silo training on one machine: three silo servers on loopback, then training.
 
-    python -m fedpipe.cli.demo_silos --config=configs/digits_dp.py [--num_silos=3]
+    fedpipe-demo-silos --config=configs/digits_dp.py [--num_silos=3]
 
 Splits the config's bundled raw data by client into `--num_silos` silos,
 runs the preprocessing pipeline for each (as each data owner would), makes a

@@ -1,6 +1,6 @@
 r"""Writes the bundled raw data of a config: per-client rows plus a feature spec.
 
-    python -m fedpipe.cli.make_data --config=configs/digits_dp.py [--overwrite]
+    fedpipe-make-data --config=configs/digits_dp.py [--overwrite]
 
 Takes `data.source` (a scikit-learn dataset, nothing is downloaded),
 `data.raw_dir`, `data.raw_format`, `data.num_clients`, `data.partition`,

@@ -1,6 +1,6 @@
 r"""Preprocesses raw client data into per-client TFRecords and a manifest (Beam).
 
-    python -m fedpipe.cli.preprocess --config=configs/digits_dp.py \
+    fedpipe-preprocess --config=configs/digits_dp.py \
         [--config.data.processed_dir=...] [Beam pipeline options]
 
 Reads `data.train_files` and `data.eval_files` (CSV or JSONL), validates

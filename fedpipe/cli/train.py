@@ -1,6 +1,6 @@
 r"""Trains a federated model, with user-level DP, on preprocessed client data.
 
-    python -m fedpipe.cli.train --config=configs/digits_dp.py \
+    fedpipe-train --config=configs/digits_dp.py \
         [--config.training.rounds=50] [--output_dir=runs/digits_dp] [--overwrite]
 
 Each round prints one line (round, clients, loss, accuracy, ε so far,

@@ -19,7 +19,7 @@ def get_base_config() -> config_dict.ConfigDict:
 
   config.data = config_dict.ConfigDict()
   data = config.data
-  # Bundled raw data to generate (`python -m fedpipe.cli.make_data`):
+  # Bundled raw data to generate (`fedpipe-make-data`):
   # 'sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', or 'none' for
   # data you bring yourself.
   data.source = 'sklearn:digits'

@@ -175,7 +175,7 @@ def read_manifest(data_dir: str) -> Manifest:
   if not os.path.isdir(data_dir):
     raise ManifestError(
       f'client-data directory {data_dir!r} does not exist; run the '
-      'preprocessing pipeline first (python -m fedpipe.cli.preprocess --config=...).'
+      'preprocessing pipeline first (fedpipe-preprocess --config=...).'
     )
   try:
     with open(path, encoding='utf-8') as f:
@@ -183,7 +183,7 @@ def read_manifest(data_dir: str) -> Manifest:
   except FileNotFoundError as e:
     raise ManifestError(
       f'{path} not found: {data_dir!r} is not a preprocessed client-data '
-      'directory; run python -m fedpipe.cli.preprocess --config=... first.'
+      'directory; run fedpipe-preprocess --config=... first.'
     ) from e
   except (OSError, json.JSONDecodeError) as e:
     raise ManifestError(f'cannot read {path}: {e}') from e

@@ -241,8 +241,8 @@ class FeatureSpec:
     except (OSError, UnicodeDecodeError) as e:
       raise FeatureSpecError(
         f'cannot read feature spec {path!r} ({type(e).__name__}: {e}); set '
-        'data.feature_spec to an existing JSON file, or run python -m '
-        'fedpipe.cli.make_data to write the bundled one.'
+        'data.feature_spec to an existing JSON file, or run '
+        'fedpipe-make-data to write the bundled one.'
       ) from e
     try:
       data = json.loads(text)

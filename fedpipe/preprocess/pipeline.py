@@ -255,7 +255,7 @@ def resolve_input_files(pattern: str, *, split: str, config_field: str) -> list[
   if not files:
     raise InputFilesError(
       f'no file matches {config_field}={pattern!r} ({split} split); check the path, or '
-      'generate the bundled data with python -m fedpipe.cli.make_data --config=...'
+      'generate the bundled data with fedpipe-make-data --config=...'
     )
   out = []
   for meta in files:

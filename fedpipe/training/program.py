@@ -1,6 +1,6 @@
 """A training run from a validated config: runtime, loop, evaluation, outputs.
 
-The logic behind `python -m fedpipe.cli.train` (which only adds flags), usable
+The logic behind `fedpipe-train` (which only adds flags), usable
 from other programs (the cross-silo demo, benchmarks) without flag clashes.
 """
 

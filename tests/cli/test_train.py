@@ -288,7 +288,7 @@ def test_bad_flags_and_config_fail_clearly_and_write_nothing(
 def test_missing_client_data_names_the_directory_and_the_fix(tmp_path):
   result = _run(_command(str(tmp_path / 'nowhere'), tmp_path / 'run'))
   assert result.returncode == 2
-  assert 'nowhere' in result.stderr and 'fedpipe.cli.preprocess' in result.stderr
+  assert 'nowhere' in result.stderr and 'fedpipe-preprocess' in result.stderr
 
 
 def test_a_client_without_examples_is_named(client_data, tmp_path):
