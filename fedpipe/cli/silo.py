@@ -81,6 +81,10 @@ _ALLOW_UNGOVERNED = flags.DEFINE_bool(
 )
 
 
+class SiloFlagsError(FedpipeError, ValueError):
+  """The silo's flags contradict each other or leave out what a governed silo needs."""
+
+
 class _JsonLines(logging.Formatter):
   """Log records as JSON objects (messages that already are JSON are merged in)."""
 
@@ -112,7 +116,9 @@ def _governance(name: str):
   """The governance gate from --policy/--state_dir; None with --allow_ungoverned."""
   if _ALLOW_UNGOVERNED.value:
     if _POLICY.value or _STATE_DIR.value:
-      raise ValueError('--allow_ungoverned contradicts --policy/--state_dir; give one or the other')
+      raise SiloFlagsError(
+        '--allow_ungoverned contradicts --policy/--state_dir; give one or the other'
+      )
     logging.getLogger('fedpipe.silo').warning(
       json.dumps(
         {
@@ -124,7 +130,7 @@ def _governance(name: str):
     )
     return None
   if not _POLICY.value or not _STATE_DIR.value:
-    raise ValueError(
+    raise SiloFlagsError(
       '--policy and --state_dir are required: a silo runs only studies its owner approved '
       '(docs/governance.md). For a trial without governance pass --allow_ungoverned'
     )
@@ -150,7 +156,7 @@ def main(argv: list[str]) -> int:
       return 2
   try:
     gate = _governance(name)
-  except (FedpipeError, ValueError) as e:
+  except FedpipeError as e:
     print(f'error: silo {name}: {e}', file=sys.stderr)
     return 2
   server = silo_server.SiloServer(

@@ -3,7 +3,8 @@
 The coordinator never holds client records: it sends client ids, and this
 TensorFlow computation, executed by the worker at the data's site, opens
 `<split>/<client_id>.tfrecord` relative to the worker's working directory
-(see `fedpipe.data.manifest` for the layout and record format).
+(see `fedpipe.data.manifest` for the layout, `fedpipe.data.record_schema`
+for the records).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedpipe.data import manifest
+from fedpipe.data import manifest, record_schema
 
-FEATURES_KEY = 'x'
-LABEL_KEY = 'y'
+FEATURES_KEY = record_schema.FEATURES.key
+LABEL_KEY = record_schema.LABEL.key
 _SHUFFLE_BUFFER = 1024
 _READ_BUFFER_BYTES = 256 * 1024
 # Examples parsed per call. Parsing has a fixed cost per call: parsing each
@@ -30,17 +31,16 @@ _PARSE_CHUNK = 512
 def batch_spec(num_features: int) -> collections.OrderedDict:
   """The element spec of a batched client dataset."""
   return collections.OrderedDict(
-    [
-      (FEATURES_KEY, tf.TensorSpec([None, num_features], tf.float32)),
-      (LABEL_KEY, tf.TensorSpec([None], tf.int64)),
-    ]
+    (f.key, tf.TensorSpec([None, *f.shape(num_features)], tf.as_dtype(f.dtype)))
+    for f in record_schema.RECORD_FEATURES
   )
 
 
 def _feature_description(num_features: int) -> dict[str, tf.io.FixedLenFeature]:
+  """How `tf.io.parse_example` reads one record of the record schema."""
   return {
-    FEATURES_KEY: tf.io.FixedLenFeature([num_features], tf.float32),
-    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+    f.key: tf.io.FixedLenFeature(f.shape(num_features), tf.as_dtype(f.dtype))
+    for f in record_schema.RECORD_FEATURES
   }
 
 

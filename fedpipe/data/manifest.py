@@ -7,8 +7,9 @@ The Beam preprocessing pipeline writes, under its output directory,
     eval/<client_id>.tfrecord      one file per evaluation client
     dead_letter/...                rejected raw records, with reasons
 
-Each TFRecord holds `tf.train.Example`s with two features: `x`, a float list
-of `num_features` normalized values, and `y`, one int64 class label.
+Each TFRecord holds `tf.train.Example`s in the record schema
+(`record_schema`): `x`, `num_features` normalized float32 values, and `y`,
+one int64 class label.
 
 The manifest lists client ids and example counts per split plus the feature
 spec. A silo publishes it to the coordinator; it never contains records.
@@ -23,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fedpipe.data import atomic_files, record_schema
 from fedpipe.errors import FedpipeError
 
 SCHEMA_VERSION = 1
@@ -87,10 +89,7 @@ class Manifest:
   def to_json(self) -> dict[str, Any]:
     return {
       'schema_version': SCHEMA_VERSION,
-      'record_format': {
-        'x': {'dtype': 'float32', 'shape': [self.num_features]},
-        'y': {'dtype': 'int64', 'shape': []},
-      },
+      'record_format': record_schema.record_format(self.num_features),
       'num_features': self.num_features,
       'num_classes': self.num_classes,
       'feature_spec': dict(self.feature_spec),
@@ -98,6 +97,10 @@ class Manifest:
       'dead_letter': dict(self.dead_letter),
       **dict(self.extra),
     }
+
+  def to_text(self) -> str:
+    """The content of `manifest.json`: `to_json()` as indented JSON."""
+    return atomic_files.json_text(self.to_json(), indent=2)
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any], *, source: str = 'manifest') -> Manifest:
@@ -156,13 +159,7 @@ def client_file(split: str, client_id: str) -> str:
 
 def write_manifest(data_dir: str, manifest: Manifest) -> str:
   """Writes `manifest.json` atomically; returns its path."""
-  path = manifest_path(data_dir)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(manifest.to_json(), f, indent=2, sort_keys=False)
-    f.write('\n')
-  os.replace(tmp, path)
-  return path
+  return atomic_files.write_text(manifest_path(data_dir), manifest.to_text())
 
 
 def read_manifest(data_dir: str) -> Manifest:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedpipe.data import atomic_files
 from fedpipe.errors import FedpipeError
 
 _VALIDITY = datetime.timedelta(days=365)
@@ -40,11 +41,7 @@ class IssuedFiles:
 
 def _write(path: str, data: bytes, mode: int) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp'
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  atomic_files.write_bytes(path, data, mode=mode, durable=True)
 
 
 def _write_key(path: str, key: ec.EllipticCurvePrivateKey) -> None:

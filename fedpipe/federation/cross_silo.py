@@ -41,9 +41,10 @@ import tensorflow_federated as tff
 
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import silo_server
+from fedpipe.federation import silo_protocol
 from fedpipe.federation import tls as tls_lib
-from fedpipe.runtime import execution_context, isolated_worker
+from fedpipe.governance import study_request
+from fedpipe.runtime import execution_context, isolated_worker, rpc_errors
 
 LOG = logging.getLogger('fedpipe.coordinator')
 
@@ -116,28 +117,17 @@ def global_client_id(silo: str, client_id: str) -> str:
   return f'{silo}{SEPARATOR}{client_id}'
 
 
-def _rpc_summary(error: grpc.RpcError) -> str:
-  details = (error.details() or '').split('\n')[0].split(' while evaluating local')[0]
-  return f'{error.code().name}: {details[:400]}'
-
-
-def _error_chain(error: BaseException) -> Iterator[BaseException]:
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    yield error
-    error = error.__cause__ or error.__context__
-
-
-def _error_summary(error: BaseException, timeout_s: float | None = None) -> str:
-  for e in _error_chain(error):
-    if isinstance(e, grpc.RpcError) and hasattr(e, 'code'):
-      if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s is not None:
-        return f'no answer within silo_round_timeout_s={timeout_s:g}s (frozen or unreachable)'
-      return _rpc_summary(e)
-  if isinstance(error, asyncio.TimeoutError):
+def _round_failure(error: BaseException, timeout_s: float) -> str:
+  """One line for why a silo's share of a round failed: a timeout, its gRPC status, or the error."""
+  rpc = rpc_errors.find_rpc_error(error)
+  timed_out = (
+    rpc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    if rpc is not None
+    else isinstance(error, asyncio.TimeoutError)
+  )
+  if timed_out:
     return f'no answer within silo_round_timeout_s={timeout_s:g}s (frozen or unreachable)'
-  return f'{type(error).__name__}: {str(error).splitlines()[0][:400] if str(error) else ""}'
+  return rpc_errors.error_summary(error)
 
 
 class _RoundDeadline(grpc.UnaryUnaryClientInterceptor):
@@ -251,35 +241,39 @@ class SiloConnection:
     """The silo's own name and its manifest.
 
     Raises:
-      SiloUnavailableError: If the silo cannot be reached or refuses us.
+      SiloUnavailableError: If the silo cannot be reached, refuses us or
+        sends a malformed manifest.
     """
-    call = self.channel.unary_unary(f'/{silo_server.SILO_SERVICE}/GetManifest')
+    call = self.channel.unary_unary(silo_protocol.method_path(silo_protocol.GET_MANIFEST))
     try:
-      payload = json.loads(call(b'', timeout=timeout_s, wait_for_ready=True))
+      data = call(b'', timeout=timeout_s, wait_for_ready=True)
     except grpc.RpcError as e:
       raise SiloUnavailableError(
         self.name,
-        f'silo {self.name} at {self.address} is unavailable: {_rpc_summary(e)}. Check that '
-        'it runs (grpc health check), that the address is right and reachable, and '
-        'that our client certificate is signed by the CA it trusts.',
+        f'silo {self.name} at {self.address} is unavailable: {rpc_errors.rpc_summary(e)}. '
+        'Check that it runs (grpc health check), that the address is right and reachable, '
+        'and that our client certificate is signed by the CA it trusts.',
       ) from e
     try:
-      manifest = manifest_lib.Manifest.from_json(
-        payload['manifest'], source=f'manifest of silo {self.name}'
+      reply = silo_protocol.decode(
+        silo_protocol.ManifestReply, data, what=f'the manifest of silo {self.name}'
       )
-    except (KeyError, TypeError) as e:
-      raise SiloUnavailableError(self.name, f'silo {self.name} sent a malformed manifest') from e
-    return str(payload.get('silo', '')), manifest
+    except silo_protocol.PayloadError as e:
+      raise SiloUnavailableError(
+        self.name, f'silo {self.name} sent a malformed manifest: {e}'
+      ) from e
+    return reply.silo, reply.manifest
 
-  def call_json(self, method: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Calls a JSON method of `fedpipe.Silo` (e.g. SubmitStudy).
+  def _call(self, method: str, request: bytes, timeout_s: float) -> bytes:
+    """Calls a study method of `fedpipe.Silo`.
 
     Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
       SiloError: Naming this silo and what it answered.
     """
-    call = self.channel.unary_unary(f'/{silo_server.SILO_SERVICE}/{method}')
+    call = self.channel.unary_unary(silo_protocol.method_path(method))
     try:
-      return json.loads(call(json.dumps(payload).encode(), timeout=timeout_s, wait_for_ready=True))
+      return call(request, timeout=timeout_s, wait_for_ready=True)
     except grpc.RpcError as e:
       if e.code() == grpc.StatusCode.UNIMPLEMENTED:
         raise SiloNotGovernedError(
@@ -288,8 +282,52 @@ class SiloConnection:
           'requests (it runs with --allow_ungoverned)',
         ) from e
       raise SiloError(
-        self.name, f'silo {self.name} ({self.address}) refused {method}: {_rpc_summary(e)}'
+        self.name,
+        f'silo {self.name} ({self.address}) refused {method}: {rpc_errors.rpc_summary(e)}',
       ) from e
+
+  def _status_reply(self, method: str, data: bytes) -> silo_protocol.StudyStatusReply:
+    try:
+      return silo_protocol.decode(
+        silo_protocol.StudyStatusReply, data, what=f'the {method} reply of silo {self.name}'
+      )
+    except silo_protocol.PayloadError as e:
+      raise SiloError(self.name, f'silo {self.name} sent a malformed {method} reply: {e}') from e
+
+  def submit_study(
+    self, request: study_request.StudyRequest, timeout_s: float
+  ) -> silo_protocol.StudyStatusReply:
+    """Submits `request` for approval (idempotent); the study's status at this silo.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: If it refuses the request or answers malformed.
+    """
+    method = silo_protocol.SUBMIT_STUDY
+    return self._status_reply(method, self._call(method, silo_protocol.encode(request), timeout_s))
+
+  def study_status(self, study_id: str, timeout_s: float) -> silo_protocol.StudyStatusReply:
+    """The status at this silo of the study `study_id` we submitted.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: If it knows no such study of ours, refuses us or answers malformed.
+    """
+    method = silo_protocol.STUDY_STATUS
+    request = silo_protocol.encode(silo_protocol.StudyStatusRequest(study_id))
+    return self._status_reply(method, self._call(method, request, timeout_s))
+
+  def call_json(self, method: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Calls a study method of `fedpipe.Silo` with a JSON payload; its reply's JSON.
+
+    Prefer the typed `submit_study` and `study_status`.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: Naming this silo and what it answered.
+    """
+    reply = self._call(method, json.dumps(payload).encode(), timeout_s)
+    return self._status_reply(method, reply).to_json()
 
 
 def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.Manifest:
@@ -467,7 +505,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
       message = (
         f'silo {name} ({self._silos[name].address}) failed during the round with '
         f'{len(clients)} of its clients ({", ".join(clients[:5])}'
-        f'{", ..." if len(clients) > 5 else ""}): {_error_summary(error, self._timeout)}'
+        f'{", ..." if len(clients) > 5 else ""}): {_round_failure(error, self._timeout)}'
       )
       if self._on_failure == 'fail' or len(partials) < max(self._min_silos, 1):
         raise SiloRoundError(name, message) from error
@@ -477,7 +515,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
             'event': 'silo_dropped',
             'silo': name,
             'clients': len(clients),
-            'error': _error_summary(error, self._timeout),
+            'error': _round_failure(error, self._timeout),
           }
         )
       )

@@ -10,12 +10,15 @@ The server a data owner runs on their own infrastructure:
   directory as the worker's working directory (data is read here, by client
   id, and only aggregates leave);
 * publishes its manifest (client ids, example counts, feature spec) through
-  `fedpipe.Silo/GetManifest`, never record contents;
+  `fedpipe.Silo/GetManifest`, never record contents (the services, methods
+  and payloads are those of `silo_protocol`);
 * answers standard gRPC health checks (`grpc.health.v1.Health`);
 * logs one JSON object per event;
 * restarts its worker if it dies, and ends it on shutdown;
 * with a governance gate, also takes study requests (`fedpipe.Silo/SubmitStudy`,
-  `StudyStatus`) and runs only approved computations (see governance_gate).
+  `StudyStatus`) and runs only approved computations (see governance_gate);
+* answers every refused request with the status `silo_protocol.status_code`
+  gives its error.
 
 Every executor call passes through `ExecutorProxy`, where a `CallGate` (the
 data owner's policy, see governance) may refuse it before it reaches the
@@ -31,7 +34,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,24 +42,15 @@ from tensorflow_federated.proto.v0 import executor_pb2_grpc
 
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
+from fedpipe.federation import silo_protocol, tls_front
 from fedpipe.federation import tls as tls_lib
-from fedpipe.federation import tls_front
-from fedpipe.runtime import isolated_worker
+from fedpipe.governance import policy as silo_policy
+from fedpipe.governance import store as governance_store
+from fedpipe.governance import study_request
+from fedpipe.runtime import executor_service, isolated_worker
 
 LOG = logging.getLogger('fedpipe.silo')
 
-EXECUTOR_SERVICE = 'tensorflow_federated.v0.ExecutorGroup'
-SILO_SERVICE = 'fedpipe.Silo'
-_EXECUTOR_METHODS = (
-  'GetExecutor',
-  'CreateValue',
-  'CreateCall',
-  'CreateStruct',
-  'CreateSelection',
-  'Compute',
-  'Dispose',
-  'DisposeExecutor',
-)
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 GRPC_OPTIONS = (
   ('grpc.max_send_message_length', _MAX_MESSAGE_BYTES),
@@ -75,11 +69,11 @@ class SiloStartError(FedpipeError, RuntimeError):
 class CallGate(Protocol):
   """Decides whether an executor call may reach the worker.
 
-  Returns None to allow it, or a message to refuse it with
-  PERMISSION_DENIED. `on_forwarded` runs after the worker answered and
-  before the answer is sent, `on_failed` after the worker failed and before
-  its error is sent: each returns None to send it, or a message to withhold
-  it (PERMISSION_DENIED).
+  Returns None to allow it, or a message to refuse it with (a
+  `silo_policy.PolicyRefusalError`: PERMISSION_DENIED). `on_forwarded` runs
+  after the worker answered and before the answer is sent, `on_failed` after
+  the worker failed and before its error is sent: each returns None to send
+  it, or a message to withhold it (PERMISSION_DENIED).
   """
 
   def check(self, method: str, request, caller: str) -> str | None: ...
@@ -87,6 +81,22 @@ class CallGate(Protocol):
   def on_forwarded(self, method: str, request, response, caller: str) -> str | None: ...
 
   def on_failed(self, method: str, request, caller: str) -> str | None: ...
+
+
+class StudyGate(CallGate, Protocol):
+  """A governed silo's gate: a policy, and the study requests of `fedpipe.Silo`.
+
+  Each method raises a `FedpipeError` that `silo_protocol.status_code`
+  names (a policy refusal, an unknown study) to refuse the request.
+  """
+
+  policy: silo_policy.SiloPolicy
+
+  def submit_study(
+    self, request: study_request.StudyRequest, caller: str
+  ) -> governance_store.Study: ...
+
+  def study_status(self, study_id: str, caller: str) -> governance_store.Study: ...
 
 
 class _WorkerLink:
@@ -154,18 +164,7 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
     if self._gate is not None:
       refusal = self._gate.check(method, request, caller)
       if refusal is not None:
-        LOG.warning(
-          json.dumps(
-            {
-              'event': 'refused',
-              'silo': self._silo_name,
-              'method': method,
-              'caller': caller,
-              'reason': refusal,
-            }
-          )
-        )
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {refusal}')
+        self._refuse(context, 'refused', method, caller, refusal)
     stub = self._link.stub
     if stub is None:
       context.abort(grpc.StatusCode.UNAVAILABLE, f'silo {self._silo_name}: worker is restarting')
@@ -189,24 +188,13 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       # charged like a result before the caller hears of it.
       withheld = self._gate.on_failed(method, request, caller) if self._gate else None
       if withheld is not None:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
+        self._refuse(context, 'withheld', method, caller, withheld)
       context.abort(e.code(), f'silo {self._silo_name}: {redact_worker_error(e.details())}')
     if self._gate is not None:
       withheld = self._gate.on_forwarded(method, request, response, caller)
       if withheld is not None:
-        LOG.warning(
-          json.dumps(
-            {
-              'event': 'withheld',
-              'silo': self._silo_name,
-              'method': method,
-              'caller': caller,
-              'reason': withheld,
-            }
-          )
-        )
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self._silo_name}: {withheld}')
-    if method in ('GetExecutor', 'DisposeExecutor'):
+        self._refuse(context, 'withheld', method, caller, withheld)
+    if method in executor_service.EXECUTOR_LIFECYCLE_METHODS:
       LOG.info(
         json.dumps(
           {
@@ -218,6 +206,23 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
         )
       )
     return response
+
+  def _refuse(
+    self, context: grpc.ServicerContext, event: str, method: str, caller: str, reason: str
+  ) -> NoReturn:
+    """Logs a refused call (or withheld result) and ends it as a policy refusal."""
+    LOG.warning(
+      json.dumps(
+        {
+          'event': event,
+          'silo': self._silo_name,
+          'method': method,
+          'caller': caller,
+          'reason': reason,
+        }
+      )
+    )
+    silo_protocol.abort(context, silo_policy.PolicyRefusalError(reason), silo=self._silo_name)
 
 
 _BRACKETED = re.compile(r'\[[^\[\]]*\]')
@@ -246,27 +251,24 @@ def _make_method(name: str) -> Callable:
   return method
 
 
-for _name in _EXECUTOR_METHODS:
+for _name in silo_protocol.EXECUTOR_METHODS:
   setattr(ExecutorProxy, _name, _make_method(_name))
 
 
 class _CallerCheckedHealth(health.HealthServicer):
   """gRPC health checks, answered only to callers the silo's policy allows."""
 
-  def __init__(self, allows: Callable[[grpc.ServicerContext], str | None]):
+  def __init__(self, admit: Callable[[grpc.ServicerContext], str]):
+    """`admit(context)` ends the call unless the caller may use the silo (`SiloServer._admit`)."""
     super().__init__()
-    self._allows = allows
+    self._admit = admit
 
   def Check(self, request, context):
-    refusal = self._allows(context)
-    if refusal is not None:
-      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    self._admit(context)
     return super().Check(request, context)
 
   def Watch(self, request, context, send_response_callback=None):
-    refusal = self._allows(context)
-    if refusal is not None:
-      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+    self._admit(context)
     return super().Watch(request, context, send_response_callback)
 
 
@@ -313,10 +315,10 @@ class SiloServer:
       data_dir, worker_log, max_concurrent_computation_calls, allow_unconfined_worker
     )
     self._server: grpc.Server | None = None
-    self._health = _CallerCheckedHealth(self._refusal)
+    self._health = _CallerCheckedHealth(self._admit)
     self._stop = threading.Event()
     self._watcher: threading.Thread | None = None
-    self._manifest_json = b''
+    self._manifest_reply = b''
     self._front: tls_front.TlsFront | None = None
     self._internal_port: int | None = None
     self.port: int | None = None
@@ -334,11 +336,16 @@ class SiloServer:
     """
     return tls_lib.authenticated_caller(context, self._front, server=f'silo {self.silo_name}')
 
-  def _refusal(self, context: grpc.ServicerContext) -> str | None:
-    """Why the caller may not use this silo at all (None: it may)."""
-    policy = getattr(self._gate, 'policy', None)
+  def _admit(self, context: grpc.ServicerContext) -> str:
+    """The caller, if the silo's policy lets it use this silo at all.
+
+    Ends the call otherwise: UNAUTHENTICATED without a verified certificate,
+    PERMISSION_DENIED for a caller the policy does not name.
+    """
     caller = self._caller(context)
-    if policy is not None and not policy.allows_caller(caller):
+    policy = getattr(self._gate, 'policy', None)
+    refusal = policy.caller_refusal(caller) if policy is not None else None
+    if refusal is not None:
       LOG.warning(
         json.dumps(
           {
@@ -350,31 +357,61 @@ class SiloServer:
           }
         )
       )
-      return f"silo {self.silo_name}: caller {caller!r} is not allowed by this silo's policy"
-    return None
+      silo_protocol.abort(context, silo_policy.PolicyRefusalError(refusal), silo=self.silo_name)
+    return caller
 
   def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
     del request
-    refusal = self._refusal(context)
-    if refusal is not None:
-      context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
-    LOG.info(
-      json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': self._caller(context)})
-    )
-    return self._manifest_json
+    caller = self._admit(context)
+    LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': caller}))
+    return self._manifest_reply
 
-  def _study_method(self, name: str) -> Callable:
-    def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-      caller = self._caller(context)
+  def _submit_study(self, payload: bytes, caller: str) -> governance_store.Study:
+    request = silo_protocol.decode(
+      study_request.StudyRequest, payload, what=f'the {silo_protocol.SUBMIT_STUDY} request'
+    )
+    return self._gate.submit_study(request, caller)
+
+  def _study_status(self, payload: bytes, caller: str) -> governance_store.Study:
+    request = silo_protocol.decode(
+      silo_protocol.StudyStatusRequest, payload, what=f'the {silo_protocol.STUDY_STATUS} request'
+    )
+    return self._gate.study_status(request.study_id, caller)
+
+  def _study_handler(
+    self, method: str, serve: Callable[[bytes, str], governance_store.Study]
+  ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    """A `fedpipe.Silo` study method: `serve(payload, caller)`, its errors as `silo_protocol` maps them."""
+
+    def handle(payload: bytes, context: grpc.ServicerContext) -> bytes:
+      caller = self._admit(context)  # A stranger learns nothing, not even a payload's faults.
       try:
-        result = getattr(self._gate, name)(request, caller)
-      except PermissionError as e:  # governance_gate.StudyAccessError
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f'silo {self.silo_name}: {e}')
-      except LookupError as e:  # governance_gate.UnknownStudyError
-        context.abort(grpc.StatusCode.NOT_FOUND, f'silo {self.silo_name}: {e}')
-      except ValueError as e:  # study_request.StudyRequestError
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f'silo {self.silo_name}: {e}')
-      return json.dumps(result).encode()
+        study = serve(payload, caller)
+      except FedpipeError as e:
+        LOG.warning(
+          json.dumps(
+            {
+              'event': 'study_request_refused',
+              'silo': self.silo_name,
+              'method': method,
+              'caller': caller,
+              'code': silo_protocol.status_code(e).name,
+              'reason': str(e)[:2000],
+            }
+          )
+        )
+        silo_protocol.abort(context, e, silo=self.silo_name)
+      except Exception:
+        LOG.exception(
+          json.dumps(
+            {'event': 'internal_error', 'silo': self.silo_name, 'method': method, 'caller': caller}
+          )
+        )
+        context.abort(
+          grpc.StatusCode.INTERNAL,
+          f"silo {self.silo_name}: {method} failed inside the silo; the silo's log has the error",
+        )
+      return silo_protocol.encode(silo_protocol.StudyStatusReply.from_study(study))
 
     return handle
 
@@ -390,10 +427,9 @@ class SiloServer:
       tls_context = self._tls.server_ssl_context()
     except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
       raise SiloStartError(str(e)) from e
-    served = manifest.to_json()
-    # The names of raw columns the feature spec ignores stay at the silo.
-    served.get('preprocessing', {}).pop('ignored_columns', None)
-    self._manifest_json = json.dumps({'silo': self.silo_name, 'manifest': served}).encode()
+    self._manifest_reply = silo_protocol.encode(
+      silo_protocol.ManifestReply(silo=self.silo_name, manifest=manifest)
+    )
     try:
       self._link.start()
     except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
@@ -407,14 +443,18 @@ class SiloServer:
       server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-    silo_methods = {'GetManifest': self._get_manifest}
-    if hasattr(self._gate, 'submit_study'):
-      silo_methods['SubmitStudy'] = self._study_method('submit_study')
-      silo_methods['StudyStatus'] = self._study_method('study_status')
+    silo_methods = {silo_protocol.GET_MANIFEST: self._get_manifest}
+    if hasattr(self._gate, 'submit_study'):  # A StudyGate; ungoverned: UNIMPLEMENTED.
+      silo_methods[silo_protocol.SUBMIT_STUDY] = self._study_handler(
+        silo_protocol.SUBMIT_STUDY, self._submit_study
+      )
+      silo_methods[silo_protocol.STUDY_STATUS] = self._study_handler(
+        silo_protocol.STUDY_STATUS, self._study_status
+      )
     server.add_generic_rpc_handlers(
       [
         grpc.method_handlers_generic_handler(
-          SILO_SERVICE,
+          silo_protocol.SILO_SERVICE,
           {
             name: grpc.unary_unary_rpc_method_handler(
               handler, request_deserializer=None, response_serializer=None
@@ -471,7 +511,7 @@ class SiloServer:
       if serving
       else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for service in ('', EXECUTOR_SERVICE, SILO_SERVICE):
+    for service in silo_protocol.HEALTH_SERVICES:
       self._health.set(service, status)
 
   def _watch_worker(self) -> None:

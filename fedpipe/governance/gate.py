@@ -22,8 +22,10 @@ checks, in order:
   first) is not charged, and nothing leaves uncharged. A charge that would pass the policy's lifetime ε, or that finds
   the state disagreeing with its audit log, withholds the result.
 
-It also serves the study-request methods of `fedpipe.Silo` (`SubmitStudy`,
-`StudyStatus`), through which coordinators ask for approval.
+It also takes the study requests coordinators send to ask for approval
+(`submit_study`, `study_status`: the silo server decodes the `fedpipe.Silo`
+methods `SubmitStudy` and `StudyStatus` and answers with what they return or
+raise, see `fedpipe.federation.silo_protocol`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from typing import Any
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from fedpipe.computations import privacy_accounting
-from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger, study_request
 from fedpipe.governance import review as computation_review
 from fedpipe.governance import store as governance_store
+from fedpipe.runtime import executor_service
 
 LOG = logging.getLogger('fedpipe.silo')
 _MAX_TRACKED_EXECUTORS = 64
@@ -214,30 +216,32 @@ class GovernanceGate:
   # CallGate.
 
   def check(self, method: str, request, caller: str) -> str | None:
-    if not self.policy.allows_caller(caller):
-      return f"caller {caller!r} is not allowed by this silo's policy"
-    if method not in ('GetExecutor', 'DisposeExecutor'):
+    refusal = self.policy.caller_refusal(caller)
+    if refusal is not None:
+      return refusal
+    if method not in executor_service.EXECUTOR_LIFECYCLE_METHODS:
       # Values of an executor the gate no longer tracks (disposed, or evicted
       # past _MAX_TRACKED_EXECUTORS) could carry uncharged results.
+      computes = method == executor_service.COMPUTE
       with self._lock:
         values = self._values.get(request.executor.id)
-        info = values.get(request.value_ref.id) if values and method == 'Compute' else None
-      if values is None or (method == 'Compute' and info is None):
+        info = values.get(request.value_ref.id) if values and computes else None
+      if values is None or (computes and info is None):
         return self._refuse(
           caller,
           f'{method} on an executor or value this silo does not '
           'track (disposed or evicted); start a new executor',
         )
-      if method == 'Compute':  # What the released value carries, fixed before it runs.
+      if computes:  # What the released value carries, fixed before it runs.
         self._stage(request, info)
-    if method == 'CreateValue':
+    if method == executor_service.CREATE_VALUE:
       return self._check_value(request, caller)
-    if method == 'CreateCall':
+    if method == executor_service.CREATE_CALL:
       return self._check_call(request, caller)
-    if method == 'CreateStruct':
+    if method == executor_service.CREATE_STRUCT:
       refs = [e.value_ref.id for e in request.element]
       self._stage(request, self._lineage(request.executor.id, refs))
-    elif method == 'CreateSelection':
+    elif method == executor_service.CREATE_SELECTION:
       self._stage(request, self._lineage(request.executor.id, [request.source_ref.id]))
     return None
 
@@ -247,22 +251,22 @@ class GovernanceGate:
     Returns:
       None to release `response`, or why it is withheld.
     """
-    if method == 'GetExecutor':
+    if method == executor_service.GET_EXECUTOR:
       with self._lock:
         self._values[response.executor.id] = {}
         while len(self._values) > _MAX_TRACKED_EXECUTORS:
           executor_id, _ = self._values.popitem(last=False)
           self._drop_reservations(executor_id)
-    elif method == 'DisposeExecutor':
+    elif method == executor_service.DISPOSE_EXECUTOR:
       with self._lock:
         self._values.pop(request.executor.id, None)
         self._drop_reservations(request.executor.id)
-    elif method in ('CreateValue', 'CreateCall', 'CreateStruct', 'CreateSelection'):
+    elif method in executor_service.VALUE_CREATING_METHODS:
       with self._lock:
         info = self._pending.pop(id(request), None)
         if info is not None:
           self._values.setdefault(request.executor.id, {})[response.value_ref.id] = info
-    elif method == 'Compute':
+    elif method == executor_service.COMPUTE:
       with self._lock:
         info = self._pending.pop(id(request), None)
       if info is None:
@@ -282,7 +286,8 @@ class GovernanceGate:
     """
     with self._lock:
       info = self._pending.pop(id(request), None)
-    if method in ('CreateCall', 'Compute') and info is not None and info.pending:
+    calls = method in (executor_service.CREATE_CALL, executor_service.COMPUTE)
+    if calls and info is not None and info.pending:
       return self._charge(info.pending, caller)
     return None
 
@@ -502,17 +507,17 @@ class GovernanceGate:
       'delta': self.policy.delta,
     }
 
-  # fedpipe.Silo study methods.
+  # Study requests (fedpipe.Silo's SubmitStudy and StudyStatus).
 
-  def submit_study(self, payload: bytes, caller: str) -> dict[str, Any]:
-    """Stores a study request (idempotent) and returns its status."""
-    if not self.policy.allows_caller(caller):
-      raise StudyAccessError(f"caller {caller!r} is not allowed by this silo's policy")
-    try:
-      data = json.loads(payload)
-    except ValueError as e:
-      raise study_request.StudyRequestError(f'a study request is JSON: {e}') from e
-    request = study_request.StudyRequest.from_json(data)
+  def submit_study(
+    self, request: study_request.StudyRequest, caller: str
+  ) -> governance_store.Study:
+    """Reviews and stores a study request (idempotent: a known study is returned as stored).
+
+    Raises:
+      silo_policy.PolicyRefusalError: If the caller may not use this silo.
+    """
+    self.policy.check_caller(caller)
     other_roles = self.store.roles_of([c.fingerprint for c in request.computations])
     review = review_study(
       request, self.policy, silo_clients=len(self._client_ids), other_roles=other_roles
@@ -536,28 +541,24 @@ class GovernanceGate:
         }
       )
     )
-    return study.summary()
+    return study
 
-  def study_status(self, payload: bytes, caller: str) -> dict[str, Any]:
-    if not self.policy.allows_caller(caller):
-      raise StudyAccessError(f"caller {caller!r} is not allowed by this silo's policy")
-    try:
-      study_id = json.loads(payload)['study_id']
-    except (ValueError, KeyError, TypeError) as e:
-      raise study_request.StudyRequestError('a status request is {"study_id": "<id>"}') from e
-    study = self.store.get(str(study_id))
+  def study_status(self, study_id: str, caller: str) -> governance_store.Study:
+    """The study `study_id` that `caller` submitted.
+
+    Raises:
+      silo_policy.PolicyRefusalError: If the caller may not use this silo.
+      governance_store.UnknownStudyError: If the caller submitted no such
+        study (another caller's study is as unknown as a study never sent).
+    """
+    self.policy.check_caller(caller)
+    study = self.store.get(study_id)
     if study is None or study.caller != caller:
-      raise UnknownStudyError(f'no study {study_id} from {caller!r}')
-    return study.summary()
+      raise governance_store.UnknownStudyError(
+        f'no study {study_id} was submitted by {caller!r}; submit it first (SubmitStudy)'
+      )
+    return study
 
 
 class _LifetimeExceededError(RuntimeError):
   """One more charge would exceed the policy's lifetime ε."""
-
-
-class StudyAccessError(FedpipeError, PermissionError):
-  """The caller may not use this silo's study methods."""
-
-
-class UnknownStudyError(FedpipeError, LookupError):
-  """No study with that id was submitted by this caller."""

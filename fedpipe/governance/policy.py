@@ -69,6 +69,10 @@ class PolicyError(FedpipeError, ValueError):
   """The policy file is missing, malformed or inconsistent; the message says where."""
 
 
+class PolicyRefusalError(FedpipeError, PermissionError):
+  """The silo's policy refuses a caller's request; the message says which rule refuses it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SiloPolicy:
   """The limits a silo's owner sets on studies (see the module docstring)."""
@@ -91,6 +95,18 @@ class SiloPolicy:
 
   def allows_caller(self, caller: str) -> bool:
     return caller in self.allowed_callers
+
+  def caller_refusal(self, caller: str) -> str | None:
+    """Why `caller` (a certificate's common name) may not use this silo at all; None if it may."""
+    if self.allows_caller(caller):
+      return None
+    return f"caller {caller!r} is not allowed by this silo's policy"
+
+  def check_caller(self, caller: str) -> None:
+    """Raises `PolicyRefusalError` (with `caller_refusal`) unless `caller` may use this silo."""
+    refusal = self.caller_refusal(caller)
+    if refusal is not None:
+      raise PolicyRefusalError(refusal)
 
   def evaluation_violations(self, evaluations: int) -> list[str]:
     """Why `evaluations` un-noised evaluation calls break the policy (empty: they fit)."""

@@ -108,6 +108,10 @@ class TamperedError(GovernanceError):
   """The governance state disagrees with its audit log or the log with its anchor."""
 
 
+class UnknownStudyError(FedpipeError, LookupError):
+  """No study with that id was submitted (by the caller who asks)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Study:
   """A stored study request and its state."""
@@ -134,21 +138,10 @@ class Study:
   def evaluations_remaining(self) -> int:
     return max(self.evaluations_approved - self.evaluations_used, 0)
 
-  def summary(self) -> dict[str, Any]:
-    """The status a coordinator is told (no request body)."""
-    return {
-      'study_id': self.study_id,
-      'name': self.name,
-      'status': self.status,
-      'reason': self.reason,
-      'rounds_approved': self.rounds_approved,
-      'rounds_used': self.rounds_used,
-      'rounds_remaining': self.rounds_remaining,
-      'evaluations_approved': self.evaluations_approved,
-      'evaluations_used': self.evaluations_used,
-      'evaluations_remaining': self.evaluations_remaining,
-      'violations': self.review.get('violations', []),
-    }
+  @property
+  def violations(self) -> list[str]:
+    """How the study breaks the silo's policy, as reviewed at submission (empty: it fits)."""
+    return list(self.review.get('violations', []))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from tensorflow_federated.proto.v0 import computation_pb2
 
+from fedpipe.data import json_fields
 from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import store as governance_store
@@ -107,43 +108,69 @@ class StudyRequest:
     """Parses a request; fingerprints are recomputed, not read.
 
     Raises:
-      StudyRequestError: If a field is missing or malformed, or a stated
-        fingerprint does not match its computation.
+      StudyRequestError: Naming the field that is missing or malformed, the
+        computation that is not one, or the one that does not match its
+        stated fingerprint.
     """
-    try:
-      if data.get('format') != FORMAT:
-        raise StudyRequestError(f'unknown study format {data.get("format")!r}; expected {FORMAT}')
-      computations = []
-      for item in data['computations']:
-        if item['role'] not in ROLES:
-          raise StudyRequestError(f'unknown computation role {item["role"]!r}')
-        proto = computation_pb2.Computation.FromString(base64.b64decode(item['proto']))
-        computation = StudyComputation(role=item['role'], proto=proto)
-        if item.get('fingerprint') not in (None, computation.fingerprint):
-          raise StudyRequestError(
-            f'the {item["role"]} computation does not match its stated fingerprint'
-          )
-        computations.append(computation)
-      privacy = {k: data['privacy'][k] for k in _PRIVACY_KEYS}
-      rounds = int(data['rounds'])
-      evaluations = int(data.get('evaluations', 0))
-      if rounds < 1 or evaluations < 0:
-        raise StudyRequestError(
-          f'rounds must be >= 1 and evaluations >= 0, got {rounds} and {evaluations}'
-        )
-      name = str(data['name'])
-      model = dict(data['model'])
-    except StudyRequestError:
-      raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise StudyRequestError(f'malformed study request: {type(e).__name__}: {e}') from e
-    if not computations:
+    data = json_fields.require_object(data, _WHAT, StudyRequestError)
+    if data.get('format') != FORMAT:
+      raise StudyRequestError(f'unknown study format {data.get("format")!r}; expected {FORMAT}')
+    items = _field(data, 'computations', list)
+    if not items:
       raise StudyRequestError('a study request must contain at least one computation')
+    computations = tuple(_computation(item, f'computations[{i}]') for i, item in enumerate(items))
+    privacy = _field(data, 'privacy', dict)
     return cls(
-      name=name,
-      computations=tuple(computations),
-      model=model,
-      privacy=privacy,
-      rounds=rounds,
-      evaluations=evaluations,
+      name=str(_field(data, 'name', object)),
+      computations=computations,
+      model=_field(data, 'model', dict),
+      privacy={k: _field(privacy, k, object, within='privacy') for k in _PRIVACY_KEYS},
+      rounds=_count(data, 'rounds', minimum=1),
+      evaluations=_count(data, 'evaluations', minimum=0, default=0),
     )
+
+
+_WHAT = 'the study request'
+
+
+def _field(data: dict[str, Any], key: str, kind: type, *, within: str = '') -> Any:
+  return json_fields.field(data, key, kind, what=_WHAT, error=StudyRequestError, within=within)
+
+
+def _count(data: dict[str, Any], key: str, *, minimum: int, default: int | None = None) -> int:
+  """`data[key]`, a whole number >= `minimum` (`default` if absent and not None)."""
+  if key not in data and default is not None:
+    return default
+  value = _field(data, key, int)
+  if value < minimum:
+    raise StudyRequestError(f'{_WHAT} field {key} must be >= {minimum}, got {value}')
+  return value
+
+
+def _computation(item: Any, name: str) -> StudyComputation:
+  """One entry of a request's `computations`, its proto parsed and its fingerprint checked."""
+  item = json_fields.require_object(item, f'{_WHAT} field {name}', StudyRequestError)
+  role = _field(item, 'role', str, within=name)
+  if role not in ROLES:
+    raise StudyRequestError(
+      f'{_WHAT} field {name}.role is {role!r}, not a computation role ({", ".join(ROLES)})'
+    )
+  encoded = _field(item, 'proto', str, within=name)
+  import tensorflow_federated as tff  # Seconds to import: only where requests are read.
+
+  try:
+    proto = computation_pb2.Computation.FromString(base64.b64decode(encoded, validate=True))
+    tff.framework.deserialize_computation(proto)  # Its type signature must be readable.
+    computation = StudyComputation(role=role, proto=proto)
+    fingerprint = computation.fingerprint
+  # Untrusted bytes through protobuf's and TFF's parsers: any failure is the sender's.
+  except Exception as e:
+    raise StudyRequestError(
+      f'{_WHAT} field {name}.proto is not a serialized TFF computation ({type(e).__name__}: {e})'
+    ) from e
+  stated = item.get('fingerprint')
+  if stated is not None and stated != fingerprint:
+    raise StudyRequestError(
+      f'{_WHAT} field {name} (the {role} computation) does not match its stated fingerprint'
+    )
+  return computation

@@ -2,15 +2,14 @@
 
 They run in Beam's workers, so this module does not import TensorFlow: each
 worker process would spend seconds importing it (see `example_records`).
-Examples are built with `example_records.Example`, wire-compatible with
-`tf.train.Example`; the pipeline around them is in `preprocess_pipeline`.
+Examples are encoded with `example_records.ExampleEncoder`, wire-compatible
+with `tf.train.Example`; the pipeline around them is in `preprocess_pipeline`.
 """
 
 import csv
 import functools
 import json
 import os
-import uuid
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
@@ -96,9 +95,7 @@ class ReadAndValidateFn(beam.DoFn):
     self._spec = spec
 
   def setup(self):
-    self._example = example_records.Example()
-    self._x = self._example.features.feature['x'].float_list.value
-    self._y = self._example.features.feature['y'].int64_list.value
+    self._encode = example_records.ExampleEncoder().encode
     self._client_id = functools.lru_cache(maxsize=65536)(client_ids.client_id_for_key)
     self._columns = frozenset(self._spec.columns)
     self._rows = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_read')
@@ -107,11 +104,6 @@ class ReadAndValidateFn(beam.DoFn):
       r: Metrics.counter(METRICS_NAMESPACE, f'{self._split}_malformed_{r}')
       for r in feature_spec_lib.REASONS
     }
-
-  def _serialize(self, x: list[float], y: int) -> bytes:
-    self._x[:] = x
-    self._y[:] = [y]
-    return self._example.SerializeToString()
 
   def _flush(self, buffers: dict[str, list], file_index: int) -> Iterator[Any]:
     for client_id, rows in buffers.items():
@@ -154,7 +146,7 @@ class ReadAndValidateFn(beam.DoFn):
           )
           continue
         valid += 1
-        buffers.setdefault(self._client_id(key), []).append((line_number, self._serialize(x, y)))
+        buffers.setdefault(self._client_id(key), []).append((line_number, self._encode(x, y)))
         buffered += 1
         if buffered >= self.MAX_BUFFERED_ROWS:
           yield from self._flush(buffers, file_index)
@@ -280,8 +272,9 @@ class ReadAndValidateFn(beam.DoFn):
 class WriteClientFileFn(beam.DoFn):
   """Writes one client's examples to `<split>/<client_id>.tfrecord`, or excludes the client.
 
-  The file is written under a temporary name and renamed into place, so a
-  retried bundle rewrites the same file. Examples are written in input order
+  The file is written under a temporary name and renamed into place
+  (`example_records.write_tfrecord_file`), so a retried bundle rewrites the
+  same file. Examples are written in input order
   (file, line), so reruns write identical files. Output: one JSON line with
   the client's count and whether it was written.
   """
@@ -304,9 +297,7 @@ class WriteClientFileFn(beam.DoFn):
     written = len(examples) >= self._min_examples
     if written:
       path = join_path(self._output_dir, manifest_lib.client_file(split, client_id))
-      tmp = f'{path}.tmp-{uuid.uuid4().hex}'
-      example_records.write_tfrecord_file(tmp, (example for _, _, example in examples))
-      FileSystems.rename([tmp], [path])
+      example_records.write_tfrecord_file(path, (example for _, _, example in examples))
       self._written.inc()
       self._examples.inc(len(examples))
     else:

@@ -630,7 +630,7 @@ def _write_manifest(data_dir: str, manifest: manifest_lib.Manifest) -> None:
     manifest_lib.write_manifest(data_dir, manifest)
     return
   with tf.io.gfile.GFile(manifest_lib.manifest_path(data_dir), 'w') as f:
-    f.write(json.dumps(manifest.to_json(), indent=2) + '\n')
+    f.write(manifest.to_text())
 
 
 def _swap_into_place(staging: str, output_dir: str) -> None:

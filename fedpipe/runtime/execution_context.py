@@ -15,7 +15,7 @@ import grpc
 import tensorflow_federated as tff
 
 from fedpipe.errors import FedpipeError
-from fedpipe.runtime import isolated_worker
+from fedpipe.runtime import executor_service, isolated_worker
 
 _MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 CHANNEL_OPTIONS = (
@@ -86,16 +86,8 @@ def _fail_fast(name: str):
   return call
 
 
-for _name in (
-  'get_executor',
-  'create_value',
-  'create_struct',
-  'create_call',
-  'create_selection',
-  'compute',
-  'dispose',
-  'dispose_executor',
-):
+for _method in executor_service.METHODS:
+  _name = executor_service.stub_method_name(_method)
   setattr(FailFastStub, _name, _fail_fast(_name))
 
 

@@ -129,7 +129,7 @@ def test_missing_config_file_is_the_only_line_on_stderr(module):
 def test_missing_input_exits_2_with_one_line(tmp_path):
   result = _program('fedpipe.cli.preprocess', f'--config={CONFIG}', *_data_flags(tmp_path))
   _assert_one_line_error(
-    result, 'feature spec', str(tmp_path / 'raw' / 'feature_spec.json'), 'make_data'
+    result, 'feature spec', str(tmp_path / 'raw' / 'feature_spec.json'), 'fedpipe-make-data'
   )
   (tmp_path / 'spec.json').write_text(
     json.dumps(

@@ -96,3 +96,49 @@ def test_worker_side_modules_do_not_import_tensorflow(module):
     check=False,
   )
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+  'x,y', [([0.5, -1.25, 3.0], 7), ([], 0), (list(np.linspace(-3, 3, 64)), 9), ([1e-38], 2**40)]
+)
+def test_encoder_writes_the_record_schema_as_tf_does(x, y):
+  encoder = example_records.ExampleEncoder()
+  encoder.encode([9.0] * 70, 1)  # A reused message keeps nothing of the previous example.
+  assert encoder.encode(x, y) == _tf_example(x, [y]).SerializeToString()
+
+
+def test_record_schema_is_what_the_manifest_declares_and_the_reader_parses():
+  from fedpipe.computations import client_data
+  from fedpipe.data import manifest as manifest_lib
+  from fedpipe.data import record_schema
+
+  assert record_schema.record_format(5) == {
+    'x': {'dtype': 'float32', 'shape': [5]},
+    'y': {'dtype': 'int64', 'shape': []},
+  }
+  manifest = manifest_lib.Manifest(feature_spec={}, splits={}, num_features=5, num_classes=2)
+  assert manifest.to_json()['record_format'] == record_schema.record_format(5)
+  assert client_data.batch_spec(5) == {
+    'x': tf.TensorSpec([None, 5], tf.float32),
+    'y': tf.TensorSpec([None], tf.int64),
+  }
+  parsed = tf.io.parse_example(
+    [example_records.ExampleEncoder().encode([1, 2, 3, 4, 5], 1)],
+    client_data._feature_description(5),
+  )
+  assert parsed['x'].dtype == tf.float32 and parsed['x'].shape == (1, 5)
+  assert parsed['y'].numpy().tolist() == [1]
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary_file(tmp_path):
+  path = str(tmp_path / 'c.tfrecord')
+  example_records.write_tfrecord_file(path, [b'old'])
+
+  def failing():
+    yield b'new'
+    raise RuntimeError('the bundle failed')
+
+  with pytest.raises(RuntimeError, match='the bundle failed'):
+    example_records.write_tfrecord_file(path, failing())
+  assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b'old']
+  assert [p.name for p in tmp_path.iterdir()] == ['c.tfrecord']

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedpipe.datasets import bundled_data, silo_partition
-from fedpipe.federation import certificates, local_federation, silo_server
+from fedpipe.federation import certificates, local_federation, silo_protocol
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -222,7 +222,7 @@ def _channel(address, *, cert=None, key=None, ca=None):
 
 
 def _get_manifest(channel):
-  return channel.unary_unary(f'/{silo_server.SILO_SERVICE}/GetManifest')(b'', timeout=10)
+  return channel.unary_unary(silo_protocol.method_path(silo_protocol.GET_MANIFEST))(b'', timeout=10)
 
 
 def test_mutual_tls_refuses_callers_without_a_valid_client_certificate(fed, running_silos):

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
 
 from fedpipe.datasets import bundled_data
-from fedpipe.federation import certificates, local_federation, silo_server, tls_front
+from fedpipe.federation import certificates, local_federation, silo_protocol, tls_front
 from fedpipe.federation import tls as tls_lib
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def _grpc_channel(env, address, cert=None):
 
 
 def _get_manifest(channel):
-  return channel.unary_unary(f'/{silo_server.SILO_SERVICE}/GetManifest')(b'', timeout=10)
+  return channel.unary_unary(silo_protocol.method_path(silo_protocol.GET_MANIFEST))(b'', timeout=10)
 
 
 def test_failed_handshakes_are_logged_with_the_peer_address(env, silo):
@@ -174,7 +174,9 @@ def test_connections_that_bypass_the_tls_front_are_unauthenticated(env, silo, go
       )
       if governed:
         _assert_unauthenticated(
-          lambda: bypass.unary_unary(f'/{silo_server.SILO_SERVICE}/StudyStatus')(b'{}', timeout=10)
+          lambda: bypass.unary_unary(silo_protocol.method_path(silo_protocol.STUDY_STATUS))(
+            b'{}', timeout=10
+          )
         )
     assert _events(target.log_path, 'unauthenticated_connection')
     # Through the front, the caller is its certificate's name.

@@ -207,16 +207,21 @@ def _request(name, comps, *, rounds=2, privacy=None, evaluations=0):
   )
 
 
-def _submit(env, silo, request, who='coordinator'):
+def _on_silo(env, silo, ask, who='coordinator'):
+  """`ask(connection)` on a coordinator's connection to the silo."""
   from fedpipe.federation import cross_silo
 
   conn = cross_silo.SiloConnection(
     cross_silo.SiloAddress(name='silo-a', address=silo.address), _tls(env, who)
   )
   try:
-    return conn.call_json('SubmitStudy', request.to_json(), timeout_s=60)
+    return ask(conn)
   finally:
     conn.close()
+
+
+def _submit(env, silo, request, who='coordinator'):
+  return _on_silo(env, silo, lambda conn: conn.submit_study(request, timeout_s=60), who)
 
 
 def _governance(env, silo, *args):
@@ -348,7 +353,7 @@ def test_caller_with_valid_certificate_but_not_in_policy_is_refused(env, silo):
     with pytest.raises(cross_silo.SiloUnavailableError, match='intruder'):
       conn.fetch_manifest(timeout_s=30)
     with pytest.raises(cross_silo.SiloError, match="'intruder' is not allowed"):
-      conn.call_json('SubmitStudy', {}, timeout_s=30)
+      conn.study_status('0123456789abcdef', timeout_s=30)
   finally:
     conn.close()
   with pytest.raises(Exception) as e:
@@ -367,15 +372,16 @@ def test_study_over_the_epsilon_limit_cannot_be_approved(env, silo):
     privacy={'noise_multiplier': 0.9, 'clients_per_round': 25},
   )
   status = _submit(env, silo, request)
-  assert status['status'] == 'pending'
-  assert any('exceeds max_epsilon' in v for v in status['violations'])
+  assert status.status == 'pending'
+  assert any('exceeds max_epsilon' in v for v in status.violations)
   shown = _governance(env, silo, 'show', request.study_id)
   assert shown.returncode == 0, shown.stderr
   assert 'does NOT fit' in shown.stdout and 'exceeds max_epsilon' in shown.stdout
   approved = _governance(env, silo, 'approve', request.study_id)
   assert approved.returncode == 2
   assert 'cannot be approved' in approved.stderr and 'max_epsilon 8' in approved.stderr
-  assert _submit(env, silo, request)['status'] == 'pending'
+  assert _submit(env, silo, request).status == 'pending'
+  assert _on_silo(env, silo, lambda conn: conn.study_status(request.study_id, 60)) == status
 
 
 def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_path):
@@ -384,7 +390,7 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
     comps = _computations()
     ids = _client_ids(env, 5)
     request = _request('count', [('train_round', comps['total'])], rounds=2)
-    assert _submit(env, silo, request)['status'] == 'pending'
+    assert _submit(env, silo, request).status == 'pending'
     with pytest.raises(Exception) as e:  # Submitted, not yet approved.
       _run_on(env, silo, comps['total'], ids)
     assert f'study {request.study_id} is pending' in _error_text(e.value)
@@ -585,7 +591,7 @@ def test_calls_are_charged_by_what_runs_not_by_their_label(env, tmp_path):
     comps = _computations()
     ids = _client_ids(env, 5)
     labelled = _request('labelled', [('evaluate', comps['total'])], rounds=1, evaluations=2)
-    assert _submit(env, silo, labelled)['violations'] == []
+    assert _submit(env, silo, labelled).violations == ()
     _approve(env, silo, labelled.study_id)
     assert _run_on(env, silo, comps['total'], ids) == _run_on(env, silo, comps['total'], ids)
     with pytest.raises(Exception) as e:
@@ -597,7 +603,7 @@ def test_calls_are_charged_by_what_runs_not_by_their_label(env, tmp_path):
     relabelled = _request('relabelled', [('train_round', comps['total'])], rounds=3)
     status = _submit(env, silo, relabelled)
     assert any(
-      f'was submitted as evaluate in study {labelled.study_id}' in v for v in status['violations']
+      f'was submitted as evaluate in study {labelled.study_id}' in v for v in status.violations
     ), status
     assert _governance(env, silo, 'approve', relabelled.study_id).returncode == 2
     # A model-sized release cannot pass as an evaluation.
@@ -605,7 +611,7 @@ def test_calls_are_charged_by_what_runs_not_by_their_label(env, tmp_path):
     status = _submit(env, silo, disguised)
     assert any(
       'releases 100 numbers per call; an evaluation releases metrics only' in v
-      for v in status['violations']
+      for v in status.violations
     ), status
     # Without `allow_unnoised_metrics` no evaluation fits at all.
     strict = env['root'] / 'strict.toml'
@@ -634,7 +640,7 @@ def test_a_file_reader_does_not_fit_and_cannot_be_approved(env, silo):
   """Finding: `show` said "fits" to a study whose computation read any file."""
   reader = _request('reader', [('evaluate', _computations()['read_any_file'])], evaluations=2)
   status = _submit(env, silo, reader)
-  assert status['status'] == 'pending'
+  assert status.status == 'pending'
   shown = _governance(env, silo, 'show', reader.study_id)
   assert 'does NOT fit' in shown.stdout, shown.stdout
   short = reader.computations[0].fingerprint.split(':')[1][:12]
@@ -790,8 +796,8 @@ def test_lifetime_epsilon_bounds_all_studies_together(env, tmp_path):
   first = _request('first', [('train_round', comps['total'])], rounds=3)
   second = _request('second', [('train_round', comps['total_plus_one_op'])], rounds=3)
   for request in (first, second):
-    status = gate.submit_study(json.dumps(request.to_json()).encode(), 'coordinator')
-    assert status['violations'] == [], status
+    study = gate.submit_study(request, 'coordinator')
+    assert study.violations == [], study.review
   store.close()
 
   def governance(*args):
@@ -848,6 +854,101 @@ def test_strangers_get_no_answer_and_no_paths(env, silo):
     with pytest.raises(grpc.RpcError) as e:  # Domain errors, not a KeyError's repr.
       good.unary_unary('/fedpipe.Silo/StudyStatus')(b'{}', timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert 'a status request is {"study_id": "<id>"}' in e.value.details()
+    assert 'StudyStatus request ({"study_id": "<id>"}) has no field study_id' in e.value.details()
   finally:
     good.close()
+
+
+def test_malformed_study_requests_are_answered_with_domain_errors(env, silo):
+  """A raw gRPC client with a valid certificate attacks the study methods with malformed
+  payloads: each is INVALID_ARGUMENT naming the field, an unknown study NOT_FOUND naming
+  it, a stranger PERMISSION_DENIED whatever it sends; nothing is stored, the silo serves on."""
+  from fedpipe.federation import silo_protocol
+
+  valid = _request('attacked', [('train_round', _computations()['total'])]).to_json()
+
+  def without(data, *path):
+    data = json.loads(json.dumps(data))
+    parent = data
+    for key in path[:-1]:
+      parent = parent[key]
+    del parent[path[-1]]
+    return data
+
+  def garbled_proto(proto):
+    data = json.loads(json.dumps(valid))
+    data['computations'][0]['proto'] = proto
+    return data
+
+  invalid = {
+    silo_protocol.STUDY_STATUS: [
+      (b'{}', 'has no field study_id'),
+      (b'{"study_id": 7}', 'field study_id must be a string, got a whole number'),
+      (b'{"study_id": ""}', 'field study_id is empty'),
+      (b'["study_id"]', 'must be a JSON object, got a list'),
+      (b'not json', 'is not JSON'),
+      (b'\xff\xfe', 'is not JSON'),
+    ],
+    silo_protocol.SUBMIT_STUDY: [
+      (b'[]', 'must be a JSON object, got a list'),
+      (b'{"format": "fedpipe-study/2"', 'is not JSON'),
+      (json.dumps(without(valid, 'rounds')).encode(), 'has no field rounds'),
+      (
+        json.dumps(without(valid, 'privacy', 'noise_multiplier')).encode(),
+        'has no field privacy.noise_multiplier',
+      ),
+      (json.dumps(dict(valid, rounds='2')).encode(), 'field rounds must be a whole number'),
+      (json.dumps(dict(valid, computations=[])).encode(), 'at least one computation'),
+      (
+        json.dumps(garbled_proto('Cg==')).encode(),  # Valid base64, not a computation.
+        'computations[0].proto is not a serialized TFF computation',
+      ),
+      (
+        json.dumps(garbled_proto('')).encode(),  # An empty computation: TFF fails on it.
+        'computations[0].proto is not a serialized TFF computation',
+      ),
+    ],
+  }
+  submitted_before = [a for a in _audit(silo) if a.event == 'study_submitted']
+
+  def call(channel, method, payload):
+    with pytest.raises(grpc.RpcError) as e:
+      channel.unary_unary(silo_protocol.method_path(method))(payload, timeout=30)
+    return e.value
+
+  good = _channel(env, silo)
+  stranger = _channel(env, silo, 'intruder')
+  try:
+    for method, cases in invalid.items():
+      for payload, expected in cases:
+        error = call(good, method, payload)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, payload, error)
+        assert expected in error.details(), (method, payload, error.details())
+        assert error.details().startswith('silo silo-a: ')
+        for leak in ('KeyError', 'TypeError', 'Traceback', 'Exception calling application'):
+          assert leak not in error.details()
+        refused = call(stranger, method, payload)
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, (method, payload, refused)
+        assert "caller 'intruder' is not allowed" in refused.details()
+    unknown = call(
+      good,
+      silo_protocol.STUDY_STATUS,
+      silo_protocol.encode(silo_protocol.StudyStatusRequest('0123456789abcdef')),
+    )
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    assert "no study 0123456789abcdef was submitted by 'coordinator'" in unknown.details()
+    manifest = good.unary_unary(silo_protocol.method_path(silo_protocol.GET_MANIFEST))(
+      b'', timeout=30
+    )
+    assert (
+      silo_protocol.decode(silo_protocol.ManifestReply, manifest, what='reply').silo == 'silo-a'
+    )
+  finally:
+    good.close()
+    stranger.close()
+  assert [a for a in _audit(silo) if a.event == 'study_submitted'] == submitted_before
+  with open(silo.process.log_path) as f:
+    logged = [json.loads(line) for line in f if line.startswith('{')]
+  refusals = [e for e in logged if e.get('event') == 'study_request_refused']
+  assert {e['code'] for e in refusals} >= {'INVALID_ARGUMENT', 'NOT_FOUND'}
+  assert not [e for e in logged if e.get('event') == 'internal_error']

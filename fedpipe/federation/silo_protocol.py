@@ -1,0 +1,278 @@
+"""The silo protocol: a silo's gRPC services and methods, their JSON payloads, the status of each error.
+
+A silo (`silo_server`) serves, behind its mutual-TLS front (`tls_front`):
+
+* TFF's executor service (`EXECUTOR_SERVICE`, methods `EXECUTOR_METHODS`,
+  defined with the runtime in `fedpipe.runtime.executor_service`, where the
+  governance gate that judges each call also finds them), relayed to the
+  silo's isolated worker;
+* `fedpipe.Silo` (`SILO_SERVICE`), whose methods take and return UTF-8 JSON:
+
+      method        request                               reply
+      GetManifest   empty                                 `ManifestReply`
+      SubmitStudy   `study_request.StudyRequest`          `StudyStatusReply`
+      StudyStatus   `StudyStatusRequest`                  `StudyStatusReply`
+
+  SubmitStudy and StudyStatus are served by governed silos only: an
+  ungoverned one answers UNIMPLEMENTED;
+* gRPC health checks (`grpc.health.v1.Health`) for `HEALTH_SERVICES`.
+
+The silo server decodes requests and encodes replies with this module; the
+coordinator (`cross_silo.SiloConnection`) does the reverse. A request the
+silo refuses ends with the gRPC status that `status_code` gives its error:
+
+    error                                      status
+    PayloadError, study_request.StudyRequestError   INVALID_ARGUMENT (names the field)
+    governance_store.UnknownStudyError         NOT_FOUND (names the study)
+    silo_policy.PolicyRefusalError             PERMISSION_DENIED (names the rule)
+    any other FedpipeError                     INTERNAL
+
+and a message naming the silo. Errors that are not `FedpipeError`s are bugs:
+the silo logs them and answers INTERNAL without their text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, NoReturn, Protocol, TypeVar
+
+import grpc
+
+from fedpipe.data import json_fields
+from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
+from fedpipe.governance import policy as silo_policy
+from fedpipe.governance import store as governance_store
+from fedpipe.governance import study_request
+from fedpipe.runtime import executor_service
+
+SILO_SERVICE = 'fedpipe.Silo'
+GET_MANIFEST = 'GetManifest'
+SUBMIT_STUDY = 'SubmitStudy'
+STUDY_STATUS = 'StudyStatus'
+SILO_METHODS = (GET_MANIFEST, SUBMIT_STUDY, STUDY_STATUS)
+STUDY_METHODS = (SUBMIT_STUDY, STUDY_STATUS)
+"""The methods a governed silo serves in addition to GetManifest."""
+
+EXECUTOR_SERVICE = executor_service.SERVICE
+EXECUTOR_METHODS = executor_service.METHODS
+HEALTH_SERVICES = ('', EXECUTOR_SERVICE, SILO_SERVICE)
+"""The service names a silo reports health for ('' is the server as a whole)."""
+
+BUDGETS = ('rounds', 'evaluations')
+"""The budgets of a study: training rounds and evaluation calls."""
+
+
+def method_path(method: str, service: str = SILO_SERVICE) -> str:
+  """The gRPC path of `method`, e.g. `/fedpipe.Silo/GetManifest`."""
+  return f'/{service}/{method}'
+
+
+class PayloadError(FedpipeError, ValueError):
+  """A `fedpipe.Silo` request or reply is not what the protocol says; the message names the field."""
+
+
+class _JsonPayload(Protocol):
+  def to_json(self) -> Any: ...
+
+
+_Payload = TypeVar('_Payload')
+
+
+def _field(data: dict[str, Any], key: str, kind: type, what: str, *, optional: bool = False) -> Any:
+  return json_fields.field(data, key, kind, what=what, error=PayloadError, optional=optional)
+
+
+def _object(data: Any, what: str) -> dict[str, Any]:
+  return json_fields.require_object(data, what, PayloadError)
+
+
+def encode(payload: _JsonPayload) -> bytes:
+  """The wire form of a request or reply: its JSON, UTF-8."""
+  return json.dumps(payload.to_json()).encode()
+
+
+def decode(payload_type: type[_Payload], data: bytes, *, what: str) -> _Payload:
+  """Parses the wire form of a `payload_type` (a class with `from_json`).
+
+  Args:
+    payload_type: `ManifestReply`, `StudyStatusRequest`, `StudyStatusReply`
+      or `study_request.StudyRequest`.
+    data: The bytes received.
+    what: What the bytes are, for messages ('the SubmitStudy request').
+
+  Raises:
+    PayloadError: If `data` is not JSON, or `payload_type.from_json`'s error
+      for JSON that is not a `payload_type`.
+  """
+  try:
+    value = json.loads(data)
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError.
+    raise PayloadError(f'{what} is not JSON: {e}') from e
+  return payload_type.from_json(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestReply:
+  """GetManifest's reply: the silo's name and what its data directory holds, never records."""
+
+  silo: str
+  manifest: manifest_lib.Manifest
+
+  def to_json(self) -> dict[str, Any]:
+    served = self.manifest.to_json()
+    # The names of raw columns the feature spec ignores stay at the silo.
+    preprocessing = served.get('preprocessing')
+    if isinstance(preprocessing, dict):
+      served['preprocessing'] = {k: v for k, v in preprocessing.items() if k != 'ignored_columns'}
+    return {'silo': self.silo, 'manifest': served}
+
+  @classmethod
+  def from_json(cls, data: Any) -> ManifestReply:
+    """Raises `PayloadError` if `data` is not a GetManifest reply or its manifest is malformed."""
+    what = 'the GetManifest reply'
+    data = _object(data, what)
+    silo = _field(data, 'silo', str, what)
+    try:
+      manifest = manifest_lib.Manifest.from_json(
+        _field(data, 'manifest', dict, what), source=f'{what} of silo {silo!r}'
+      )
+    except manifest_lib.ManifestError as e:
+      raise PayloadError(str(e)) from e
+    return cls(silo=silo, manifest=manifest)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyStatusRequest:
+  """StudyStatus's request: which of the caller's studies."""
+
+  study_id: str
+
+  def to_json(self) -> dict[str, Any]:
+    return {'study_id': self.study_id}
+
+  @classmethod
+  def from_json(cls, data: Any) -> StudyStatusRequest:
+    """Raises `PayloadError` naming the field unless `data` is `{"study_id": "<id>"}`."""
+    what = 'the StudyStatus request ({"study_id": "<id>"})'
+    study_id = _field(_object(data, what), 'study_id', str, what)
+    if not study_id:
+      raise PayloadError(f'{what} field study_id is empty')
+    return cls(study_id=study_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyStatusReply:
+  """SubmitStudy's and StudyStatus's reply: where a study stands at the silo (no request body).
+
+  Attributes:
+    study_id: The study's id (a hash of its content).
+    name: Its readable name.
+    status: `pending`, `approved` or `rejected`.
+    reason: The data owner's reason for a decision, if they gave one.
+    rounds_approved: Training rounds approved (0 until approved).
+    rounds_used: Training rounds charged.
+    rounds_remaining: Training rounds left.
+    evaluations_approved: Evaluation calls approved.
+    evaluations_used: Evaluation calls charged.
+    evaluations_remaining: Evaluation calls left.
+    violations: How the study breaks the silo's policy (empty: it fits).
+  """
+
+  study_id: str
+  name: str
+  status: str
+  reason: str | None
+  rounds_approved: int
+  rounds_used: int
+  rounds_remaining: int
+  evaluations_approved: int
+  evaluations_used: int
+  evaluations_remaining: int
+  violations: tuple[str, ...]
+
+  @classmethod
+  def from_study(cls, study: governance_store.Study) -> StudyStatusReply:
+    return cls(
+      study_id=study.study_id,
+      name=study.name,
+      status=study.status,
+      reason=study.reason,
+      rounds_approved=study.rounds_approved,
+      rounds_used=study.rounds_used,
+      rounds_remaining=study.rounds_remaining,
+      evaluations_approved=study.evaluations_approved,
+      evaluations_used=study.evaluations_used,
+      evaluations_remaining=study.evaluations_remaining,
+      violations=tuple(study.violations),
+    )
+
+  def approved(self, budget: str) -> int:
+    """How many of `budget` (one of `BUDGETS`) the data owner approved."""
+    return getattr(self, f'{_budget(budget)}_approved')
+
+  def remaining(self, budget: str) -> int:
+    """How many of `budget` (one of `BUDGETS`) are left."""
+    return getattr(self, f'{_budget(budget)}_remaining')
+
+  def to_json(self) -> dict[str, Any]:
+    return dict(dataclasses.asdict(self), violations=list(self.violations))
+
+  @classmethod
+  def from_json(cls, data: Any) -> StudyStatusReply:
+    """Raises `PayloadError` naming the field if `data` is not a study's status."""
+    what = 'the study status'
+    data = _object(data, what)
+    counts = {
+      f'{budget}_{count}': _field(data, f'{budget}_{count}', int, what)
+      for budget in BUDGETS
+      for count in ('approved', 'used', 'remaining')
+    }
+    violations = _field(data, 'violations', list, what)
+    if not all(isinstance(v, str) for v in violations):
+      raise PayloadError(f'{what} field violations must be a list of strings')
+    status = _field(data, 'status', str, what)
+    if status not in (
+      governance_store.PENDING,
+      governance_store.APPROVED,
+      governance_store.REJECTED,
+    ):
+      raise PayloadError(f'{what} field status is {status!r}, not pending, approved or rejected')
+    return cls(
+      study_id=_field(data, 'study_id', str, what),
+      name=_field(data, 'name', str, what),
+      status=status,
+      reason=_field(data, 'reason', str, what, optional=True),
+      violations=tuple(violations),
+      **counts,
+    )
+
+
+def _budget(budget: str) -> str:
+  if budget not in BUDGETS:
+    raise ValueError(f'budget must be one of {BUDGETS}, got {budget!r}')
+  return budget
+
+
+# The one place domain errors become gRPC statuses; the first class that matches decides.
+_STATUS_CODES: tuple[tuple[type[FedpipeError], grpc.StatusCode], ...] = (
+  (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
+  (study_request.StudyRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+  (governance_store.UnknownStudyError, grpc.StatusCode.NOT_FOUND),
+  (silo_policy.PolicyRefusalError, grpc.StatusCode.PERMISSION_DENIED),
+)
+
+
+def status_code(error: FedpipeError) -> grpc.StatusCode:
+  """The gRPC status a silo answers `error` with (the table in the module docstring)."""
+  for error_type, code in _STATUS_CODES:
+    if isinstance(error, error_type):
+      return code
+  return grpc.StatusCode.INTERNAL
+
+
+def abort(context: grpc.ServicerContext, error: FedpipeError, *, silo: str) -> NoReturn:
+  """Ends the call with `error`'s status (`status_code`) and its message, naming the silo."""
+  context.abort(status_code(error), f'silo {silo}: {error}')
+  raise AssertionError('grpc.ServicerContext.abort returned')  # It raises.
