@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from benchmarks import harness
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 def run(*, quick: bool = False) -> list[harness.Table]:
@@ -20,7 +16,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   per_round_cost = {}
   for population, per_round in grid:
     r = harness.measure(
-      'benchmarks.measure_scale',
+      'benchmarks.client_scale_measure',
       {'population': population, 'clients_per_round': per_round, 'rounds': rounds},
     )
     per_round_cost[(population, per_round)] = r['median_s']
@@ -86,7 +82,7 @@ def _memory_over_rounds(quick: bool) -> harness.Table:
   rounds = 60 if quick else 200
   population = 1000 if quick else 10000
   r = harness.measure(
-    'benchmarks.measure_scale',
+    'benchmarks.client_scale_measure',
     {
       'population': population,
       'clients_per_round': 10,
@@ -103,7 +99,7 @@ def _memory_over_rounds(quick: bool) -> harness.Table:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  os.makedirs(RESULTS_DIR, exist_ok=True)
+  plot = harness.plot_path('memory_over_rounds.png')
   fig, ax = plt.subplots(figsize=(6, 3.5))
   ax.plot([m[0] for m in memory], [m[1] for m in memory], marker='o', label='coordinator')
   ax.plot([m[0] for m in memory], [m[2] for m in memory], marker='o', label='worker')
@@ -116,7 +112,7 @@ def _memory_over_rounds(quick: bool) -> harness.Table:
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(RESULTS_DIR, 'memory_over_rounds.png'), dpi=100)
+  fig.savefig(plot, dpi=100)
   plt.close(fig)
 
   def growth(series, column, start_index):
@@ -136,7 +132,7 @@ def _memory_over_rounds(quick: bool) -> harness.Table:
     'take turns round by round on the same clients.',
     f"The cap's effect on round time: capped / default seconds per round {cap_cost:.2f}x "
     f'(median of the per-round ratios, {r["capped_median_s"]:.3f} vs {r["median_s"]:.3f} s).',
-    'Plot: benchmarks/results/memory_over_rounds.png',
+    f'Plot: {harness.shown_path(plot)}',
   ]
   return harness.Table(
     f'Memory over {rounds} rounds (population {population:,}, 10 clients a round)',

@@ -9,7 +9,9 @@ TARGET_OVERHEAD = 1.3
 
 def run(*, quick: bool = False) -> list[harness.Table]:
   rounds = 6 if quick else 12
-  r = harness.measure('benchmarks.measure_cross_silo', {'rounds': rounds, 'clients_per_round': 60})
+  r = harness.measure(
+    'benchmarks.cross_silo_overhead_measure', {'rounds': rounds, 'clients_per_round': 60}
+  )
   turns = r['turn_ratios']
   ratio = harness.median(turns)
   rows = [

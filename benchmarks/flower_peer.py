@@ -49,7 +49,7 @@ def ensure_flower() -> str:
 def run(*, quick: bool = False) -> list[harness.Table]:
   clients, rounds = (10, 4) if quick else (20, 10)
   args = {'clients': clients, 'rounds': rounds}
-  ours = harness.measure('benchmarks.measure_peer', args)
+  ours = harness.measure('benchmarks.flower_peer_measure', args)
   columns = ['system', 's / round (median, rounds 2..)', 'total training s', 'test accuracy']
   ours_median = harness.median(ours['round_times'][1:])
   rows = [

@@ -3,7 +3,7 @@
     benchmarks/.cache/flower-venv/bin/python -m benchmarks.flower_peer_client '{"clients": 100, "rounds": 20}'
 
 Same data split, model, optimizer, batch size and rounds as fedpipe's side
-(benchmarks/measure_peer.py): digits 80/20 stratified split (seed 0), the
+(benchmarks/flower_peer_measure.py): digits 80/20 stratified split (seed 0), the
 training part dealt to clients by the same seeded shuffle, a 64-64-10 MLP,
 SGD 0.1, batch 16, one local epoch, every client every round, FedAvg. Only
 numpy, scikit-learn, TensorFlow and Flower are imported here.

@@ -23,6 +23,8 @@ from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_PREFIX = 'BENCH_RESULT '
+# Plots go to the `results/` folder beside the results file (`run_all --results`).
+_plots_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 class MeasurementError(RuntimeError):
@@ -103,6 +105,24 @@ def measure(
   # Sampled every 0.25 s: the peak of the whole process tree's resident memory.
   result.setdefault('peak_rss_mb', peak_tree_mb)
   return result
+
+
+def set_plots_dir(path: str) -> None:
+  """Makes `plot_path` put plots in `path` (run_all: beside its results file)."""
+  global _plots_dir
+  _plots_dir = os.path.abspath(path)
+
+
+def plot_path(filename: str) -> str:
+  """Where to save the plot `filename` (the folder is made if needed)."""
+  os.makedirs(_plots_dir, exist_ok=True)
+  return os.path.join(_plots_dir, filename)
+
+
+def shown_path(path: str) -> str:
+  """`path` as a table note names it: relative to the repository if inside it."""
+  relative = os.path.relpath(path, REPO_ROOT)
+  return path if relative.startswith('..') else relative
 
 
 def median(values: Sequence[float]) -> float:

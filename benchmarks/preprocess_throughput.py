@@ -13,7 +13,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   for size in sizes:
     for mode in ('multi_processing', 'in_memory'):
       r = harness.measure(
-        'benchmarks.measure_preprocess', {'rows': size, 'mode': mode}, timeout_s=1800
+        'benchmarks.preprocess_throughput_measure', {'rows': size, 'mode': mode}, timeout_s=1800
       )
       verdict = harness.verdict(r['rows_per_s'], TARGET_ROWS_PER_S, lower_is_better=False)
       rows.append(
@@ -29,7 +29,9 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   startup = {
     flag: harness.median(
       [
-        harness.measure('benchmarks.measure_beam_startup', {'import_tensorflow': flag})['seconds']
+        harness.measure(
+          'benchmarks.preprocess_throughput_measure_startup', {'import_tensorflow': flag}
+        )['seconds']
         for _ in range(2)
       ]
     )
@@ -39,8 +41,8 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     'Synthetic CSV: 16 features, 1,000 client keys, 4 input files; the whole run '
     '(validation, GroupByKey, TFRecord writes, manifest). multi_processing uses 2 workers.',
     f'Target: >= {TARGET_ROWS_PER_S:,} rows/s on this machine, memory bounded as rows grow.',
-    "multi_processing's fixed cost (benchmarks/measure_beam_startup.py, a pipeline with no "
-    f"work on 2 workers): {startup[False]:.1f} s start-up as fedpipe's workers run (their "
+    "multi_processing's fixed cost (benchmarks/preprocess_throughput_measure_startup.py, "
+    f"a pipeline with no work on 2 workers): {startup[False]:.1f} s start-up as fedpipe's workers run (their "
     'DoFns, fedpipe/preprocess/dofns.py, do not import TensorFlow); '
     f'{startup[True]:.1f} s if each worker imported TensorFlow, as they did before.',
   ]

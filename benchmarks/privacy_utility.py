@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from benchmarks import harness
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
 
 def run(*, quick: bool = False) -> list[harness.Table]:
-  rounds = 30  # 40 (stop 8) cost ~70 s more of `make bench`.
+  rounds = 30  # Each point is a whole training run: more rounds lengthen every point.
   noise = [1.0, 3.0] if quick else [0.7, 1.2, 2.5]
   points = {'fixed': [], 'adaptive': []}
   curve = [{'dp': False}] + [
@@ -18,7 +14,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   ]
   # A process per point: a crashed point cannot take the others down.
   results = [
-    harness.measure('benchmarks.measure_privacy_utility', {'rounds': rounds, **point})
+    harness.measure('benchmarks.privacy_utility_measure', {'rounds': rounds, **point})
     for point in curve
   ]
   rows = []
@@ -37,7 +33,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  os.makedirs(RESULTS_DIR, exist_ok=True)
+  plot = harness.plot_path('privacy_utility.png')
   fig, ax = plt.subplots(figsize=(6, 3.8))
   for clipping, pts in points.items():
     pts = sorted(pts)
@@ -50,7 +46,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(os.path.join(RESULTS_DIR, 'privacy_utility.png'), dpi=100)
+  fig.savefig(plot, dpi=100)
   plt.close(fig)
   return [
     harness.Table(
@@ -59,7 +55,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
       rows,
       [
         f'configs/digits_dp.py with {rounds} rounds (Poisson sampling, rate 0.2, RDP '
-        'accountant, delta 1e-5), one seed per point. Plot: benchmarks/results/privacy_utility.png',
+        f'accountant, delta 1e-5), one seed per point. Plot: {harness.shown_path(plot)}',
         f'Every point is a full run of the training program in its own process (worker start, '
         f'{rounds} rounds, held-out evaluation, model export); "training s" is its wall time.',
       ],

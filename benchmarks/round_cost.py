@@ -27,16 +27,17 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     common = {'workload': workload, 'num_examples': synthetic_examples}
     if workload not in keras_cache:
       keras_cache[workload] = harness.measure(
-        'benchmarks.measure_round', {**common, 'system': 'keras', 'repetitions': 5 if digits else 2}
+        'benchmarks.round_cost_measure',
+        {**common, 'system': 'keras', 'repetitions': 5 if digits else 2},
       )['median_s']
     keras = keras_cache[workload]
     # digits rounds are short and noisier: more turns. DP on digits only, to keep
-    # `make bench` under 30 minutes.
+    # `make bench` short.
     reps = (30 if clients == 10 else 10) if digits else (5 if clients == 10 else 3)
     if quick:
       reps = 3
     r = harness.measure(
-      'benchmarks.measure_round',
+      'benchmarks.round_cost_measure',
       {
         **common,
         'system': 'interleaved',

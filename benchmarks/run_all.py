@@ -5,6 +5,16 @@ r"""Runs every benchmark and writes benchmarks/RESULTS.md (`make bench`).
 Each benchmark prints a markdown table with its baselines measured in the
 same run; ratios are against those baselines, never against numbers from
 another day. Benchmarks are not tests: they assert nothing.
+
+Each benchmark (`BENCHMARKS`: `--only` name -> module) is a driver module,
+`<module>.py` (its `run(quick=...)` starts the measurements and builds the
+tables), and its measurements, `<module>_measure*.py`, each run by
+`harness.measure` in a process of its own
+(`flower_peer_client.py` is Flower's side, run in Flower's own virtualenv).
+Figures live in benchmarks/RESULTS.md only (`make bench` rewrites it, and its
+plots in benchmarks/results/); `--quick` writes there too, marked `(--quick)`
+in its first lines, unless `--results` names another file (its plots then go
+to a `results/` folder beside it).
 """
 
 import datetime
@@ -49,6 +59,9 @@ def main(argv: list[str]) -> int:
   if unknown:
     print(f'error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}', file=sys.stderr)
     return 2
+  # Plots go beside the results: a run with `--results` elsewhere leaves
+  # benchmarks/results/ alone.
+  harness.set_plots_dir(os.path.join(os.path.dirname(os.path.abspath(_RESULTS.value)), 'results'))
   started = time.monotonic()
   sections = [
     '# fedpipe benchmark results',

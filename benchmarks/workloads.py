@@ -119,3 +119,13 @@ def client_data_dir(workload: Workload, num_clients: int) -> str:
     ),
   )
   return out
+
+
+def client_example_counts(workload: Workload, num_clients: int) -> list[int]:
+  """Each client's training examples, in client-id order, from its data's manifest."""
+  counts = (
+    manifest_lib.read_manifest(client_data_dir(workload, num_clients))
+    .split(manifest_lib.TRAIN_SPLIT)
+    .clients
+  )
+  return [counts[c] for c in sorted(counts)]

@@ -1,1 +1,1 @@
-"""Typed TFF computations: Keras model wrapping, FedAvg/FedProx/FedAdam, DP aggregation, accounting."""
+"""Typed TFF computations: Keras models, FedAvg/FedProx/FedAdam, DP-FedAvg, (ε, δ) accounting."""

@@ -2,10 +2,11 @@
 
 TFF's `compose_dataset_computation_with_learning_process` runs two TF
 computations per client (build the dataset, then train on it), and the C++
-executor pays a per-call cost for each; measured here it made a 100-client
-round 20% slower than training on in-memory datasets. This client work takes
-client ids and does both inside one computation, reusing TFF's own local
-training loop (`model_delta_client_work` / `proximal_client_work`).
+executor pays a per-call cost for each, which adds up over a round's clients
+(benchmarks/RESULTS.md compares fedpipe's round with plain TFF's on in-memory
+datasets). This client work takes client ids and does both inside one
+computation, reusing TFF's own local training loop (`model_delta_client_work`
+/ `proximal_client_work`).
 """
 
 from __future__ import annotations

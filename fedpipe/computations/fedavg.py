@@ -23,6 +23,11 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_work
+from fedpipe.errors import FedpipeError
+
+
+class FedAvgConfigError(FedpipeError, ValueError):
+  """A FedAvg parameter is out of its valid range."""
 
 
 def cosine_decay(
@@ -74,10 +79,10 @@ def build_fedavg_process(
     A `tff.learning.templates.LearningProcess`.
 
   Raises:
-    ValueError: If `proximal_strength` is negative.
+    FedAvgConfigError: If `proximal_strength` is negative.
   """
   if proximal_strength < 0:
-    raise ValueError(f'proximal_strength must be >= 0, got {proximal_strength}')
+    raise FedAvgConfigError(f'proximal_strength must be >= 0, got {proximal_strength}')
   if dataset_fn is not None:
     return client_work.compose_fedavg_over_ids(
       model_fn,

@@ -122,8 +122,8 @@ def compute_epsilon(
     return float('inf')
   if accountant == 'rdp':
     # What the RDP accountant computes for `rounds` self-compositions
-    # (rounds x one round's RDP), with one round's RDP, the costly part
-    # (0.15-0.45 s), computed once per mechanism: ε is asked after every round.
+    # (rounds x one round's RDP), with one round's RDP, the costly part,
+    # computed once per mechanism: ε is asked after every round.
     orders, one_round = _one_round_rdp(noise_multiplier, sampling)
     return float(dp_accounting.rdp.compute_epsilon(orders, rounds * one_round, delta)[0])
   acc = make_accountant(accountant, sampling)

@@ -1,6 +1,7 @@
-"""One measurement of the Beam preprocessing pipeline's throughput.
+r"""One measurement of the Beam preprocessing pipeline's throughput.
 
-    python -m benchmarks.measure_preprocess '{"rows": 100000, "mode": "multi_processing"}'
+    python -m benchmarks.preprocess_throughput_measure \
+        '{"rows": 100000, "mode": "multi_processing"}'
 
 Synthetic raw CSV (16 numeric features, labels 0..9, 1,000 client keys, in 4
 files) through `run_preprocessing` on the local runner in the given

@@ -1,6 +1,6 @@
 """One measurement of scale: seconds per round and memory for a population and round size.
 
-    python -m benchmarks.measure_scale '{"population": 10000, "clients_per_round": 100,
+    python -m benchmarks.client_scale_measure '{"population": 10000, "clients_per_round": 100,
                                          "rounds": 4, "memory_every": 0}'
 
 Virtual silos on one isolated worker: `population` clients of 8 examples
@@ -30,10 +30,9 @@ from benchmarks import harness, workloads
 from fedpipe.computations import (
   client_data,
   client_sampling,
-  dp_aggregator,
-  fedavg,
+  dp_fedavg,
+  dp_parameters,
   keras_model,
-  privacy_accounting,
 )
 from fedpipe.runtime import execution_context
 
@@ -45,26 +44,27 @@ def main(args: dict) -> None:
   w = workloads.load('tiny', num_examples=population * EXAMPLES_PER_CLIENT)
   data_dir = workloads.client_data_dir(w, population)
   ids = [workloads.client_id(i) for i in range(population)]
-  scheme = privacy_accounting.SamplingScheme('fixed_size', population, per_round)
   model_fn = keras_model.build_model_fn(
     lambda: keras_model.build_mlp(
       num_features=w.num_features, num_classes=w.num_classes, hidden_units=w.hidden_units
     ),
     num_features=w.num_features,
   )
-  process = fedavg.build_fedavg_process(
+  params = dp_parameters.derive_dp_parameters(
+    client_example_counts=workloads.client_example_counts(w, population),
+    clients_per_round=per_round,
+    sampling='fixed_size',
+    noise_multiplier=1.0,
+    clip_norm=1.0,
+  )
+  process = dp_fedavg.build_dp_fedavg_process(
     model_fn,
     client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
     server_optimizer=tff.learning.optimizers.build_sgdm(1.0, momentum=0.5),
-    model_aggregator=dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-      noise_multiplier=1.0,
-      clip_norm=1.0,
-      weight_cap=EXAMPLES_PER_CLIENT,
-      expected_total_weight=float(per_round),
-    ),
     dataset_fn=client_data.make_dataset_fn(
       split='train', num_features=w.num_features, batch_size=16
     ),
+    **params.dp_fedavg_arguments(),
   )
   every = args.get('memory_every', 0)
   stack = tff.framework.get_context_stack()
@@ -85,7 +85,7 @@ def main(args: dict) -> None:
       with stack.install(context):
         states[name] = process.initialize()
     clients = [
-      client_sampling.sample_clients(ids, scheme=scheme, round_num=r + 1, seed=0)
+      client_sampling.sample_clients(ids, scheme=params.sampling, round_num=r + 1, seed=0)
       for r in range(args['rounds'])
     ]
 

@@ -1,6 +1,6 @@
 """DP-FedAvg seconds per round, local runtime and three silos, taking turns.
 
-    python -m benchmarks.measure_cross_silo '{"rounds": 12, "clients_per_round": 60}'
+    python -m benchmarks.cross_silo_overhead_measure '{"rounds": 12, "clients_per_round": 60}'
 
 Both runtimes train the demo config (digits, 300 clients, DP-FedAvg) from the
 same Beam-written data: `local` on one isolated worker; `silos` across three

@@ -1,6 +1,6 @@
 """One point of the privacy-utility curve: train the digits demo at a noise level.
 
-    python -m benchmarks.measure_privacy_utility '{"noise_multiplier": 1.2,
+    python -m benchmarks.privacy_utility_measure '{"noise_multiplier": 1.2,
         "clipping": "fixed", "rounds": 30, "seed": 0}'
 
 Runs the real training program (configs/digits_dp.py, 300 virtual clients,
@@ -20,13 +20,13 @@ import sys
 import tempfile
 import time
 
-from benchmarks import harness, measure_cross_silo
+from benchmarks import cross_silo_overhead_measure, harness
 from configs import digits_dp
 from fedpipe.training import program as training_program
 
 
 def main(args: dict) -> None:
-  all_dir, _ = measure_cross_silo.prepare(300)
+  all_dir, _ = cross_silo_overhead_measure.prepare(300)
   config = digits_dp.get_config()
   config.data.processed_dir = all_dir
   config.training.rounds = args['rounds']

@@ -1,6 +1,6 @@
 """fedpipe's side of the Flower comparison (see benchmarks/flower_peer_client.py).
 
-    python -m benchmarks.measure_peer '{"clients": 100, "rounds": 20}'
+    python -m benchmarks.flower_peer_measure '{"clients": 100, "rounds": 20}'
 
 FedAvg (no DP) over the same split, model and hyperparameters, on fedpipe's
 isolated worker reading per-client TFRecords; then the held-out accuracy of

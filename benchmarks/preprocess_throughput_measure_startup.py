@@ -1,6 +1,6 @@
 """Start-up cost of the DirectRunner's multi-process mode, with and without TensorFlow.
 
-    python -m benchmarks.measure_beam_startup '{"import_tensorflow": true}'
+    python -m benchmarks.preprocess_throughput_measure_startup '{"import_tensorflow": true}'
 
 A pipeline with no real work (100 elements through a shuffle into a DoFn) on
 2 worker processes. With `import_tensorflow` the DoFn imports TensorFlow in

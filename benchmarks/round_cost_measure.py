@@ -1,6 +1,6 @@
 """One measurement of round cost (run by the harness in its own process).
 
-    python -m benchmarks.measure_round '{"system": "interleaved", "workload": "digits",
+    python -m benchmarks.round_cost_measure '{"system": "interleaved", "workload": "digits",
                                          "num_clients": 10, "repetitions": 5}'
 
 Systems: `keras` (one centralized epoch: the same arithmetic without
@@ -30,7 +30,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from benchmarks import harness, workloads
-from fedpipe.computations import client_data, dp_aggregator, fedavg, keras_model
+from fedpipe.computations import client_data, dp_fedavg, dp_parameters, fedavg, keras_model
 
 
 def _keras_builder(w: workloads.Workload):
@@ -74,25 +74,30 @@ def _plain_tff(w: workloads.Workload, num_clients: int):
 
 
 def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
-  """fedpipe's process over client ids (data read by the worker from TFRecords)."""
+  """fedpipe's process over client ids (data read by the worker from TFRecords).
+
+  With `dp`, DP-FedAvg (`dp_fedavg.build_dp_fedavg_process`) with every
+  client every round, noise multiplier 1 and clip norm 1, its weight cap and
+  denominator derived from the clients' example counts.
+  """
   model_fn = keras_model.build_model_fn(_keras_builder(w), num_features=w.num_features)
-  aggregator = None
-  if dp:
-    aggregator = dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-      noise_multiplier=1.0,
-      clip_norm=1.0,
-      weight_cap=len(w.y) / num_clients,
-      expected_total_weight=float(num_clients),
-    )
-  return fedavg.build_fedavg_process(
-    model_fn,
+  common = dict(
     client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
     server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
-    model_aggregator=aggregator,
     dataset_fn=client_data.make_dataset_fn(
       split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE, shuffle=False
     ),
   )
+  if not dp:
+    return fedavg.build_fedavg_process(model_fn, **common)
+  params = dp_parameters.derive_dp_parameters(
+    client_example_counts=workloads.client_example_counts(w, num_clients),
+    clients_per_round=num_clients,
+    sampling='fixed_size',
+    noise_multiplier=1.0,
+    clip_norm=1.0,
+  )
+  return dp_fedavg.build_dp_fedavg_process(model_fn, **common, **params.dp_fedavg_arguments())
 
 
 def interleaved_rounds(
