@@ -12,11 +12,7 @@ from fedpipe.config import base
 
 
 def get_config() -> config_dict.ConfigDict:
-  config = base.get_base_config()
+  # The library's default config (`fedpipe.config.base.get_default_config`) is this one.
+  config = base.get_default_config()
   config.name = 'digits_dp'
-  config.model.hidden_units = (64,)
-  config.training.client_learning_rate = 0.2
-  config.training.server_momentum = 0.5
-  config.dp.noise_multiplier = 1.9
-  config.dp.clip_norm = 0.3
   return config

@@ -31,6 +31,7 @@ from fedpipe.runtime import shutdown
 # TensorFlow must be imported before absl runs main(): imported inside it,
 # its eager context starts without eager mode on its switch stack, and Keras
 # then builds graph placeholders instead of eager models.
+from fedpipe.training import federated_training
 from fedpipe.training import program as training_program
 
 _CONFIG = cli.define_config_flag()
@@ -141,6 +142,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}')
   training_program.quiet_logs()
+  training_program.print_messages()
   config = cli.load_config(_CONFIG)
   if config.data.raw_format != 'csv':
     cli.fail('the cross-silo demo splits CSV raw data; set data.raw_format=csv')
@@ -160,9 +162,13 @@ def main(argv: list[str]) -> int:
     run_dir = os.path.join(work_dir, 'run')
     with shutdown.graceful_termination():
       study_id = training_program.submit_study(config, run_dir)
+      print(f'study_id={study_id}', flush=True)
       for name in data_dirs:
         _approve_as_data_owner(work_dir, name, study_id)
-      training_program.run(config, run_dir)
+      result = federated_training.train(
+        None, None, config=config, output_dir=run_dir, progress=federated_training.print_progress
+      )
+      print(result.summary(), flush=True)
   except FedpipeError as e:
     cli.fail(str(e))
   finally:

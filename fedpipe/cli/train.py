@@ -34,9 +34,9 @@ from absl import app, flags
 from fedpipe.cli import entrypoint as cli
 from fedpipe.errors import FedpipeError
 from fedpipe.runtime import execution_context, shutdown
+from fedpipe.training import federated_training, run_directory
 from fedpipe.training import loop as training_loop
 from fedpipe.training import program as training_program
-from fedpipe.training import run_directory
 
 # Importing TFF made it a default context holding a local worker manager, whose
 # __del__ fails at interpreter exit if nothing replaced it (an early error).
@@ -71,10 +71,26 @@ def _apply_runtime_flags(config) -> None:
       runtime[field] = flag.value
 
 
-def _interruption_message(progress: training_loop.Progress, *, submitting: bool) -> str:
+class _PrintRounds:
+  """The progress callback: prints one line per round and remembers the last round."""
+
+  def __init__(self) -> None:
+    self.last_round = 0
+
+  def __call__(self, progress: training_loop.RoundProgress) -> None:
+    self.last_round = progress.round
+    print(training_loop.format_progress(progress), flush=True)
+
+
+def _interruption_message(rounds: _PrintRounds, output_dir: str | None, *, submitting: bool) -> str:
   if submitting:
     return 'interrupted; rerun the same command to submit the study'
-  done, saved = progress.rounds_completed, progress.last_checkpoint
+  # What a rerun resumes from is what the run directory holds; a round saved
+  # just before the interruption may not have been printed yet.
+  saved = (
+    run_directory.RunDirectory(os.path.abspath(output_dir)).last_checkpoint() if output_dir else 0
+  )
+  done = max(rounds.last_round, saved)
   if not done:
     return 'interrupted before the first round; rerun the same command to resume'
   if saved == done:
@@ -94,7 +110,9 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
   training_program.quiet_logs()
-  progress = training_loop.Progress()
+  training_program.print_messages()
+  rounds = _PrintRounds()
+  output_dir = None
   try:
     with shutdown.graceful_termination():
       config = cli.load_config(_CONFIG)
@@ -102,15 +120,23 @@ def main(argv: list[str]) -> int:
       output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
       if _SUBMIT_STUDY.value:
         with run_directory.lock(output_dir):
-          training_program.submit_study(config, output_dir)
+          study_id = training_program.submit_study(config, output_dir)
+        print(f'study_id={study_id}', flush=True)
       else:
-        training_program.run(config, output_dir, overwrite=_OVERWRITE.value, progress=progress)
+        result = federated_training.train(
+          None,
+          None,
+          config=config,
+          output_dir=output_dir,
+          progress=rounds,
+          overwrite=_OVERWRITE.value,
+        )
+        print(result.summary(), flush=True)
   except FedpipeError as e:
     cli.fail(str(e))
   except (KeyboardInterrupt, shutdown.Terminated) as e:
-    print(
-      _interruption_message(progress, submitting=_SUBMIT_STUDY.value), file=sys.stderr, flush=True
-    )
+    message = _interruption_message(rounds, output_dir, submitting=_SUBMIT_STUDY.value)
+    print(message, file=sys.stderr, flush=True)
     return shutdown.interruption_exit_code(e)
   return 0
 

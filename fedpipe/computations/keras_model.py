@@ -3,19 +3,32 @@
 `build_model_fn` turns a Keras model builder into the no-argument
 `tff.learning.models.VariableModel` constructor that TFF's learning builders
 take; a new Keras model is built inside each TFF graph, as TFF requires.
+`check_keras_model` says, before any TFF tracing, whether a builder's model
+fits the client data: it takes `num_features` floats and outputs one value
+per class (logits, or probabilities from a final softmax).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+import contextlib
+import inspect
+import json
+import random
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_data
+from fedpipe.errors import FedpipeError
 
 KerasModelBuilder = Callable[[], tf.keras.Model]
+
+
+class ModelMismatchError(FedpipeError, ValueError):
+  """A model builder's model cannot be trained on the client data; the message says why."""
 
 
 def build_mlp(
@@ -55,15 +68,171 @@ def build_mlp(
   return tf.keras.Model(inputs=inputs, outputs=logits, name='mlp')
 
 
+def outputs_probabilities(model: tf.keras.Model) -> bool:
+  """Whether `model` ends in a softmax (probabilities) rather than logits."""
+  last = model.layers[-1] if model.layers else None
+  if isinstance(last, tf.keras.layers.Softmax):
+    return True
+  activation = getattr(last, 'activation', None)
+  return activation is tf.keras.activations.softmax or (
+    getattr(activation, '__name__', None) == 'softmax'
+  )
+
+
+def _describe(builder: KerasModelBuilder) -> str:
+  name = getattr(builder, '__qualname__', None) or type(builder).__name__
+  module = getattr(builder, '__module__', None)
+  return f'{module}.{name}' if module else name
+
+
+@contextlib.contextmanager
+def reproducible_keras_build(seed: int = 0) -> Iterator[None]:
+  """Models built in the block come out the same however often they are built.
+
+  Two things make a rebuilt Keras model differ, and both end up in the traced
+  TFF computations, whose fingerprints silos approve (a notebook that rebuilt
+  a model would otherwise ask for a new approval each time):
+  - names: an unnamed model or layer takes the next free name of a
+    process-wide record (`dense_7` if seven were built before, in any graph);
+  - initial weights: Keras computes them eagerly and TFF captures them as
+    constants, and an initializer without a seed draws one at random.
+  Inside the block the name record is empty and unseeded initializers draw
+  their seeds from `random.Random(seed)`; both are restored after. Models
+  whose initializers have seeds (the bundled MLP) are unaffected.
+  """
+  from keras.src import backend as keras_backend  # TF 2.14's tf.keras.
+
+  saved = (
+    keras_backend.PER_GRAPH_OBJECT_NAME_UIDS,
+    keras_backend.OBSERVED_NAMES,
+    getattr(keras_backend._SEED_GENERATOR, 'generator', None),
+  )
+  keras_backend.PER_GRAPH_OBJECT_NAME_UIDS = weakref.WeakKeyDictionary()
+  keras_backend.OBSERVED_NAMES = set()
+  keras_backend._SEED_GENERATOR.generator = random.Random(seed)
+  try:
+    yield
+  finally:
+    (
+      keras_backend.PER_GRAPH_OBJECT_NAME_UIDS,
+      keras_backend.OBSERVED_NAMES,
+      keras_backend._SEED_GENERATOR.generator,
+    ) = saved
+
+
+def _build_checked(builder: KerasModelBuilder) -> tf.keras.Model:
+  """Calls `builder` and checks that it returned an uncompiled Keras model."""
+  try:
+    inspect.signature(builder).bind()
+  except TypeError as e:
+    raise ModelMismatchError(
+      f'the model builder {_describe(builder)} cannot be called without arguments ({e}); '
+      'pass a zero-argument function (e.g. a lambda or functools.partial) that returns '
+      'a new tf.keras.Model'
+    ) from e
+  except ValueError:
+    pass  # No signature to check (a builtin): calling it says.
+  model = builder()
+  if not isinstance(model, tf.keras.Model):
+    raise ModelMismatchError(
+      f'the model builder {_describe(builder)} returned {type(model).__name__}, not a '
+      'tf.keras.Model; return a new, uncompiled Keras model'
+    )
+  if model._is_compiled:  # TFF compiles the model itself (loss, metrics, optimizer).
+    raise ModelMismatchError(
+      f'the model builder {_describe(builder)} returned a compiled model; return it '
+      'without calling compile(): federated training sets the loss, metrics and optimizers'
+    )
+  return model
+
+
+def check_keras_model(
+  keras_model_builder: KerasModelBuilder, *, num_features: int, num_classes: int
+) -> None:
+  """Checks that the builder's model can be trained on the client data.
+
+  The model is built in a scratch graph, so the check leaves no variables
+  behind and does not change the names Keras gives later models.
+
+  Args:
+    keras_model_builder: Builds a fresh Keras model.
+    num_features: Input width of the client data.
+    num_classes: Number of label values in the client data.
+
+  Raises:
+    ModelMismatchError: If the builder fails without arguments, returns
+      something other than an uncompiled `tf.keras.Model`, or its model does
+      not map a batch of shape (None, num_features) to (None, num_classes).
+  """
+  expected = (
+    f'it must take inputs of shape (None, {num_features}) (the {num_features} features of '
+    f'the client data) and output shape (None, {num_classes}) (one logit or probability '
+    f'per class)'
+  )
+  with tf.Graph().as_default(), reproducible_keras_build():
+    model = _build_checked(keras_model_builder)
+    inputs = getattr(model, 'inputs', None) or []
+    if len(inputs) > 1:
+      raise ModelMismatchError(
+        f'the model of {_describe(keras_model_builder)} has {len(inputs)} inputs; {expected}'
+      )
+    if inputs and not tf.TensorShape(inputs[0].shape).is_compatible_with([None, num_features]):
+      raise ModelMismatchError(
+        f'the model of {_describe(keras_model_builder)} takes inputs of shape '
+        f'{_shape(inputs[0].shape)}; {expected}'
+      )
+    try:
+      outputs = model(tf.zeros([2, num_features], tf.float32))
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+      detail = ' '.join(str(e).split())[:300]
+      raise ModelMismatchError(
+        f'the model of {_describe(keras_model_builder)} cannot take a batch of '
+        f'{num_features} features ({detail}); {expected}'
+      ) from e
+    if not isinstance(outputs, tf.Tensor) or outputs.shape != (2, num_classes):
+      found = _shape(outputs.shape) if isinstance(outputs, tf.Tensor) else type(outputs).__name__
+      raise ModelMismatchError(
+        f'the model of {_describe(keras_model_builder)} outputs {found} for a batch of 2; '
+        f'{expected}'
+      )
+
+
+def _shape(shape) -> str:
+  dims = ['None' if d is None else str(d) for d in tf.TensorShape(shape).as_list()]
+  return f'({", ".join(dims)})' if len(dims) != 1 else f'({dims[0]},)'
+
+
+def architecture(keras_model_builder: KerasModelBuilder) -> str:
+  """A text that identifies the builder's model: its Keras JSON, built in a scratch graph.
+
+  Layer names come out the same however many models the process built
+  before, so equal builders give equal texts.
+  """
+  with tf.Graph().as_default(), reproducible_keras_build():
+    model = keras_model_builder()
+    try:
+      described = json.loads(model.to_json())
+      for key in ('keras_version', 'backend'):  # The library's, not the model's.
+        described.pop(key, None)
+      return json.dumps(described, sort_keys=True)
+    except (NotImplementedError, TypeError, ValueError):
+      weights = [[w.name, w.shape.as_list(), w.dtype.name] for w in model.weights]
+      return json.dumps({'class_name': type(model).__name__, 'weights': weights}, sort_keys=True)
+
+
 def build_model_fn(
-  keras_model_builder: KerasModelBuilder, *, num_features: int
+  keras_model_builder: KerasModelBuilder, *, num_features: int, seed: int = 0
 ) -> Callable[[], tff.learning.models.VariableModel]:
   """A TFF model constructor for a classifier over `client_data` batches.
 
   Args:
-    keras_model_builder: Builds a fresh Keras model mapping `num_features`
-      floats to class logits.
+    keras_model_builder: Builds a fresh, uncompiled Keras model mapping
+      `num_features` floats to class logits, or to class probabilities if
+      it ends in a softmax (the loss is chosen to match).
     num_features: Input width, as in the client data.
+    seed: Seeds the initializers that have none (`reproducible_keras_build`):
+      the initial model, and the computations' fingerprints, are the same
+      on every build.
 
   Returns:
     A no-argument callable returning a `tff.learning.models.VariableModel`
@@ -72,9 +241,13 @@ def build_model_fn(
   input_spec = client_data.batch_spec(num_features)
 
   def model_fn() -> tff.learning.models.VariableModel:
+    with reproducible_keras_build(seed):  # Equal builds trace to equal computations.
+      keras_model = keras_model_builder()
     return tff.learning.models.from_keras_model(
-      keras_model_builder(),
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      keras_model,
+      loss=tf.keras.losses.SparseCategoricalCrossentropy(
+        from_logits=not outputs_probabilities(keras_model)
+      ),
       input_spec=input_spec,
       metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
     )

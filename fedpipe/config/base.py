@@ -3,7 +3,10 @@
 An experiment config (`configs/<name>.py`) starts from `get_base_config()` and
 changes what differs. Programs take it with `--config=configs/<name>.py` and
 single fields with `--config.training.rounds=5`; `fedpipe.config.validation.validate`
-checks the whole config once, at the program's edge.
+checks the whole config once, at the program's edge. In Python (a notebook),
+`fedpipe.training.federated_training.train` starts from `get_default_config()`
+unless given a config, and takes single fields as keyword arguments with `__`
+for the dots: `train(model_fn, data, training__rounds=5)`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,16 @@ def get_base_config() -> config_dict.ConfigDict:
   data.max_malformed_fraction = 0.05
 
   config.model = config_dict.ConfigDict()
-  config.model.hidden_units = (64, 64)
+  # The Keras model, as 'module:function' (importable from where the program
+  # runs). The function is called with the keyword arguments num_features and
+  # num_classes (from the client data), plus hidden_units (below) and seed
+  # (config.seed) if it takes them, and returns a new, uncompiled
+  # tf.keras.Model mapping num_features floats to num_classes logits (or
+  # probabilities from a final softmax). '' is the bundled MLP,
+  # fedpipe.computations.keras_model:build_mlp. In a notebook, pass a model
+  # function to fedpipe.training.federated_training.train instead.
+  config.model.builder = ''
+  config.model.hidden_units = (64, 64)  # Of the bundled MLP; a builder may take them.
 
   config.training = config_dict.ConfigDict()
   training = config.training
@@ -111,4 +123,28 @@ def get_base_config() -> config_dict.ConfigDict:
   # for many small clients), 0 = two per CPU core (faster for large clients,
   # see fedpipe/runtime/isolated_worker.py), else the limit.
   runtime.max_concurrent_computation_calls = -1
+  return config
+
+
+def get_default_config() -> config_dict.ConfigDict:
+  """User-level DP-FedAvg that works on small populations: the settings of the digits demo.
+
+  What `fedpipe.training.federated_training.train` uses when given no
+  config (and what `configs/digits_dp.py` names `digits_dp`): fixed clipping
+  at 0.3 with noise multiplier 1.9, client learning rate 0.2, server
+  momentum 0.5, one hidden layer of 64 units for the bundled MLP, 100 rounds
+  of about 60 Poisson-sampled clients. Lower `training.clients_per_round`
+  for data with fewer clients; ε follows from the population, the rounds
+  and the noise (see the privacy report).
+
+  Returns:
+    A new config; change any field before training.
+  """
+  config = get_base_config()
+  config.name = 'dp_fedavg'
+  config.model.hidden_units = (64,)
+  config.training.client_learning_rate = 0.2
+  config.training.server_momentum = 0.5
+  config.dp.noise_multiplier = 1.9
+  config.dp.clip_norm = 0.3
   return config

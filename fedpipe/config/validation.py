@@ -6,8 +6,10 @@ what is allowed, all at once, so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ml_collections import config_dict
@@ -15,6 +17,10 @@ from ml_collections import config_dict
 from fedpipe.errors import FedpipeError
 
 SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'none')
+# What a `model.builder` function is called with: the first two always, the
+# others if its signature takes them.
+MODEL_BUILDER_ARGUMENTS = ('num_features', 'num_classes', 'hidden_units', 'seed')
+_REQUIRED_BUILDER_ARGUMENTS = MODEL_BUILDER_ARGUMENTS[:2]
 
 
 class ConfigError(FedpipeError, ValueError):
@@ -23,6 +29,139 @@ class ConfigError(FedpipeError, ValueError):
   def __init__(self, problems: Iterable[str]):
     self.problems = list(problems)
     super().__init__('invalid config:\n' + '\n'.join(f'  - {p}' for p in self.problems))
+
+
+def _builder_problem(spec: str, what: str) -> str:
+  return (
+    f"config.model.builder: got {spec!r}; {what}. Give 'module:function' naming a function "
+    "that returns a new tf.keras.Model, or '' for the bundled MLP"
+  )
+
+
+def load_model_builder(spec: str) -> Callable[..., Any]:
+  """The function that `config.model.builder` ('module:function') names.
+
+  Args:
+    spec: 'module:function', where module is importable (installed, or on
+      PYTHONPATH) and function may be a dotted attribute path in it.
+
+  Returns:
+    The function. It is called with keyword arguments
+    `MODEL_BUILDER_ARGUMENTS` (those its signature takes).
+
+  Raises:
+    ConfigError: If `spec` is malformed, the module cannot be imported, it
+      has no such function, or the function cannot take `num_features` and
+      `num_classes` as keyword arguments; the message names
+      `config.model.builder` and the fix.
+  """
+  module_name, sep, attribute = spec.partition(':')
+  if not sep or not module_name or not attribute:
+    raise ConfigError([_builder_problem(spec, "it is not of the form 'module:function'")])
+  try:
+    target: Any = importlib.import_module(module_name)
+  except Exception as e:  # An import runs the module's code: any error means "unusable".
+    raise ConfigError(
+      [
+        _builder_problem(
+          spec,
+          f'module {module_name!r} cannot be imported ({type(e).__name__}: {e}); install it '
+          'or put its directory on PYTHONPATH',
+        )
+      ]
+    ) from e
+  for part in attribute.split('.'):
+    if not hasattr(target, part):
+      raise ConfigError(
+        [_builder_problem(spec, f'module {module_name!r} has no attribute {attribute!r}')]
+      )
+    target = getattr(target, part)
+  if not callable(target):
+    raise ConfigError(
+      [_builder_problem(spec, f'{attribute!r} is a {type(target).__name__}, not a function')]
+    )
+  try:
+    parameters = inspect.signature(target).parameters.values()
+  except (TypeError, ValueError):
+    return target  # No introspectable signature: calling it will tell.
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    names = {
+      p.name
+      for p in parameters
+      if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    missing = [a for a in _REQUIRED_BUILDER_ARGUMENTS if a not in names]
+    if missing:
+      raise ConfigError(
+        [
+          _builder_problem(
+            spec,
+            f'{attribute} does not take the keyword argument(s) {", ".join(missing)}; it is '
+            'called with num_features and num_classes (and hidden_units and seed if it takes '
+            'them)',
+          )
+        ]
+      )
+  return target
+
+
+def apply_overrides(config: config_dict.ConfigDict, overrides: Mapping[str, Any]) -> None:
+  """Sets single fields of `config` from keyword arguments, `__` standing for the dots.
+
+  `{'training__rounds': 5, 'name': 'try1'}` sets `config.training.rounds`
+  and `config.name`: the `--config.training.rounds=5` of the programs, as
+  Python keyword arguments.
+
+  Args:
+    config: The config to change in place.
+    overrides: Field paths with `__` for `.`, and their new values.
+
+  Raises:
+    ConfigError: Naming each key that is not a field (with the full key when
+      a field of that name exists in one section), that names a whole
+      section, or whose value has the wrong type.
+  """
+  problems = []
+  for key, value in overrides.items():
+    path = key.replace('__', '.')
+    parts = path.split('.')
+    node: Any = config
+    try:
+      for part in parts[:-1]:
+        node = node[part]
+      if not isinstance(node, config_dict.ConfigDict) or parts[-1] not in node:
+        raise KeyError(path)
+    except (KeyError, TypeError):
+      problems.append(_unknown_field(config, key))
+      continue
+    if isinstance(node[parts[-1]], config_dict.ConfigDict):
+      fields = ', '.join(f'{key}__{name}' for name in sorted(node[parts[-1]].keys())[:3])
+      problems.append(f'config.{path}: is a section; set its fields ({fields}, ...)')
+      continue
+    try:
+      node[parts[-1]] = value
+    except (TypeError, ValueError):
+      wanted = node.get_type(parts[-1])
+      problems.append(
+        f'config.{path} ({key}=): got {value!r} ({type(value).__name__}); the field takes '
+        f'{wanted.__name__} values'
+      )
+  if problems:
+    raise ConfigError(problems)
+
+
+def _unknown_field(config: config_dict.ConfigDict, key: str) -> str:
+  leaf = key.split('__')[-1]
+  matches = [
+    f'{section}__{leaf}'
+    for section, value in config.items()
+    if isinstance(value, config_dict.ConfigDict) and leaf in value
+  ]
+  hint = f'; did you mean {" or ".join(matches)}?' if matches else ''
+  return (
+    f'{key}: the config has no field config.{key.replace("__", ".")}{hint} '
+    '(keyword arguments name fields as section__field, e.g. training__rounds=5)'
+  )
 
 
 def _get(config: config_dict.ConfigDict, path: str) -> Any:
@@ -124,6 +263,14 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.integer('data.min_examples_per_client', 1)
   c.number('data.max_malformed_fraction', low=0, high=1)
 
+  builder = c.value('model.builder')
+  if builder is not None and not isinstance(builder, str):
+    c.add(_builder_problem(builder, 'it must be a string'))
+  elif builder:
+    try:
+      load_model_builder(builder)
+    except ConfigError as e:
+      c.problems.extend(e.problems)
   hidden = c.value('model.hidden_units')
   if hidden is not None and (
     not isinstance(hidden, (tuple, list))

@@ -7,7 +7,8 @@ computations it builds take plain typed arguments.
 from __future__ import annotations
 
 import dataclasses
-import statistics
+import functools
+import inspect
 
 import tensorflow_federated as tff
 from ml_collections import config_dict
@@ -15,11 +16,13 @@ from ml_collections import config_dict
 from fedpipe.computations import (
   client_data,
   dp_aggregator,
+  dp_parameters,
   evaluation,
   fedavg,
   keras_model,
   privacy_accounting,
 )
+from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 
@@ -58,18 +61,45 @@ class Experiment:
   keras_model_builder: keras_model.KerasModelBuilder
 
 
-def keras_builder(config: config_dict.ConfigDict, manifest: manifest_lib.Manifest):
-  hidden_units = tuple(int(h) for h in config.model.hidden_units)
+def keras_builder(
+  config: config_dict.ConfigDict, *, num_features: int, num_classes: int
+) -> keras_model.KerasModelBuilder:
+  """The zero-argument Keras model builder that `config.model` names.
 
-  def build():
-    return keras_model.build_mlp(
-      num_features=manifest.num_features,
-      num_classes=manifest.num_classes,
-      hidden_units=hidden_units,
-      seed=config.seed,
-    )
+  Args:
+    config: A validated config; `model.builder` is 'module:function' or ''
+      (the bundled MLP).
+    num_features: Input width of the client data.
+    num_classes: Number of classes in the client data.
 
-  return build
+  Returns:
+    A function building a new model on each call: the builder called with
+    num_features, num_classes and, if it takes them, `model.hidden_units`
+    and `config.seed`.
+
+  Raises:
+    fedpipe.config.validation.ConfigError: If `model.builder` cannot be loaded.
+  """
+  function = (
+    validation.load_model_builder(config.model.builder)
+    if config.model.builder
+    else keras_model.build_mlp
+  )
+  arguments = {
+    'num_features': num_features,
+    'num_classes': num_classes,
+    'hidden_units': tuple(int(h) for h in config.model.hidden_units),
+    'seed': config.seed,
+  }
+  try:
+    parameters = inspect.signature(function).parameters
+  except (TypeError, ValueError):
+    parameters = {}
+  if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    arguments = {
+      k: v for k, v in arguments.items() if k in parameters or k in ('num_features', 'num_classes')
+    }
+  return functools.partial(function, **arguments)
 
 
 def _server_optimizer(training: config_dict.ConfigDict) -> tff.learning.optimizers.Optimizer:
@@ -101,32 +131,53 @@ def _privacy_settings(
   sampling: privacy_accounting.SamplingScheme,
   client_weights: list[float],
 ) -> PrivacySettings:
+  """The run's DP mechanism: `dp_parameters.derive_dp_parameters` on the config's `dp` fields.
+
+  Args:
+    config: A validated config with `dp.enabled`.
+    sampling: The run's sampling scheme (its population is `client_weights`).
+    client_weights: Each training client's weight: examples times local epochs.
+
+  Returns:
+    The `PrivacySettings` of the run.
+
+  Raises:
+    dp_parameters.DPParametersError: If adaptive clipping cannot reach the
+      noise multiplier with this many clients per round.
+    privacy_accounting.PrivacyAccountingError: If no noise multiplier reaches
+      the target epsilon.
+  """
   dp = config.dp
-  if dp.noise_multiplier is not None:
-    noise_multiplier = float(dp.noise_multiplier)
-  else:
-    noise_multiplier = privacy_accounting.noise_multiplier_for_epsilon(
-      target_epsilon=dp.target_epsilon,
-      sampling=sampling,
-      rounds=config.training.rounds,
-      delta=dp.delta,
-      accountant=dp.accountant,
+  adaptive = None
+  if dp.clipping == 'adaptive':
+    adaptive = dp_parameters.AdaptiveClipping(
+      initial_clip_norm=dp.initial_clip_norm,
+      target_unclipped_quantile=dp.target_unclipped_quantile,
+      learning_rate=dp.clip_learning_rate,
+      clipped_count_stddev=dp.clipped_count_stddev,
     )
-  weight_cap = (
-    float(dp.weight_cap) if dp.weight_cap is not None else float(statistics.median(client_weights))
-  )
-  expected_total_weight = sampling.sampling_rate * sum(
-    min(w / weight_cap, 1.0) for w in client_weights
+  params = dp_parameters.derive_dp_parameters(
+    client_example_counts=client_weights,  # Already times the local epochs.
+    clients_per_round=sampling.clients_per_round,
+    sampling=sampling.method,
+    noise_multiplier=dp.noise_multiplier,
+    target_epsilon=dp.target_epsilon,
+    rounds=config.training.rounds,
+    delta=dp.delta,
+    accountant=dp.accountant,
+    clip_norm=dp.clip_norm if adaptive is None else None,
+    adaptive_clipping=adaptive,
+    weight_cap=dp.weight_cap,
   )
   return PrivacySettings(
-    noise_multiplier=noise_multiplier,
-    delta=float(dp.delta),
-    accountant=dp.accountant,
-    clipping=dp.clipping,
-    clip_norm=float(dp.clip_norm) if dp.clipping == 'fixed' else None,
-    weight_cap=weight_cap,
-    expected_total_weight=expected_total_weight,
-    target_epsilon=dp.target_epsilon,
+    noise_multiplier=params.noise_multiplier,
+    delta=params.delta,
+    accountant=params.accountant,
+    clipping=params.clipping,
+    clip_norm=params.clip_norm,
+    weight_cap=params.weight_cap,
+    expected_total_weight=params.expected_total_weight,
+    target_epsilon=params.target_epsilon,
   )
 
 
@@ -155,13 +206,20 @@ def build_aggregator(
   )
 
 
-def build_experiment(config: config_dict.ConfigDict, manifest: manifest_lib.Manifest) -> Experiment:
+def build_experiment(
+  config: config_dict.ConfigDict,
+  manifest: manifest_lib.Manifest,
+  *,
+  keras_model_builder: keras_model.KerasModelBuilder | None = None,
+) -> Experiment:
   """Builds the processes, sampling scheme and privacy settings of a run.
 
   Args:
     config: A config that passed `fedpipe.config.validation.validate`.
     manifest: The manifest of the clients' data (local directory or the
       union of the silos' manifests).
+    keras_model_builder: Builds the model (a data scientist's own, e.g. from
+      a notebook); None: the one `config.model` names (`keras_builder`).
 
   Returns:
     An `Experiment`.
@@ -169,6 +227,8 @@ def build_experiment(config: config_dict.ConfigDict, manifest: manifest_lib.Mani
   Raises:
     ExperimentError: If the data cannot support the config (too few clients,
       an empty client, no evaluation split).
+    keras_model.ModelMismatchError: If the model does not fit the data
+      (input width, number of classes) or is not an uncompiled Keras model.
     privacy_accounting.PrivacyAccountingError: If no noise multiplier reaches
       the target epsilon.
   """
@@ -201,8 +261,15 @@ def build_experiment(config: config_dict.ConfigDict, manifest: manifest_lib.Mani
   )
   client_weights = [float(train_split.clients[c] * training.local_epochs) for c in train_ids]
   privacy = _privacy_settings(config, sampling, client_weights) if config.dp.enabled else None
-  builder = keras_builder(config, manifest)
-  model_fn = keras_model.build_model_fn(builder, num_features=manifest.num_features)
+  builder = keras_model_builder or keras_builder(
+    config, num_features=manifest.num_features, num_classes=manifest.num_classes
+  )
+  keras_model.check_keras_model(
+    builder, num_features=manifest.num_features, num_classes=manifest.num_classes
+  )
+  model_fn = keras_model.build_model_fn(
+    builder, num_features=manifest.num_features, seed=config.seed
+  )
   train_data = client_data.make_dataset_fn(
     split=manifest_lib.TRAIN_SPLIT,
     num_features=manifest.num_features,

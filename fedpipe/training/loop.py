@@ -5,12 +5,16 @@ the manner of TFF's example program logic, so the same loop runs on the local
 runtime and across silos. Resuming is built in: the latest saved state is
 loaded and the run continues from the round after it; client sampling is a
 pure function of (seed, round), so a resumed run draws the clients an
-uninterrupted one would have.
+uninterrupted one would have. It prints nothing: each round goes to the
+caller's `on_round` callback as a `RoundProgress` (`format_progress` makes
+the familiar one-line form), and resuming is logged (`fedpipe` logger).
+tests/training/test_loop.py runs it with fake processes and managers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,9 +27,33 @@ from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.training import experiment as experiment_lib
 
+_log = logging.getLogger(__name__)
+
 
 class RoundFailedError(FedpipeError, RuntimeError):
   """A training round failed; the message names the round and the cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundProgress:
+  """One completed round, as `train` reports it to its `on_round` callback.
+
+  Attributes:
+    round: The round just completed (1-based).
+    rounds: The rounds of the whole run.
+    metrics: The round's released metrics, as in `metrics.csv`: clients,
+      train_loss, train_accuracy, train_examples, round_seconds, and when
+      they apply epsilon, clip_norm, eval_loss, eval_accuracy, dropped_silos.
+    epsilon: ε spent after this round (None without DP).
+    last_checkpoint: The last round whose state is saved (a rerun resumes
+      after it); equal to `round` when this round was saved.
+  """
+
+  round: int
+  rounds: int
+  metrics: dict[str, float]
+  epsilon: float | None
+  last_checkpoint: int
 
 
 @dataclasses.dataclass
@@ -101,6 +129,11 @@ def _round_metrics(output: Any) -> dict[str, float]:
   return metrics
 
 
+def format_progress(progress: RoundProgress) -> str:
+  """One line for a round: `round  3/100  clients=61  loss=...  accuracy=...  epsilon=...  1.23s`."""
+  return _format_progress(progress.round, progress.rounds, progress.metrics)
+
+
 def _format_progress(round_num: int, rounds: int, values: dict[str, float]) -> str:
   parts = [
     f'round {round_num:>{len(str(rounds))}}/{rounds}',
@@ -126,7 +159,7 @@ async def train(
   release_managers: Sequence[tff.program.ReleaseManager],
   checkpoint_every: int = 1,
   eval_every: int = 0,
-  report: Callable[[str], None] = print,
+  on_round: Callable[[RoundProgress], None] | None = None,
   runtime_metrics: Callable[[], dict[str, float]] | None = None,
   progress: Progress | None = None,
 ) -> TrainingResult:
@@ -141,7 +174,9 @@ async def train(
     checkpoint_every: Save the state every this many rounds (and always after
       the last one).
     eval_every: Run federated evaluation every this many rounds (0: never).
-    report: Receives one progress line per round.
+    on_round: Called after each round, once its metrics are released and
+      its state saved if due. An exception it raises (e.g. KeyboardInterrupt
+      to stop) ends training there, the saved state intact.
     runtime_metrics: Called after each round; its values (e.g. silos dropped)
       join the round's metrics.
     progress: Updated as rounds complete and are saved.
@@ -158,7 +193,7 @@ async def train(
   if state is None:
     state, start_round = initial_state, 0
   else:
-    report(f'resuming from the checkpoint of round {start_round}')
+    _log.info('resuming from the checkpoint of round %d', start_round)
   progress = progress if progress is not None else Progress()
   progress.rounds_completed = progress.last_checkpoint = start_round
   epsilon = epsilon_after(experiment, start_round)
@@ -196,7 +231,16 @@ async def train(
     if round_num % checkpoint_every == 0 or round_num == experiment.rounds:
       await state_manager.save(state, round_num)
       progress.last_checkpoint = round_num
-    report(_format_progress(round_num, experiment.rounds, values))
+    if on_round is not None:
+      on_round(
+        RoundProgress(
+          round=round_num,
+          rounds=experiment.rounds,
+          metrics=dict(values),
+          epsilon=epsilon,
+          last_checkpoint=progress.last_checkpoint,
+        )
+      )
   return TrainingResult(
     state=state,
     rounds_completed=experiment.rounds,

@@ -1,14 +1,16 @@
-"""A PNG of a run's training curves, drawn from its `metrics.csv`."""
+"""A PNG of a run's training curves, drawn from its `metrics.csv`.
+
+Draws on its own `Figure` with the Agg canvas, never through pyplot, so it
+neither switches matplotlib's backend nor touches a notebook's figures.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 FILENAME = 'training_curves.png'
 
@@ -38,7 +40,9 @@ def plot_training_curves(csv_path: str, output_dir: str, *, title: str) -> str:
   ]
   if 'epsilon' in m:
     panels.append(('epsilon', ['epsilon']))
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+  fig = Figure(figsize=(5 * len(panels), 3.8))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
   for ax, (label, names) in zip(axes, panels):
     for name in names:
       if name in m:
@@ -60,5 +64,4 @@ def plot_training_curves(csv_path: str, output_dir: str, *, title: str) -> str:
   fig.tight_layout()
   path = os.path.join(output_dir, FILENAME)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from fedpipe.training import experiment as experiment_lib
@@ -22,6 +24,87 @@ _ASSUMPTIONS = (
   'Client example counts (from the manifest) are treated as public; they set '
   'the weight cap and the fixed denominator.',
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyReport:
+  """The privacy report of a run, typed (`privacy_report.json` holds the same fields).
+
+  Attributes:
+    dp_enabled: Whether the run was differentially private.
+    epsilon: The ε of the whole run at `delta` (None without DP, or infinite).
+    delta: The δ (None without DP).
+    noise_multiplier: Noise standard deviation over the clipping norm (0.0
+      without DP).
+    mechanism: The DP aggregator (None without DP).
+    accountant: 'rdp' or 'pld' (None without DP).
+    clipping: 'fixed' or 'adaptive' (None without DP).
+    clip_norm: The fixed clipping norm (None with adaptive clipping or no DP).
+    weight_cap: A client's weight cap, in examples (None without DP).
+    target_epsilon: The ε the noise was calibrated for, if it was.
+    rounds: Rounds completed.
+    clients_per_round: Expected clients per round.
+    population_size: Training clients.
+    sampling: 'poisson' or 'fixed_size'.
+    sampling_rate: clients_per_round / population_size.
+    neighboring_relation: The neighbouring datasets ε is about.
+    sampling_seed_secret: False if the sampling seed was set in the config
+      (whoever knows it knows who took part).
+    assumptions: What the guarantee rests on.
+    report: The report as a dict, exactly as in `privacy_report.json`.
+  """
+
+  dp_enabled: bool
+  epsilon: float | None
+  delta: float | None
+  noise_multiplier: float
+  mechanism: str | None
+  accountant: str | None
+  clipping: str | None
+  clip_norm: float | None
+  weight_cap: float | None
+  target_epsilon: float | None
+  rounds: int
+  clients_per_round: int
+  population_size: int
+  sampling: str
+  sampling_rate: float
+  neighboring_relation: str
+  sampling_seed_secret: bool
+  assumptions: tuple[str, ...]
+  report: dict[str, Any] = dataclasses.field(repr=False, compare=False)
+
+  @classmethod
+  def from_dict(cls, report: Mapping[str, Any]) -> PrivacyReport:
+    """The typed form of a report from `build_report` or `privacy_report.json`."""
+    return cls(
+      dp_enabled=bool(report['dp_enabled']),
+      epsilon=report.get('epsilon'),
+      delta=report.get('delta'),
+      noise_multiplier=float(report.get('noise_multiplier') or 0.0),
+      mechanism=report.get('aggregator'),
+      accountant=report.get('accountant'),
+      clipping=report.get('clipping'),
+      clip_norm=report.get('clip_norm'),
+      weight_cap=report.get('weight_cap'),
+      target_epsilon=report.get('target_epsilon'),
+      rounds=int(report['rounds']),
+      clients_per_round=int(report['clients_per_round']),
+      population_size=int(report['population_size']),
+      sampling=report['sampling'],
+      sampling_rate=float(report['sampling_rate']),
+      neighboring_relation=report['neighboring_relation'],
+      sampling_seed_secret=bool(report.get('sampling_seed_secret', True)),
+      assumptions=tuple(report.get('assumptions', ())),
+      report=dict(report),
+    )
+
+  def as_dict(self) -> dict[str, Any]:
+    """A copy of the report dict (`privacy_report.json`'s content)."""
+    return json.loads(json.dumps(self.report))
+
+  def __str__(self) -> str:
+    return render_text(self.report)
 
 
 def build_report(

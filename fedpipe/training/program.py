@@ -1,21 +1,37 @@
 """A training run from a validated config: runtime, loop, evaluation, outputs.
 
-The logic behind `fedpipe-train` (which only adds flags), usable
+`execute` runs or resumes a run in its directory and returns a `TrainResult`.
+It is what `fedpipe.training.federated_training.train` (the library call a
+notebook makes) and so `fedpipe-train` (which only adds flags) run, usable
 from other programs (the cross-silo demo, benchmarks) without flag clashes.
+
+It prints nothing. What a run has to say besides its rounds (the plan, the
+silos, study approvals, resuming) goes to the `fedpipe` logger: INFO for
+news, WARNING for what needs attention. Programs show it on stdout with
+`print_messages`.
 """
+
+from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import math
 import os
+import sys
+from collections.abc import Callable
+from typing import TextIO
 
 import tensorflow as tf
 import tensorflow_federated as tff
-from absl import logging
+from absl import logging as absl_logging
 
+from fedpipe.computations import keras_model
 from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.federation import tls as tls_lib
 from fedpipe.runtime import execution_context
@@ -25,20 +41,131 @@ from fedpipe.training import plot as training_plot
 from fedpipe.training import privacy_report, run_directory
 from fedpipe.training import study as study_lib
 
+_log = logging.getLogger(__name__)
+MESSAGES_LOGGER = 'fedpipe'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """A finished run.
+
+  Attributes:
+    model: A Keras model holding the trained weights (uncompiled: compile
+      it to `evaluate` or `fit` it locally; `predict` works as is).
+    metrics: One dict per round, as in `metrics.csv`: 'round', clients,
+      train_loss, train_accuracy, train_examples, round_seconds, and where
+      they apply epsilon, clip_norm, eval_loss, eval_accuracy, dropped_silos.
+    privacy: The privacy report (`privacy.report` is its dict).
+    test_metrics: The final federated evaluation on the held-out clients:
+      accuracy, loss, num_examples.
+    output_dir: The run directory (checkpoints, metrics, model.keras,
+      privacy_report.{json,txt}, training_curves.png); training again with
+      it resumes or, if complete, returns this result again.
+  """
+
+  model: tf.keras.Model
+  metrics: list[dict[str, float]]
+  privacy: privacy_report.PrivacyReport
+  test_metrics: dict[str, float]
+  output_dir: str
+
+  def summary(self) -> str:
+    """The lines `fedpipe-train` ends with: test_accuracy=, epsilon=, delta=, output_dir=."""
+    epsilon = self.privacy.epsilon
+    return '\n'.join(
+      [
+        f'test_accuracy={self.test_metrics.get("accuracy", math.nan):.4f}',
+        f'epsilon={epsilon if epsilon is not None else math.inf:.4f}',
+        f'delta={self.privacy.delta if self.privacy.delta is not None else 0.0:g}',
+        f'output_dir={self.output_dir}',
+      ]
+    )
+
 
 def quiet_logs() -> None:
   """Keeps TensorFlow's and absl's INFO chatter out of a program's output."""
   tf.get_logger().setLevel('ERROR')
-  logging.set_verbosity(logging.WARNING)
+  absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def _export_model(experiment, model_weights, path: str) -> None:
-  """Saves the trained weights as a Keras model (`model.keras`)."""
-  model = experiment.keras_model_builder()
+def print_messages(stream: TextIO | None = None) -> None:
+  """Shows a run's messages (the `fedpipe` logger, INFO and up) one line each, as programs do.
+
+  Args:
+    stream: Where to write; default stdout at the time of each message.
+  """
+  logger = logging.getLogger(MESSAGES_LOGGER)
+  for handler in list(logger.handlers):
+    if getattr(handler, 'fedpipe_messages', False):
+      logger.removeHandler(handler)
+  handler = _MessageHandler(stream)
+  handler.fedpipe_messages = True
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False  # absl's root handler would print them again, to stderr.
+
+
+class _MessageHandler(logging.StreamHandler):
+  """Writes bare messages to a stream (default: `sys.stdout` when the message comes)."""
+
+  def __init__(self, stream: TextIO | None):
+    super().__init__(stream)
+    self._fixed = stream is not None
+    self.setFormatter(logging.Formatter('%(message)s'))
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not self._fixed:
+      self.stream = sys.stdout
+    super().emit(record)
+
+
+def _export_model(
+  builder: keras_model.KerasModelBuilder, model_weights, run_dir: run_directory.RunDirectory
+) -> tf.keras.Model:
+  """The trained model, saved as `model.keras` (or its weights, if Keras cannot save it whole)."""
+  model = builder()
   model_weights.assign_weights_to(model)
-  tmp = f'{path}.tmp.keras'
-  model.save(tmp)
-  os.replace(tmp, path)
+  tmp = f'{run_dir.model}.tmp.keras'
+  try:
+    model.save(tmp)
+  except (NotImplementedError, TypeError, ValueError) as e:
+    # E.g. a custom layer without get_config(): the model function rebuilds it.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    tmp = f'{run_dir.model_weights}.tmp.h5'
+    model.save_weights(tmp)
+    os.replace(tmp, run_dir.model_weights)
+    _log.warning(
+      'warning: Keras cannot save the model whole (%s); its weights are in %s',
+      ' '.join(str(e).split())[:200],
+      run_dir.model_weights,
+    )
+    return model
+  os.replace(tmp, run_dir.model)
+  return model
+
+
+def _saved_model(
+  run_dir: run_directory.RunDirectory,
+  config,
+  keras_model_builder: keras_model.KerasModelBuilder | None,
+) -> tf.keras.Model:
+  """The trained model of a complete run, from its files."""
+  record = run_directory.read_model_record(run_dir)
+  if record is None:  # A run from before model records: model.keras is all there is.
+    return tf.keras.models.load_model(run_dir.model, compile=False)
+  builder = keras_model_builder or experiment_lib.keras_builder(
+    config, num_features=record['num_features'], num_classes=record['num_classes']
+  )
+  run_directory.check_model(
+    run_dir,
+    architecture=keras_model.architecture(builder),
+    num_features=record['num_features'],
+    num_classes=record['num_classes'],
+  )
+  model = builder()
+  model.load_weights(run_dir.model if os.path.exists(run_dir.model) else run_dir.model_weights)
+  return model
 
 
 @contextlib.contextmanager
@@ -77,15 +204,10 @@ def open_runtime(config, run_dir: run_directory.RunDirectory):
       ' clients)'
       for name in sorted(fed.silos)
     )
-    print(f'silos: {silos}', flush=True)
+    _log.info('silos: %s', silos)
     for name, reason in fed.unavailable.items():
-      print(f'warning: silo {name} left out: {reason}', flush=True)
+      _log.warning('warning: silo %s left out: %s', name, reason)
     yield fed.manifest, fed.context.pop_round_metrics, fed
-
-
-def _completed_rounds(state_manager: tff.program.FileProgramStateManager) -> int:
-  versions = asyncio.run(state_manager.get_versions())
-  return max(versions) if versions else 0
 
 
 def _study_request(config, experiment, fed):
@@ -112,26 +234,36 @@ def _check_study(config, experiment, fed, completed_rounds: int) -> None:
   )
   for s in statuses:
     if s.status is None:
-      print(
-        f'warning: silo {s.silo} is ungoverned: it runs any computation of any caller '
+      _log.warning(
+        'warning: silo %s is ungoverned: it runs any computation of any caller '
         'with a valid certificate',
-        flush=True,
+        s.silo,
       )
     else:
-      print(
-        f'study {request.study_id} approved by {s.silo}: '
-        f'{s.status["rounds_remaining"]} of {s.status["rounds_approved"]} rounds and '
-        f'{s.status["evaluations_remaining"]} of {s.status["evaluations_approved"]} '
-        'evaluations left',
-        flush=True,
+      _log.info(
+        'study %s approved by %s: %s of %s rounds and %s of %s evaluations left',
+        request.study_id,
+        s.silo,
+        s.status['rounds_remaining'],
+        s.status['rounds_approved'],
+        s.status['evaluations_remaining'],
+        s.status['evaluations_approved'],
       )
 
 
 def submit_study(config, output_dir: str) -> str:
-  """Submits the run's study to every silo and prints each silo's answer.
+  """Submits the run's study to every silo; logs each silo's answer.
+
+  Args:
+    config: The experiment config (runtime.mode=silos).
+    output_dir: The run directory (its lock is the caller's to hold).
 
   Returns:
     The study id.
+
+  Raises:
+    fedpipe.config.validation.ConfigError: If the config is invalid or not
+      for silos.
   """
   config = validation.validate(config)
   if config.runtime.mode != 'silos':
@@ -146,11 +278,63 @@ def submit_study(config, output_dir: str) -> str:
       study_lib.submit_and_check(
         fed, request, rounds_needed=experiment.rounds, evaluations_needed=request.evaluations
       )
-      print(f'study {request.study_id}: approved by every silo', flush=True)
+      _log.info('study %s: approved by every silo', request.study_id)
     except study_lib.StudyNotApprovedError as e:
-      print(str(e).split('\nRerun', 1)[0], flush=True)
-  print(f'study_id={request.study_id}', flush=True)
+      _log.info('%s', str(e).split('\nRerun', 1)[0])
   return request.study_id
+
+
+def execute(
+  config,
+  output_dir: str,
+  *,
+  keras_model_builder: keras_model.KerasModelBuilder | None = None,
+  overwrite: bool = False,
+  on_round: Callable[[training_loop.RoundProgress], None] | None = None,
+  progress: training_loop.Progress | None = None,
+) -> TrainResult:
+  """Runs or resumes training in `output_dir`, or returns its result if it is complete.
+
+  Runs `asyncio.run`: call it where no event loop is running in this thread
+  (`fedpipe.training.federated_training.train` sees to that).
+
+  Args:
+    config: The experiment config; validated here.
+    output_dir: The run directory; locked for the whole run, so a second run
+      on it is refused (`run_directory.lock`). A run in it with the same
+      config and model resumes from its last checkpoint.
+    keras_model_builder: Builds the model; None: the one `config.model` names.
+    overwrite: Discard a previous run in `output_dir` instead of resuming it.
+    on_round: Called after each round (`training_loop.train`).
+    progress: Updated as rounds complete, for a caller that is interrupted.
+
+  Returns:
+    The `TrainResult`.
+
+  Raises:
+    fedpipe.errors.FedpipeError: For a problem the user can fix: the config,
+      the data, the model, the run directory, a silo, a failed round.
+  """
+  config = validation.validate(config)
+  root = os.path.abspath(output_dir)
+  new_directory = not os.path.lexists(root) or (os.path.isdir(root) and not os.listdir(root))
+  try:
+    with run_directory.lock(output_dir):
+      return _execute_locked(
+        config,
+        output_dir,
+        keras_model_builder=keras_model_builder,
+        overwrite=overwrite,
+        on_round=on_round,
+        progress=progress,
+      )
+  except FedpipeError as e:
+    # A run refused before its first round (the data, the model, the DP
+    # parameters) leaves nothing behind. A failed round keeps its directory:
+    # its worker log says why, and a rerun resumes.
+    if new_directory and not isinstance(e, training_loop.RoundFailedError):
+      run_directory.remove_unstarted(root)
+    raise
 
 
 def run(
@@ -160,47 +344,58 @@ def run(
   overwrite: bool = False,
   progress: training_loop.Progress | None = None,
 ) -> dict:
-  """Runs or resumes training; returns the privacy report.
+  """Runs or resumes training; returns the privacy report as a dict (`execute` returns all).
 
   Args:
     config: The experiment config.
-    output_dir: The run directory; locked for the whole run, so a second run
-      on it is refused (`run_directory.lock`).
+    output_dir: The run directory (see `execute`).
     overwrite: Discard a previous run in `output_dir` instead of resuming it.
     progress: Updated as rounds complete, for a caller that is interrupted.
 
   Returns:
-    The privacy report.
+    The privacy report, as in `privacy_report.json`.
   """
-  config = validation.validate(config)
-  with run_directory.lock(output_dir):
-    return _run_locked(config, output_dir, overwrite=overwrite, progress=progress)
+  return execute(config, output_dir, overwrite=overwrite, progress=progress).privacy.as_dict()
 
 
-def _run_locked(
-  config, output_dir: str, *, overwrite: bool, progress: training_loop.Progress | None
-) -> dict:
+def _execute_locked(
+  config,
+  output_dir: str,
+  *,
+  keras_model_builder: keras_model.KerasModelBuilder | None,
+  overwrite: bool,
+  on_round: Callable[[training_loop.RoundProgress], None] | None,
+  progress: training_loop.Progress | None,
+) -> TrainResult:
   run_dir = run_directory.prepare(output_dir, config, overwrite=overwrite)
   finished = _finished_report(run_dir, config)
   if finished is not None:
     # Evaluating again would release the same metrics once more (and cost an
     # evaluation of every governed silo's budget) for nothing new.
-    print(
-      f'the run in {run_dir.root} is complete ({finished["rounds"]} rounds); its results '
-      'stand (rerun with --overwrite to train again)',
-      flush=True,
+    _log.info(
+      'the run in %s is complete (%s rounds); its results stand (rerun with --overwrite, '
+      'or overwrite=True, to train again)',
+      run_dir.root,
+      finished['rounds'],
     )
-    _print_results(finished, run_dir)
-    return finished
+    return _result(_saved_model(run_dir, config, keras_model_builder), finished, run_dir)
   with open_runtime(config, run_dir) as (manifest, runtime_metrics, fed):
-    experiment = experiment_lib.build_experiment(config, manifest)
+    experiment = experiment_lib.build_experiment(
+      config, manifest, keras_model_builder=keras_model_builder
+    )
+    run_directory.check_model(
+      run_dir,
+      architecture=keras_model.architecture(experiment.keras_model_builder),
+      num_features=experiment.num_features,
+      num_classes=experiment.num_classes,
+    )
     seed, seed_is_secret = run_directory.sampling_seed(run_dir, config.training.sampling_seed)
-    _print_plan(experiment)
+    _log_plan(experiment)
     state_manager = tff.program.FileProgramStateManager(
       run_dir.checkpoints, keep_total=config.training.keep_checkpoints
     )
     if fed is not None:
-      _check_study(config, experiment, fed, completed_rounds=_completed_rounds(state_manager))
+      _check_study(config, experiment, fed, completed_rounds=run_dir.last_checkpoint())
     release_managers = [
       tff.program.CSVFileReleaseManager(run_dir.metrics_csv, key_fieldname='key'),
       tff.program.TensorBoardReleaseManager(run_dir.tensorboard),
@@ -213,14 +408,14 @@ def _run_locked(
         release_managers=release_managers,
         checkpoint_every=config.training.checkpoint_every,
         eval_every=config.training.eval_every,
-        report=lambda line: print(line, flush=True),
+        on_round=on_round,
         runtime_metrics=runtime_metrics,
         progress=progress,
       )
     )
     weights = experiment.train_process.get_model_weights(result.state)
     test_metrics = training_loop.evaluate(experiment, weights)
-  _export_model(experiment, weights, run_dir.model)
+  model = _export_model(experiment.keras_model_builder, weights, run_dir)
   report = privacy_report.build_report(
     experiment,
     rounds=result.rounds_completed,
@@ -232,8 +427,28 @@ def _run_locked(
   training_plot.plot_training_curves(
     run_dir.metrics_csv, run_dir.root, title=f'{config.name}: {experiment.rounds} rounds'
   )
-  _print_results(report, run_dir)
-  return report
+  return _result(model, report, run_dir)
+
+
+def _result(
+  model: tf.keras.Model, report: dict, run_dir: run_directory.RunDirectory
+) -> TrainResult:
+  test_metrics = {
+    name: float(report[key])
+    for name, key in (
+      ('accuracy', 'test_accuracy'),
+      ('loss', 'test_loss'),
+      ('num_examples', 'test_examples'),
+    )
+    if report.get(key) is not None
+  }
+  return TrainResult(
+    model=model,
+    metrics=run_dir.read_metrics(),
+    privacy=privacy_report.PrivacyReport.from_dict(report),
+    test_metrics=test_metrics,
+    output_dir=run_dir.root,
+  )
 
 
 def _finished_report(run_dir: run_directory.RunDirectory, config) -> dict | None:
@@ -243,31 +458,29 @@ def _finished_report(run_dir: run_directory.RunDirectory, config) -> dict | None
       report = json.load(f)
   except (OSError, ValueError):
     return None
-  if report.get('rounds') != config.training.rounds or not os.path.exists(run_dir.model):
+  if report.get('rounds') != config.training.rounds:
     return None
-  state_manager = tff.program.FileProgramStateManager(run_dir.checkpoints)
-  if _completed_rounds(state_manager) != config.training.rounds:
+  if not (os.path.exists(run_dir.model) or os.path.exists(run_dir.model_weights)):
+    return None
+  if run_dir.last_checkpoint() != config.training.rounds:
     return None
   return report
 
 
-def _print_results(report: dict, run_dir: run_directory.RunDirectory) -> None:
-  epsilon = report.get('epsilon')
-  print(f'test_accuracy={report["test_accuracy"]:.4f}')
-  print(f'epsilon={epsilon if epsilon is not None else math.inf:.4f}')
-  print(f'delta={report["delta"] if report["delta"] is not None else 0.0:g}')
-  print(f'output_dir={run_dir.root}', flush=True)
-
-
-def _print_plan(experiment) -> None:
+def _log_plan(experiment) -> None:
   if experiment.privacy:
     p = experiment.privacy
-    print(
-      f'DP-FedAvg: noise_multiplier={p.noise_multiplier:.4g} clipping={p.clipping}'
-      f' weight_cap={p.weight_cap:g} population={experiment.sampling.population_size}'
-      f' clients_per_round={experiment.sampling.clients_per_round} ({experiment.sampling.method})'
-      f' rounds={experiment.rounds} delta={p.delta:g}',
-      flush=True,
+    _log.info(
+      'DP-FedAvg: noise_multiplier=%.4g clipping=%s weight_cap=%g population=%d '
+      'clients_per_round=%d (%s) rounds=%d delta=%g',
+      p.noise_multiplier,
+      p.clipping,
+      p.weight_cap,
+      experiment.sampling.population_size,
+      experiment.sampling.clients_per_round,
+      experiment.sampling.method,
+      experiment.rounds,
+      p.delta,
     )
   else:
-    print('FedAvg without differential privacy', flush=True)
+    _log.info('FedAvg without differential privacy')

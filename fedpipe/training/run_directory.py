@@ -4,15 +4,16 @@
     run_config.json     the config the run was started with
     sampling_seed       the secret client-sampling seed (mode 0600)
     checkpoints/        program state, one version per saved round
+    model.json          the model's architecture and the data's shape
     metrics.csv         one row per round
     tensorboard/        the same metrics for TensorBoard
     worker.log          the TFF worker's output
     model.keras, privacy_report.{json,txt}, training_curves.png   at the end
 
 Rerunning the same command resumes. Rerunning with a config that changes the
-mathematics of the run (anything but the fields in `_RESUMABLE_CHANGES`) is
-refused, since the checkpoints and the privacy accounting would no longer
-describe one run.
+mathematics of the run (anything but the fields in `_RESUMABLE_CHANGES`), or
+with another model (`check_model`), is refused, since the checkpoints and the
+privacy accounting would no longer describe one run.
 
 One run at a time: `lock` takes an exclusive lock on `.lock` before anything
 else is written, and a second run on the same directory is refused, naming
@@ -23,6 +24,7 @@ the first's pid. The kernel releases the lock when its holder exits, even on
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import errno
 import fcntl
@@ -40,7 +42,12 @@ from fedpipe.errors import FedpipeError
 
 LOCK_FILE = '.lock'
 RUN_CONFIG = 'run_config.json'
+MODEL_RECORD = 'model.json'
 SAMPLING_SEED = 'sampling_seed'
+_CHECKPOINT_PREFIX = 'program_state_'
+# Fields added to the config since runs were first written, with the value
+# that reproduces what older runs did: those runs resume.
+_ADDED_FIELDS = {'model.builder': ''}
 _RESUMABLE_CHANGES = (
   'training.rounds',
   'training.checkpoint_every',
@@ -102,11 +109,38 @@ class RunDirectory:
   def model(self) -> str:
     return os.path.join(self.root, 'model.keras')
 
+  @property
+  def model_weights(self) -> str:
+    """The trained weights alone, written instead of `model` for a model Keras cannot save."""
+    return os.path.join(self.root, 'model.weights.h5')
+
   def has_checkpoints(self) -> bool:
-    return os.path.isdir(self.checkpoints) and any(
-      name.startswith('program_state_') and '_temp' not in name
-      for name in os.listdir(self.checkpoints)
-    )
+    return self.last_checkpoint() > 0
+
+  def last_checkpoint(self) -> int:
+    """The last round whose training state is saved (0: none), from the file names alone."""
+    if not os.path.isdir(self.checkpoints):
+      return 0
+    rounds = [0]
+    for name in os.listdir(self.checkpoints):
+      suffix = name[len(_CHECKPOINT_PREFIX) :] if name.startswith(_CHECKPOINT_PREFIX) else ''
+      if suffix.isdigit():
+        rounds.append(int(suffix))
+    return max(rounds)
+
+  def read_metrics(self) -> list[dict[str, float]]:
+    """The rows of `metrics.csv`: {'round': n, <metric>: value, ...}; empty cells left out."""
+    try:
+      with open(self.metrics_csv, newline='', encoding='utf-8') as f:
+        rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+      return []
+    metrics = []
+    for row in rows:
+      values: dict[str, float] = {'round': int(float(row.pop('key')))}
+      values.update({k: float(v) for k, v in row.items() if k and v not in (None, '')})
+      metrics.append(values)
+    return sorted(metrics, key=lambda m: m['round'])
 
 
 def _entries(root: str) -> list[str]:
@@ -266,7 +300,7 @@ def prepare(
       previous = _flatten(json.load(f))
     previous = {
       k: v
-      for k, v in previous.items()
+      for k, v in {**_ADDED_FIELDS, **previous}.items()
       if not any(k == p or k.startswith(p + '.') for p in _RESUMABLE_CHANGES)
     }
     current = _comparable(config)
@@ -290,6 +324,57 @@ def prepare(
     f.write(config.to_json(indent=2, sort_keys=True) + '\n')
   os.replace(tmp, config_path)
   return run
+
+
+def remove_unstarted(root: str) -> None:
+  """Deletes the run directory `root` if it holds no checkpoint: a run that never trained.
+
+  For a run that this process created and that failed before its first
+  round, so that it writes nothing. Call it after releasing the lock.
+  """
+  run = RunDirectory(os.path.abspath(root))
+  if os.path.isdir(run.root) and not os.path.islink(run.root) and not run.has_checkpoints():
+    shutil.rmtree(run.root, ignore_errors=True)
+
+
+def read_model_record(run: RunDirectory) -> dict[str, Any] | None:
+  """What `check_model` recorded: num_features, num_classes, architecture; None if nothing."""
+  try:
+    with open(os.path.join(run.root, MODEL_RECORD), encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def check_model(
+  run: RunDirectory, *, architecture: str, num_features: int, num_classes: int
+) -> None:
+  """Records the run's model, or checks that a resumed run trains the same one.
+
+  Args:
+    run: The run directory.
+    architecture: Identifies the model (`keras_model.architecture`).
+    num_features: Input width of the client data.
+    num_classes: Number of classes in the client data.
+
+  Raises:
+    RunDirectoryError: If the directory holds a run of a different model.
+  """
+  record = {'num_features': num_features, 'num_classes': num_classes, 'architecture': architecture}
+  previous = read_model_record(run)
+  if previous is not None and previous != record:
+    changed = [k for k in record if previous.get(k) != record[k]]
+    raise RunDirectoryError(
+      f'{run.root} holds a run of a different model ({", ".join(changed)} changed); it '
+      'cannot be resumed with this one. Use another output directory, or overwrite to '
+      'discard that run.'
+    )
+  if previous is None:
+    path = os.path.join(run.root, MODEL_RECORD)
+    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
+      json.dump(record, f, indent=2, sort_keys=True)
+      f.write('\n')
+    os.replace(f'{path}.tmp', path)
 
 
 def sampling_seed(run: RunDirectory, configured: int | None) -> tuple[int, bool]:

@@ -13,7 +13,9 @@ import io
 import math
 from typing import Any
 
-from fedpipe.computations import privacy_accounting
+import tensorflow as tf
+
+from fedpipe.computations import keras_model, privacy_accounting
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.governance import study_request
@@ -23,7 +25,17 @@ _TIMEOUT_S = 60.0
 
 
 class StudyNotApprovedError(FedpipeError, RuntimeError):
-  """Some silo has not approved this run's study; the message says which and what to do."""
+  """Some silo has not approved this run's study; the message says which and what to do.
+
+  Attributes:
+    study_id: The study the silos were asked to approve.
+    silos: The silos that block it (pending, rejected, or out of budget).
+  """
+
+  def __init__(self, message: str, *, study_id: str = '', silos: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.study_id = study_id
+    self.silos = silos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +45,17 @@ class SiloStudyStatus:
 
 
 def _model_summary(experiment: experiment_lib.Experiment) -> dict[str, Any]:
-  model = experiment.keras_model_builder()
-  text = io.StringIO()
-  model.summary(print_fn=lambda line, *args, **kwargs: text.write(line + '\n'))
-  return {'name': model.name, 'parameters': int(model.count_params()), 'summary': text.getvalue()}
+  # Built in a scratch graph: Keras names layers by how many it built before
+  # in the same graph, and a study must not change with that.
+  with tf.Graph().as_default(), keras_model.reproducible_keras_build():
+    model = experiment.keras_model_builder()
+    text = io.StringIO()
+    model.summary(print_fn=lambda line, *args, **kwargs: text.write(line + '\n'))
+    return {
+      'name': model.name,
+      'parameters': int(model.count_params()),
+      'summary': text.getvalue(),
+    }
 
 
 def build_study_request(
@@ -126,13 +145,14 @@ def submit_and_check(
       statuses.append(SiloStudyStatus(name, conn.call_json('SubmitStudy', payload, _TIMEOUT_S)))
     except cross_silo.SiloNotGovernedError:
       statuses.append(SiloStudyStatus(name, None))
-  problems, pending = [], False
+  problems, pending, blocking = [], False, []
   for s in statuses:
     st = s.status
     if st is None:
       continue
     if st['status'] == 'pending':
       pending = True
+      blocking.append(s.silo)
       fits = (
         'it fits the silo policy'
         if not st['violations']
@@ -143,6 +163,7 @@ def submit_and_check(
         f'`fedpipe-governance show {st["study_id"]}`'
       )
     elif st['status'] == 'rejected':
+      blocking.append(s.silo)
       problems.append(f'  {s.silo}: rejected ({st.get("reason") or "no reason given"})')
     else:
       short = {
@@ -150,6 +171,7 @@ def submit_and_check(
         for k, need in (('rounds', rounds_needed), ('evaluations', evaluations_needed))
       }
       if any(short.values()):
+        blocking.append(s.silo)
         left = ', '.join(f'{st[f"{k}_remaining"]} of {st[f"{k}_approved"]} {k}' for k in short)
         asks = ' '.join(f'--{k}={n}' for k, n in short.items() if n)
         problems.append(
@@ -168,6 +190,8 @@ def submit_and_check(
       f'study {request.study_id} ({request.name}) cannot run yet:\n'
       + '\n'.join(problems)
       + f'\nRerun the same command {rerun}; it resumes where it stopped. Nothing more ran '
-      "on any silo's data."
+      "on any silo's data.",
+      study_id=request.study_id,
+      silos=tuple(blocking),
     )
   return statuses

@@ -7,7 +7,20 @@ import pytest
 from fedpipe.governance import fingerprint as computation_fingerprint
 
 
-def _silo_side_of_training(hidden_units=(16,), activation_change=False):
+def _users_own_model():
+  """A data scientist's model as a notebook writes it: unnamed layers, unseeded initializers."""
+  import tensorflow as tf
+
+  return tf.keras.Sequential(
+    [
+      tf.keras.Input(shape=(8,)),
+      tf.keras.layers.Dense(16, activation='relu'),
+      tf.keras.layers.Dense(3),
+    ]
+  )
+
+
+def _silo_side_of_training(hidden_units=(16,), activation_change=False, builder=None):
   """The computation a silo receives for one round of fedpipe's DP-FedAvg."""
   import tensorflow as tf
   import tensorflow_federated as tff
@@ -20,6 +33,8 @@ def _silo_side_of_training(hidden_units=(16,), activation_change=False):
     if activation_change:  # One op: ReLU becomes ELU in the hidden layer.
       model.get_layer('hidden_0').activation = tf.keras.activations.elu
     return model
+
+  build = builder or build
 
   process = fedavg.build_fedavg_process(
     keras_model.build_model_fn(build, num_features=8),

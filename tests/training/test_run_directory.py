@@ -1,5 +1,6 @@
 """A run directory: one run at a time, resuming only its own run, with a secret seed."""
 
+import json
 import os
 import stat
 import subprocess
@@ -141,3 +142,43 @@ def test_lock_refuses_a_directory_it_cannot_create():
   ):
     with run_directory.lock('/sys/fedpipe-run'):
       pass
+
+
+def test_a_run_written_before_model_builders_existed_resumes(tmp_path):
+  run = run_directory.prepare(str(tmp_path / 'run'), _config())
+  path = os.path.join(run.root, run_directory.RUN_CONFIG)
+  with open(path) as f:
+    written = json.load(f)
+  del written['model']['builder']
+  with open(path, 'w') as f:
+    json.dump(written, f)
+  run_directory.prepare(str(tmp_path / 'run'), _config())
+  config = _config()
+  config.model.builder = 'fedpipe.computations.keras_model:build_mlp'
+  with pytest.raises(run_directory.RunDirectoryError, match='config.model.builder'):
+    run_directory.prepare(str(tmp_path / 'run'), config)
+
+
+def test_the_model_is_recorded_and_another_model_is_refused(tmp_path):
+  run = run_directory.prepare(str(tmp_path / 'run'), _config())
+  assert run_directory.read_model_record(run) is None
+  run_directory.check_model(run, architecture='mlp-64', num_features=64, num_classes=10)
+  run_directory.check_model(run, architecture='mlp-64', num_features=64, num_classes=10)
+  assert run_directory.read_model_record(run)['architecture'] == 'mlp-64'
+  with pytest.raises(run_directory.RunDirectoryError, match=r'different model \(architecture'):
+    run_directory.check_model(run, architecture='cnn', num_features=64, num_classes=10)
+
+
+def test_last_checkpoint_and_metrics_are_read_from_the_files(tmp_path):
+  run = run_directory.prepare(str(tmp_path / 'run'), _config())
+  assert run.last_checkpoint() == 0 and not run.has_checkpoints() and run.read_metrics() == []
+  os.makedirs(run.checkpoints)
+  for name in ('program_state_2', 'program_state_12', 'program_state_13_temp', 'other'):
+    os.makedirs(os.path.join(run.checkpoints, name))
+  assert run.last_checkpoint() == 12 and run.has_checkpoints()
+  with open(run.metrics_csv, 'w') as f:
+    f.write('key,train_loss,eval_accuracy\n2,0.5,0.75\n1,0.75,\n')
+  assert run.read_metrics() == [
+    {'round': 1, 'train_loss': 0.75},
+    {'round': 2, 'train_loss': 0.5, 'eval_accuracy': 0.75},
+  ]
