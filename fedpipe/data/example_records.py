@@ -2,9 +2,9 @@
 
 Beam workers that write client files only need to build Example protos and
 frame them as TFRecords. Importing TensorFlow for that costs each worker
-process several seconds of start-up (measured 2.5 s vs 8.1 s for an empty
-2-worker multi-process pipeline, benchmarks/measure_beam_startup.py), which
-dominates small preprocessing runs. This module declares the Example messages
+process seconds of start-up (measured by
+benchmarks/preprocess_throughput_measure_startup.py), which dominates small
+preprocessing runs. This module declares the Example messages
 in a private protobuf descriptor pool (the same fields and numbers as
 tensorflow/core/example/{example,feature}.proto, so the bytes are the same as
 `tf.train.Example.SerializeToString()`), encodes examples in the record

@@ -64,14 +64,9 @@ def resolve_concurrent_calls(value: int) -> int:
   """The `worker_binary` concurrency for a configured value.
 
   The default is TFF's: every client of a round at once. It suits many small
-  clients, whose time is mostly fixed per-call latency that overlaps: on 2
-  cores, 4 at a time made rounds of 100 digits clients (18 examples each)
-  1.11x as long, side by side (the round-cost benchmark's last column), and
-  a round of 1,000 clients of 8 examples took 23.6 s against 18.1 s at once
-  (scale benchmark, two runs the same evening). Large clients contend
-  instead: 4 at a time made rounds of 10 and 100 clients of a
-  100k-parameter model 0.72-1.02x as long over several side-by-side runs.
-  `TWO_PER_CORE` is for those.
+  clients, whose time is mostly fixed per-call latency that overlaps; large
+  clients contend instead, and `TWO_PER_CORE` is for those (the round-cost
+  and scale benchmarks measure both side by side: benchmarks/RESULTS.md).
 
   Args:
     value: `TWO_PER_CORE` (0) for two per CPU core this process may use; a
