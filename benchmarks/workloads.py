@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from fedpipe.data import example_records
 from fedpipe.data import manifest as manifest_lib
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache')
@@ -82,30 +83,21 @@ def client_id(i: int) -> str:
 
 def client_data_dir(workload: Workload, num_clients: int) -> str:
   """Writes (once) the workload as per-client TFRecords + manifest; returns the dir."""
-  import tensorflow as tf
-
   out = os.path.join(CACHE_DIR, f'{workload.name}-{len(workload.y)}-{num_clients}')
   if os.path.exists(manifest_lib.manifest_path(out)):
     return out
   os.makedirs(os.path.join(out, manifest_lib.TRAIN_SPLIT), exist_ok=True)
   os.makedirs(os.path.join(out, manifest_lib.EVAL_SPLIT), exist_ok=True)
+  encoder = example_records.ExampleEncoder()
   counts = {}
   for i, idx in enumerate(partition(len(workload.y), num_clients)):
     cid = client_id(i)
     counts[cid] = len(idx)
     path = os.path.join(out, manifest_lib.client_file(manifest_lib.TRAIN_SPLIT, cid))
-    with tf.io.TFRecordWriter(path) as writer:
-      for j in idx:
-        writer.write(
-          tf.train.Example(
-            features=tf.train.Features(
-              feature={
-                'x': tf.train.Feature(float_list=tf.train.FloatList(value=workload.x[j])),
-                'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[workload.y[j]])),
-              }
-            )
-          ).SerializeToString()
-        )
+    example_records.write_tfrecord_file(
+      path,
+      (encoder.encode(x, y) for x, y in zip(workload.x[idx].tolist(), workload.y[idx].tolist())),
+    )
   manifest_lib.write_manifest(
     out,
     manifest_lib.Manifest(

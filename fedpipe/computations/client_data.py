@@ -18,8 +18,6 @@ import tensorflow_federated as tff
 
 from fedpipe.data import manifest, record_schema
 
-FEATURES_KEY = record_schema.FEATURES.key
-LABEL_KEY = record_schema.LABEL.key
 _SHUFFLE_BUFFER = 1024
 _READ_BUFFER_BYTES = 256 * 1024
 # Examples parsed per call. Parsing has a fixed cost per call: parsing each

@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_data
+from fedpipe.data import record_schema
 from fedpipe.errors import FedpipeError
 
 KerasModelBuilder = Callable[[], tf.keras.Model]
@@ -49,7 +50,7 @@ def build_mlp(
   Returns:
     An uncompiled `tf.keras.Model`.
   """
-  inputs = tf.keras.Input(shape=(num_features,), name=client_data.FEATURES_KEY)
+  inputs = tf.keras.Input(shape=(num_features,), name=record_schema.FEATURES.key)
   x = inputs
   for i, units in enumerate(hidden_units):
     x = tf.keras.layers.Dense(
@@ -257,4 +258,4 @@ def build_model_fn(
 
 def as_keras_batch(batch: collections.OrderedDict) -> tuple[tf.Tensor, tf.Tensor]:
   """Splits a client-data batch into Keras's (inputs, labels)."""
-  return batch[client_data.FEATURES_KEY], batch[client_data.LABEL_KEY]
+  return batch[record_schema.FEATURES.key], batch[record_schema.LABEL.key]

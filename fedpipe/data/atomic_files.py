@@ -9,6 +9,9 @@ own temporary name, so two writers of one path never write into each other.
 `durable=True` also fsyncs the file before the rename and its directory after
 it, so the new content survives a power loss once the call returns: for files
 a later run depends on (keys, a run's secret seed, its config).
+
+A directory written in full under another name (a client-data directory, a
+generated dataset) is swapped into place with `replace_directory`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -127,3 +131,42 @@ def write_json(
   return write_text(
     path, json_text(value, indent=indent, sort_keys=sort_keys), mode=mode, durable=durable
   )
+
+
+def replace_directory(new_dir: str, target: str) -> None:
+  """Renames the complete directory `new_dir` onto `target`, replacing what is there.
+
+  POSIX cannot rename a directory onto a non-empty one, so an existing
+  `target` is first renamed aside, to a hidden name unique to this call next
+  to it (`.<name>.previous-<random>`), and renamed back if moving `new_dir`
+  fails; once `new_dir` is in place the old one is deleted. A reader sees the
+  old directory or the new one, never a mix, though `target` is missing
+  between the two renames. Local filesystems only (`os.rename`).
+
+  Args:
+    new_dir: The new content, complete; on `target`'s filesystem (build it
+      next to `target`).
+    target: The directory to replace (or create); its parent must exist.
+
+  Raises:
+    OSError: If a rename fails; `target` is then as it was and `new_dir` is
+      left for the caller to remove.
+  """
+  target = os.path.abspath(target)
+  parent, name = os.path.split(target)
+  previous = os.path.join(parent, f'.{name}.previous-{uuid.uuid4().hex[:12]}')
+  had_previous = os.path.lexists(target)
+  if had_previous:
+    os.rename(target, previous)
+  try:
+    os.rename(new_dir, target)
+  except BaseException:
+    if had_previous:
+      os.rename(previous, target)
+    raise
+  if had_previous:
+    if os.path.isdir(previous) and not os.path.islink(previous):
+      shutil.rmtree(previous, ignore_errors=True)
+    else:
+      with contextlib.suppress(OSError):
+        os.remove(previous)

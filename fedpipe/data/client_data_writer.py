@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedpipe.data import example_records
+from fedpipe.data import atomic_files, example_records
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 
@@ -365,7 +365,6 @@ def _write_atomically(
   parent, base = os.path.split(output_dir)
   tag = uuid.uuid4().hex[:12]
   staging = os.path.join(parent, f'.{base}.staging-{tag}')
-  previous = os.path.join(parent, f'.{base}.previous-{tag}')
   try:
     os.makedirs(parent, exist_ok=True)
     os.mkdir(staging)
@@ -382,18 +381,8 @@ def _write_atomically(
         path = os.path.join(staging, manifest_lib.client_file(split, client_id))
         example_records.write_tfrecord_file(path, _serialize(data))
     manifest_lib.write_manifest(staging, manifest)
-    had_previous = os.path.isdir(output_dir)
-    if had_previous:
-      os.rename(output_dir, previous)
-    try:
-      os.rename(staging, output_dir)
-    except BaseException:
-      if had_previous:
-        os.rename(previous, output_dir)
-      raise
+    atomic_files.replace_directory(staging, output_dir)
     done = True
-    if had_previous:
-      shutil.rmtree(previous, ignore_errors=True)
   except OSError as e:
     raise ClientDataDirError(
       f'cannot write client data to output_dir={output_dir!r}: {e}; nothing was replaced.'

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpipe.data import atomic_files
 from fedpipe.errors import FedpipeError
 from fedpipe.preprocess import feature_spec as feature_spec_lib
 
@@ -370,7 +371,7 @@ def write_bundled_dataset(
         indent=2,
       )
       f.write('\n')
-    _replace_dir(tmp_dir, raw_dir)
+    atomic_files.replace_directory(tmp_dir, raw_dir)
   except BaseException:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     raise
@@ -441,19 +442,3 @@ def _write_rows(
         record = {CLIENT_KEY_COLUMN: key, LABEL_COLUMN: int(label)}
         record.update((c, float(v)) for c, v in zip(columns, values))
         f.write(json.dumps(record) + '\n')
-
-
-def _replace_dir(new_dir: str, target: str) -> None:
-  """Moves `new_dir` to `target`, replacing it; the old one is kept until the move succeeded."""
-  old = f'{os.path.abspath(target)}.old-{os.getpid()}'
-  had_old = os.path.exists(target)
-  if had_old:
-    os.rename(target, old)
-  try:
-    os.rename(new_dir, target)
-  except BaseException:
-    if had_old:
-      os.rename(old, target)
-    raise
-  if had_old:
-    shutil.rmtree(old, ignore_errors=True)

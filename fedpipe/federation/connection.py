@@ -29,6 +29,7 @@ from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import certificates
 from fedpipe.federation import tls as tls_lib
+from fedpipe.runtime import rpc_errors
 
 if TYPE_CHECKING:
   from fedpipe.federation import cross_silo
@@ -416,13 +417,13 @@ def _explained(
 
   from fedpipe.federation import cross_silo
 
-  cause = error.__cause__
-  code = cause.code() if isinstance(cause, grpc.RpcError) and hasattr(cause, 'code') else None
+  cause = rpc_errors.find_rpc_error(error)
+  code = cause.code() if cause is not None else None
   where = f'silo {connection.name} at {connection.address}'
   if code == grpc.StatusCode.PERMISSION_DENIED:
     return cross_silo.SiloUnavailableError(
       connection.name,
-      f'{where} refused us: {(cause.details() or "").strip()}. Our certificate '
+      f'{where} refused us: {rpc_errors.details_line(cause.details())}. Our certificate '
       f"{_describe_cert(tls.cert)} is signed by a CA the silo trusts, but the silo's policy "
       "does not allow its name: ask the silo's data owner to add it to allowed_callers, or "
       'connect with a certificate the policy allows.',
@@ -438,8 +439,7 @@ def _explained(
         )
       reason = 'it answered a health check after the wait'
     except grpc.RpcError as probe:
-      details = (probe.details() or '').split('\n', 1)[0].strip()
-      reason = f'{probe.code().name}: {details[:400]}'
+      reason = rpc_errors.rpc_summary(probe)
     tls_advice = (
       f'our certificate {_describe_cert(tls.cert)} is not signed by the CA the silo trusts '
       "(its --client_ca), or the silo's certificate is not signed by our CA "

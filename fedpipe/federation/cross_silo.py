@@ -317,18 +317,6 @@ class SiloConnection:
     request = silo_protocol.encode(silo_protocol.StudyStatusRequest(study_id))
     return self._status_reply(method, self._call(method, request, timeout_s))
 
-  def call_json(self, method: str, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Calls a study method of `fedpipe.Silo` with a JSON payload; its reply's JSON.
-
-    Prefer the typed `submit_study` and `study_status`.
-
-    Raises:
-      SiloNotGovernedError: If the silo takes no study requests.
-      SiloError: Naming this silo and what it answered.
-    """
-    reply = self._call(method, json.dumps(payload).encode(), timeout_s)
-    return self._status_reply(method, reply).to_json()
-
 
 def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.Manifest:
   """One manifest over all silos, with `<silo>/<client>` ids.

@@ -15,7 +15,7 @@ from ml_collections import config_dict
 
 from fedpipe.computations import (
   client_data,
-  dp_aggregator,
+  dp_fedavg,
   dp_parameters,
   evaluation,
   fedavg,
@@ -126,11 +126,11 @@ def _server_optimizer(training: config_dict.ConfigDict) -> tff.learning.optimize
   return optimizer
 
 
-def _privacy_settings(
+def _dp_parameters(
   config: config_dict.ConfigDict,
   sampling: privacy_accounting.SamplingScheme,
   client_weights: list[float],
-) -> PrivacySettings:
+) -> dp_parameters.DPParameters:
   """The run's DP mechanism: `dp_parameters.derive_dp_parameters` on the config's `dp` fields.
 
   Args:
@@ -139,7 +139,7 @@ def _privacy_settings(
     client_weights: Each training client's weight: examples times local epochs.
 
   Returns:
-    The `PrivacySettings` of the run.
+    The run's `dp_parameters.DPParameters`.
 
   Raises:
     dp_parameters.DPParametersError: If adaptive clipping cannot reach the
@@ -156,7 +156,7 @@ def _privacy_settings(
       learning_rate=dp.clip_learning_rate,
       clipped_count_stddev=dp.clipped_count_stddev,
     )
-  params = dp_parameters.derive_dp_parameters(
+  return dp_parameters.derive_dp_parameters(
     client_example_counts=client_weights,  # Already times the local epochs.
     clients_per_round=sampling.clients_per_round,
     sampling=sampling.method,
@@ -169,6 +169,10 @@ def _privacy_settings(
     adaptive_clipping=adaptive,
     weight_cap=dp.weight_cap,
   )
+
+
+def _privacy_settings(params: dp_parameters.DPParameters) -> PrivacySettings:
+  """The DP mechanism as the accountant and the report see it."""
   return PrivacySettings(
     noise_multiplier=params.noise_multiplier,
     delta=params.delta,
@@ -178,31 +182,6 @@ def _privacy_settings(
     weight_cap=params.weight_cap,
     expected_total_weight=params.expected_total_weight,
     target_epsilon=params.target_epsilon,
-  )
-
-
-def build_aggregator(
-  config: config_dict.ConfigDict,
-  privacy: PrivacySettings,
-  sampling: privacy_accounting.SamplingScheme,
-) -> dp_aggregator.CappedWeightDPFactory:
-  dp = config.dp
-  if dp.clipping == 'adaptive':
-    return dp_aggregator.CappedWeightDPFactory.gaussian_adaptive(
-      noise_multiplier=privacy.noise_multiplier,
-      expected_clients_per_round=float(sampling.clients_per_round),
-      weight_cap=privacy.weight_cap,
-      expected_total_weight=privacy.expected_total_weight,
-      initial_clip_norm=dp.initial_clip_norm,
-      target_unclipped_quantile=dp.target_unclipped_quantile,
-      learning_rate=dp.clip_learning_rate,
-      clipped_count_stddev=dp.clipped_count_stddev,
-    )
-  return dp_aggregator.CappedWeightDPFactory.gaussian_fixed(
-    noise_multiplier=privacy.noise_multiplier,
-    clip_norm=dp.clip_norm,
-    weight_cap=privacy.weight_cap,
-    expected_total_weight=privacy.expected_total_weight,
   )
 
 
@@ -260,7 +239,7 @@ def build_experiment(
     clients_per_round=training.clients_per_round,
   )
   client_weights = [float(train_split.clients[c] * training.local_epochs) for c in train_ids]
-  privacy = _privacy_settings(config, sampling, client_weights) if config.dp.enabled else None
+  dp_params = _dp_parameters(config, sampling, client_weights) if config.dp.enabled else None
   builder = keras_model_builder or keras_builder(
     config, num_features=manifest.num_features, num_classes=manifest.num_classes
   )
@@ -282,16 +261,20 @@ def build_experiment(
     batch_size=max(training.batch_size, 64),
     shuffle=False,
   )
-  train_process = fedavg.build_fedavg_process(
-    model_fn,
+  process_arguments = dict(
     client_optimizer=tff.learning.optimizers.build_sgdm(
       learning_rate=training.client_learning_rate
     ),
     server_optimizer=_server_optimizer(training),
-    model_aggregator=build_aggregator(config, privacy, sampling) if privacy else None,
     proximal_strength=training.proximal_strength,
     dataset_fn=train_data,
   )
+  if dp_params is None:
+    train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
+  else:
+    train_process = dp_fedavg.build_dp_fedavg_process(
+      model_fn, **process_arguments, **dp_params.dp_fedavg_arguments()
+    )
   eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
   return Experiment(
     train_process=train_process,
@@ -300,7 +283,7 @@ def build_experiment(
     eval_client_ids=sorted(eval_split.clients),
     sampling=sampling,
     rounds=training.rounds,
-    privacy=privacy,
+    privacy=_privacy_settings(dp_params) if dp_params is not None else None,
     num_features=manifest.num_features,
     num_classes=manifest.num_classes,
     keras_model_builder=builder,

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grpc
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_sampling, evaluation, privacy_accounting
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
+from fedpipe.runtime import rpc_errors
 from fedpipe.training import experiment as experiment_lib
 
 _log = logging.getLogger(__name__)
@@ -84,16 +84,13 @@ class TrainingResult:
 
 def describe_error(error: BaseException) -> str:
   """One line for an execution error: a worker's gRPC status, not its graph dump."""
-  for e in (error, error.__cause__, error.__context__):
+  for e in rpc_errors.error_chain(error):
     if isinstance(e, cross_silo.SiloError):
       return str(e)
-  for e in (error, error.__cause__, error.__context__):
-    if isinstance(e, grpc.RpcError) and hasattr(e, 'details'):
-      details = (e.details() or '').split('\n')[0]
-      details = details.split(' while evaluating local')[0].strip()
-      return f'worker error {e.code().name}: {details}'
-  text = str(error).split('\n')[0]
-  return f'{type(error).__name__}: {text[:500]}'
+  rpc = rpc_errors.find_rpc_error(error)
+  if rpc is not None:
+    return f'worker error {rpc_errors.rpc_summary(rpc, limit=None)}'
+  return rpc_errors.exception_summary(error, limit=500)
 
 
 def epsilon_after(experiment: experiment_lib.Experiment, rounds: int) -> float | None:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fedpipe.data import atomic_files
 from fedpipe.training import experiment as experiment_lib
 
 JSON_FILENAME = 'privacy_report.json'
@@ -201,15 +202,7 @@ def render_text(report: dict[str, Any]) -> str:
 
 def write_report(output_dir: str, report: dict[str, Any]) -> tuple[str, str]:
   """Writes both forms atomically; returns their paths."""
-  paths = []
-  for name, content in (
-    (JSON_FILENAME, json.dumps(report, indent=2) + '\n'),
-    (TEXT_FILENAME, render_text(report)),
-  ):
-    path = os.path.join(output_dir, name)
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(content)
-    os.replace(tmp, path)
-    paths.append(path)
-  return paths[0], paths[1]
+  return (
+    atomic_files.write_json(os.path.join(output_dir, JSON_FILENAME), report),
+    atomic_files.write_text(os.path.join(output_dir, TEXT_FILENAME), render_text(report)),
+  )

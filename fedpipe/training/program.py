@@ -30,6 +30,7 @@ from absl import logging as absl_logging
 
 from fedpipe.computations import keras_model
 from fedpipe.config import validation
+from fedpipe.data import atomic_files
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
@@ -125,23 +126,18 @@ def _export_model(
   """The trained model, saved as `model.keras` (or its weights, if Keras cannot save it whole)."""
   model = builder()
   model_weights.assign_weights_to(model)
-  tmp = f'{run_dir.model}.tmp.keras'
   try:
-    model.save(tmp)
+    with atomic_files.replacing(run_dir.model, suffix='.keras') as tmp:
+      model.save(tmp)
   except (NotImplementedError, TypeError, ValueError) as e:
     # E.g. a custom layer without get_config(): the model function rebuilds it.
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    tmp = f'{run_dir.model_weights}.tmp.h5'
-    model.save_weights(tmp)
-    os.replace(tmp, run_dir.model_weights)
+    with atomic_files.replacing(run_dir.model_weights, suffix='.h5') as tmp:
+      model.save_weights(tmp)
     _log.warning(
       'warning: Keras cannot save the model whole (%s); its weights are in %s',
       ' '.join(str(e).split())[:200],
       run_dir.model_weights,
     )
-    return model
-  os.replace(tmp, run_dir.model)
   return model
 
 
@@ -244,10 +240,10 @@ def _check_study(config, experiment, fed, completed_rounds: int) -> None:
         'study %s approved by %s: %s of %s rounds and %s of %s evaluations left',
         request.study_id,
         s.silo,
-        s.status['rounds_remaining'],
-        s.status['rounds_approved'],
-        s.status['evaluations_remaining'],
-        s.status['evaluations_approved'],
+        s.status.rounds_remaining,
+        s.status.rounds_approved,
+        s.status.evaluations_remaining,
+        s.status.evaluations_approved,
       )
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from fedpipe.data import atomic_files
 from fedpipe.errors import FedpipeError
 
 LOCK_FILE = '.lock'
@@ -319,10 +320,9 @@ def prepare(
   elif _entries(run.root):
     raise _foreign_directory_error(run.root)
   _make_writable_directory(run.root)
-  tmp = f'{config_path}.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(config.to_json(indent=2, sort_keys=True) + '\n')
-  os.replace(tmp, config_path)
+  atomic_files.write_text(
+    config_path, config.to_json(indent=2, sort_keys=True) + '\n', durable=True
+  )
   return run
 
 
@@ -370,11 +370,7 @@ def check_model(
       'discard that run.'
     )
   if previous is None:
-    path = os.path.join(run.root, MODEL_RECORD)
-    with open(f'{path}.tmp', 'w', encoding='utf-8') as f:
-      json.dump(record, f, indent=2, sort_keys=True)
-      f.write('\n')
-    os.replace(f'{path}.tmp', path)
+    atomic_files.write_json(os.path.join(run.root, MODEL_RECORD), record, sort_keys=True)
 
 
 def sampling_seed(run: RunDirectory, configured: int | None) -> tuple[int, bool]:
@@ -391,8 +387,5 @@ def sampling_seed(run: RunDirectory, configured: int | None) -> tuple[int, bool]
     with open(path, encoding='utf-8') as f:
       return int(f.read().strip()), True
   seed = secrets.randbits(63)
-  fd = os.open(f'{path}.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-  with os.fdopen(fd, 'w') as f:
-    f.write(f'{seed}\n')
-  os.replace(f'{path}.tmp', path)
+  atomic_files.write_text(path, f'{seed}\n', mode=0o600, durable=True)
   return seed, True

@@ -17,7 +17,8 @@ import tensorflow as tf
 
 from fedpipe.computations import keras_model, privacy_accounting
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import cross_silo
+from fedpipe.federation import cross_silo, silo_protocol
+from fedpipe.governance import store as governance_store
 from fedpipe.governance import study_request
 from fedpipe.training import experiment as experiment_lib
 
@@ -40,8 +41,15 @@ class StudyNotApprovedError(FedpipeError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SiloStudyStatus:
+  """A silo's answer to a submitted study.
+
+  Attributes:
+    silo: The silo's name.
+    status: Where the study stands at the silo; None if the silo is ungoverned.
+  """
+
   silo: str
-  status: dict[str, Any] | None  # None: the silo is ungoverned.
+  status: silo_protocol.StudyStatusReply | None
 
 
 def _model_summary(experiment: experiment_lib.Experiment) -> dict[str, Any]:
@@ -138,11 +146,10 @@ def submit_and_check(
       with exactly what to ask its data owner for.
     cross_silo.SiloError: If a silo cannot take the request.
   """
-  payload = request.to_json()
   statuses = []
   for name, conn in sorted(federation.silos.items()):
     try:
-      statuses.append(SiloStudyStatus(name, conn.call_json('SubmitStudy', payload, _TIMEOUT_S)))
+      statuses.append(SiloStudyStatus(name, conn.submit_study(request, _TIMEOUT_S)))
     except cross_silo.SiloNotGovernedError:
       statuses.append(SiloStudyStatus(name, None))
   problems, pending, blocking = [], False, []
@@ -150,35 +157,35 @@ def submit_and_check(
     st = s.status
     if st is None:
       continue
-    if st['status'] == 'pending':
+    if st.status == governance_store.PENDING:
       pending = True
       blocking.append(s.silo)
       fits = (
         'it fits the silo policy'
-        if not st['violations']
-        else 'it breaks the silo policy: ' + '; '.join(st['violations'])
+        if not st.violations
+        else 'it breaks the silo policy: ' + '; '.join(st.violations)
       )
       problems.append(
         f'  {s.silo}: pending approval ({fits}); its data owner reviews it with '
-        f'`fedpipe-governance show {st["study_id"]}`'
+        f'`fedpipe-governance show {st.study_id}`'
       )
-    elif st['status'] == 'rejected':
+    elif st.status == governance_store.REJECTED:
       blocking.append(s.silo)
-      problems.append(f'  {s.silo}: rejected ({st.get("reason") or "no reason given"})')
+      problems.append(f'  {s.silo}: rejected ({st.reason or "no reason given"})')
     else:
       short = {
-        k: max(need - st[f'{k}_remaining'], 0)
+        k: max(need - st.remaining(k), 0)
         for k, need in (('rounds', rounds_needed), ('evaluations', evaluations_needed))
       }
       if any(short.values()):
         blocking.append(s.silo)
-        left = ', '.join(f'{st[f"{k}_remaining"]} of {st[f"{k}_approved"]} {k}' for k in short)
+        left = ', '.join(f'{st.remaining(k)} of {st.approved(k)} {k}' for k in short)
         asks = ' '.join(f'--{k}={n}' for k, n in short.items() if n)
         problems.append(
           f'  {s.silo}: approved, but {left} are left and this run needs {rounds_needed} '
           f'rounds and {evaluations_needed} evaluations (the silo charges every round whose '
           'partial sum it released, including rounds that failed elsewhere); ask its data '
-          f'owner to run `fedpipe-governance extend {st["study_id"]} {asks}`'
+          f'owner to run `fedpipe-governance extend {st.study_id} {asks}`'
         )
   if problems:
     rerun = (

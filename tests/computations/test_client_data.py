@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from fedpipe.computations import client_data
-from fedpipe.data import manifest
+from fedpipe.data import example_records, manifest
 
 NUM_FEATURES = 3
 
@@ -18,18 +18,10 @@ def _write_client(directory, split, client_id, num_examples):
   y = np.arange(num_examples, dtype=np.int64) % 5
   path = os.path.join(directory, manifest.client_file(split, client_id))
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tf.io.TFRecordWriter(path) as writer:
-    for features, label in zip(x, y):
-      writer.write(
-        tf.train.Example(
-          features=tf.train.Features(
-            feature={
-              'x': tf.train.Feature(float_list=tf.train.FloatList(value=features)),
-              'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-            }
-          )
-        ).SerializeToString()
-      )
+  encoder = example_records.ExampleEncoder()
+  example_records.write_tfrecord_file(
+    path, (encoder.encode(features, label) for features, label in zip(x.tolist(), y.tolist()))
+  )
   return x, y
 
 

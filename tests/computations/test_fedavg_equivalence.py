@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_data, dp_aggregator, fedavg, keras_model
-from fedpipe.data import manifest
+from fedpipe.data import example_records, manifest
 
 pytestmark = pytest.mark.usefixtures('tff_worker')
 
@@ -30,23 +30,16 @@ CLIENT_SIZES = {'eq-a': 3, 'eq-b': 6, 'eq-c': 9, 'eq-d': 14}  # Partial last bat
 def _write_clients(worker_dir):
   """Writes each client's records where the worker reads them; returns their (x, y)."""
   rng = np.random.default_rng(7)
+  encoder = example_records.ExampleEncoder()
   data = {}
   for client_id, n in CLIENT_SIZES.items():
     x = rng.normal(size=(n, NUM_FEATURES)).astype(np.float32)
     y = rng.integers(0, NUM_CLASSES, size=n).astype(np.int64)
     path = os.path.join(worker_dir, manifest.client_file(manifest.TRAIN_SPLIT, client_id))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tf.io.TFRecordWriter(path) as writer:
-      for features, label in zip(x, y):
-        example = tf.train.Example(
-          features=tf.train.Features(
-            feature={
-              'x': tf.train.Feature(float_list=tf.train.FloatList(value=features)),
-              'y': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-            }
-          )
-        )
-        writer.write(example.SerializeToString())
+    example_records.write_tfrecord_file(
+      path, (encoder.encode(features, label) for features, label in zip(x.tolist(), y.tolist()))
+    )
     data[client_id] = (x, y)
   return data
 

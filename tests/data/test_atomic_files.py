@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import stat
 
 import pytest
@@ -85,3 +86,65 @@ def test_the_manifest_file_is_its_json_indented(tmp_path):
   assert text == manifest.to_text() == json.dumps(manifest.to_json(), indent=2) + '\n'
   assert manifest_lib.read_manifest(str(tmp_path)).to_json() == manifest.to_json()
   assert _names(tmp_path) == [manifest_lib.MANIFEST_FILENAME]
+
+
+def _tree(directory):
+  return {
+    os.path.relpath(os.path.join(root, name), directory): pathlib.Path(root, name).read_text()
+    for root, _, files in os.walk(directory)
+    for name in files
+  }
+
+
+def test_replace_directory_creates_the_target(tmp_path):
+  new = tmp_path / 'new'
+  (new / 'train').mkdir(parents=True)
+  (new / 'train' / 'a.txt').write_text('a')
+  atomic_files.replace_directory(str(new), str(tmp_path / 'out'))
+  assert _names(tmp_path) == ['out']
+  assert _tree(tmp_path / 'out') == {os.path.join('train', 'a.txt'): 'a'}
+
+
+def test_replace_directory_replaces_the_old_directory_whole(tmp_path):
+  old = tmp_path / 'out'
+  (old / 'train').mkdir(parents=True)
+  (old / 'train' / 'stale.txt').write_text('stale')
+  (old / 'manifest.json').write_text('old')
+  new = tmp_path / 'new'
+  new.mkdir()
+  (new / 'manifest.json').write_text('new')
+  atomic_files.replace_directory(str(new), str(old) + os.sep)
+  assert _names(tmp_path) == ['out']
+  assert _tree(old) == {'manifest.json': 'new'}
+
+
+def test_a_failed_directory_swap_keeps_the_old_directory(tmp_path, monkeypatch):
+  old = tmp_path / 'out'
+  old.mkdir()
+  (old / 'manifest.json').write_text('old')
+  new = tmp_path / 'new'
+  new.mkdir()
+  (new / 'manifest.json').write_text('new')
+  rename = os.rename
+
+  def failing_rename(src, dst):
+    if os.fspath(src) == str(new):
+      raise OSError(28, 'No space left on device')
+    rename(src, dst)
+
+  monkeypatch.setattr(os, 'rename', failing_rename)
+  with pytest.raises(OSError, match='No space left'):
+    atomic_files.replace_directory(str(new), str(old))
+  assert _names(tmp_path) == ['new', 'out']
+  assert _tree(old) == {'manifest.json': 'old'}
+  assert _tree(new) == {'manifest.json': 'new'}
+
+
+def test_replace_directory_refuses_a_missing_new_directory(tmp_path):
+  old = tmp_path / 'out'
+  old.mkdir()
+  (old / 'kept.txt').write_text('kept')
+  with pytest.raises(FileNotFoundError):
+    atomic_files.replace_directory(str(tmp_path / 'missing'), str(old))
+  assert _names(tmp_path) == ['out']
+  assert _tree(old) == {'kept.txt': 'kept'}
