@@ -21,8 +21,8 @@ from fedpipe.data import manifest, record_schema
 _SHUFFLE_BUFFER = 1024
 _READ_BUFFER_BYTES = 256 * 1024
 # Examples parsed per call. Parsing has a fixed cost per call: parsing each
-# 16-example batch on its own made a 200k-example round 40% more CPU than
-# training from memory; parsing 512 at a time and re-batching matches it.
+# small batch on its own cost a large round markedly more CPU than training
+# from memory; parsing 512 at a time and re-batching matches it.
 _PARSE_CHUNK = 512
 
 
@@ -46,8 +46,8 @@ def read_records(path: tf.Tensor) -> tf.data.Dataset:
   """The serialized records of one TFRecord file.
 
   `tf.data.TFRecordDataset` wraps its reader in a `flat_map`, and TF
-  instantiates that function again for every iterator: about 10 ms per client
-  per round on this project's machine, as long as training a small client.
+  instantiates that function again for every iterator, once per client per
+  round, which costs about as much as training a small client.
   The reader op alone has no function to instantiate.
   """
   variant = tf.raw_ops.TFRecordDataset(

@@ -23,7 +23,7 @@ Beam's worker processes start without it.
 Without `--runner`, the pipeline runs on Beam's FnApiRunner (the DirectRunner's
 batch engine) in `in_memory` mode: on 2 cores it was as fast as
 `multi_processing` at 1M rows and faster below, where the worker processes'
-start-up (about 3 s) dominates (benchmarks/RESULTS.md). See
+start-up dominates (benchmarks/RESULTS.md). See
 `resolve_pipeline_options`.
 """
 
