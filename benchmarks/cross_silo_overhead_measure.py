@@ -68,19 +68,11 @@ def prepare(num_clients: int) -> tuple[str, dict[str, str]]:
 
 @contextlib.contextmanager
 def _silos_runtime(silo_dirs: dict[str, str], work_dir: str):
-  certs = local_federation.make_certs(os.path.join(work_dir, 'certs'), list(silo_dirs))
-  processes = {}
-  try:
-    for name, data_dir in silo_dirs.items():
-      processes[name] = local_federation.start_silo(
-        data_dir=data_dir, tls=certs.silo_tls(name), log_path=os.path.join(work_dir, f'{name}.log')
-      )  # Ungoverned: runtime overhead only.
-    addresses = [cross_silo.SiloAddress(n, p.address) for n, p in processes.items()]
-    with cross_silo.federation(addresses, certs.coordinator_tls()) as fed:
+  # Ungoverned: runtime overhead only.
+  with local_federation.start_local_federation(silo_dirs, work_dir, policy=None) as local:
+    addresses = [cross_silo.SiloAddress(n, p.address) for n, p in local.silos.items()]
+    with cross_silo.federation(addresses, local.coordinator_tls()) as fed:
       yield fed.manifest
-  finally:
-    for process in processes.values():
-      process.stop()
 
 
 def main(args: dict) -> None:

@@ -1,12 +1,25 @@
-"""Shared fixtures: one real, isolated TFF worker for the whole test session."""
+"""Shared fixtures and helpers.
 
+One real, isolated TFF worker for the whole test session; digits client data
+preprocessed once by the real Beam pipeline; a certificate from another CA;
+helpers for processes, waits and silo logs.
+"""
+
+import dataclasses
+import json
 import os
+import shutil
+import subprocess
+import tempfile
+import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shared digits data: how many clients the session's `digits_client_data` holds.
+DIGITS_NUM_CLIENTS = 30
 
 
 def default_sigint() -> None:
@@ -33,6 +46,107 @@ def tamper_governance_db(state_dir, *statements):
     db.execute(statement)
   db.commit()
   db.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """A test that uses the session's TFF worker starts one: `slow`, as the marker is defined.
+
+  First, so that `-m "not slow"` deselects it.
+  """
+  for item in items:
+    if 'tff_worker' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.slow)
+
+
+def wait_until(predicate, timeout=20.0, interval=0.2):
+  """Polls `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(interval)
+  return False
+
+
+def process_alive(pid):
+  """Whether process `pid` exists and is not a zombie."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[-1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def tff_worker_pids():
+  """The pids of every running TFF `worker_binary` on this machine."""
+  out = subprocess.run(
+    ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
+  ).stdout
+  return {int(p) for p in out.split()}
+
+
+def log_events(log_path, event=None):
+  """The JSON entries of a silo's log (those with `event`, if given), in order."""
+  with open(log_path) as f:
+    entries = [json.loads(line) for line in f if line.startswith('{')]
+  return [e for e in entries if event is None or e.get('event') == event]
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsClientData:
+  """Bundled digits raw data and its preprocessing (the pipeline's output directory)."""
+
+  raw_dir: str
+  train_file: str
+  test_file: str
+  feature_spec_file: str
+  processed: str
+  num_clients: int = DIGITS_NUM_CLIENTS
+
+
+@pytest.fixture(scope='session')
+def digits_client_data(tmp_path_factory):
+  """Digits over 30 IID clients (seed 0), preprocessed once by the real Beam pipeline.
+
+  Shared by the session: read it, never write into it (copy it first).
+  """
+  from fedpipe.datasets import bundled_data
+  from fedpipe.preprocess import pipeline as preprocess_pipeline
+
+  root = tmp_path_factory.mktemp('digits')
+  raw = bundled_data.write_bundled_dataset(
+    source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=DIGITS_NUM_CLIENTS, seed=0
+  )
+  processed = str(root / 'clients')
+  preprocess_pipeline.run_on_bundled_layout(raw.raw_dir, processed)
+  return DigitsClientData(
+    raw_dir=raw.raw_dir,
+    train_file=raw.train_file,
+    test_file=raw.test_file,
+    feature_spec_file=raw.feature_spec_file,
+    processed=processed,
+  )
+
+
+@pytest.fixture(scope='session')
+def rogue_coordinator(tmp_path_factory):
+  """A client certificate named 'coordinator', signed by a CA no silo trusts."""
+  from fedpipe.federation import certificates
+
+  root = str(tmp_path_factory.mktemp('rogue'))
+  rogue_ca = certificates.create_ca(root, name='rogue CA')
+  return certificates.issue(rogue_ca, root, common_name='coordinator', kind='client')
+
+
+@pytest.fixture
+def private_tmpdir(monkeypatch):
+  """A short TMPDIR of this test's own (unix socket paths are limited to 107 bytes)."""
+  path = tempfile.mkdtemp(prefix='fp-', dir='/tmp')
+  monkeypatch.setenv('TMPDIR', path)
+  monkeypatch.setattr(tempfile, 'tempdir', path)
+  yield path
+  shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

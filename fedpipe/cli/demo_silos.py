@@ -14,7 +14,6 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
-import dataclasses
 import subprocess
 import sys
 
@@ -37,22 +36,6 @@ from fedpipe.training import program as training_program
 _CONFIG = cli.define_config_flag()
 _NUM_SILOS = flags.DEFINE_integer('num_silos', 3, 'Number of silos.')
 _WORK_DIR = flags.DEFINE_string('work_dir', None, 'Default runs/<config.name>-silos.')
-
-
-@dataclasses.dataclass
-class LocalSilos:
-  """Running silo processes and the coordinator's TLS files."""
-
-  processes: dict[str, local_federation.SiloProcess]
-  certs: local_federation.FederationCerts
-
-  @property
-  def silos_flag(self) -> str:
-    return ','.join(f'{name}={p.address}' for name, p in self.processes.items())
-
-  def stop(self) -> None:
-    for process in self.processes.values():
-      process.stop()
 
 
 def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
@@ -98,36 +81,24 @@ def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
   return data_dirs
 
 
-def start_local_silos(data_dirs: dict[str, str], work_dir: str) -> LocalSilos:
-  """Makes certificates and starts one silo process per data directory."""
-  certs = local_federation.make_certs(os.path.join(work_dir, 'certs'), list(data_dirs))
-  processes = {}
-  try:
-    for name, data_dir in data_dirs.items():
-      policy = local_federation.write_policy(os.path.join(work_dir, f'{name}-policy.toml'))
-      processes[name] = local_federation.start_silo(
-        data_dir=data_dir,
-        tls=certs.silo_tls(name),
-        log_path=os.path.join(work_dir, f'{name}.log'),
-        policy=policy,
-        state_dir=os.path.join(work_dir, f'{name}-state'),
-      )
-      print(f'{name}: serving on {processes[name].address} (log {work_dir}/{name}.log)')
-  except BaseException:
-    for process in processes.values():
-      process.stop()
-    raise
-  return LocalSilos(processes, certs)
+def start_local_silos(data_dirs: dict[str, str], work_dir: str) -> local_federation.LocalFederation:
+  """Makes certificates and starts one governed silo process per data directory, side by side."""
+  federation = local_federation.start_local_federation(data_dirs, work_dir)
+  for name, process in federation.silos.items():
+    print(f'{name}: serving on {process.address} (log {federation.log_path(name)})')
+  return federation
 
 
-def _approve_as_data_owner(work_dir: str, silo: str, study_id: str) -> None:
+def _approve_as_data_owner(
+  federation: local_federation.LocalFederation, silo: str, study_id: str
+) -> None:
   """What each silo's owner does after reviewing the study with `show`."""
   command = [
     sys.executable,
     '-m',
     'fedpipe.cli.governance',
-    f'--state_dir={os.path.join(work_dir, f"{silo}-state")}',
-    f'--policy={os.path.join(work_dir, f"{silo}-policy.toml")}',
+    f'--state_dir={federation.state_dir(silo)}',
+    f'--policy={federation.policy_path(silo)}',
     'approve',
     study_id,
   ]
@@ -151,7 +122,7 @@ def main(argv: list[str]) -> int:
   data_dirs = prepare_silo_data(config, work_dir, _NUM_SILOS.value)
   silos = start_local_silos(data_dirs, work_dir)
   try:
-    tls = silos.certs.coordinator_tls()
+    tls = silos.coordinator_tls()
     config.runtime.mode = 'silos'
     config.runtime.silos = silos.silos_flag
     config.runtime.tls_ca, config.runtime.tls_cert, config.runtime.tls_key = (
@@ -164,7 +135,7 @@ def main(argv: list[str]) -> int:
       study_id = training_program.submit_study(config, run_dir)
       print(f'study_id={study_id}', flush=True)
       for name in data_dirs:
-        _approve_as_data_owner(work_dir, name, study_id)
+        _approve_as_data_owner(silos, name, study_id)
       result = federated_training.train(
         None, None, config=config, output_dir=run_dir, progress=federated_training.print_progress
       )

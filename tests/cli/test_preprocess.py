@@ -8,8 +8,11 @@ import sys
 import pytest
 
 from fedpipe.data import manifest
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Each test runs the programs as subprocesses.
+pytestmark = pytest.mark.slow
+
 CONFIG = 'configs/digits_dp.py'
 
 
@@ -73,7 +76,6 @@ def test_make_data_then_preprocess(tmp_path):
   assert m.extra['preprocessing']['ignored_columns'] == {'train': {'comment': 1438}, 'eval': {}}
 
 
-@pytest.mark.slow
 def test_breast_cancer_jsonl_by_config_only(tmp_path):
   flags = [
     f'--config={CONFIG}',

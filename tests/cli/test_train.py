@@ -14,38 +14,19 @@ import pytest
 
 from fedpipe.computations import privacy_accounting
 from fedpipe.data import manifest as manifest_lib
-from fedpipe.datasets import bundled_data
-from fedpipe.preprocess import feature_spec as feature_spec_lib
-from tests.conftest import REPO_ROOT, default_sigint
+from tests.conftest import DIGITS_NUM_CLIENTS, REPO_ROOT, default_sigint, tff_worker_pids
 
 pytestmark = pytest.mark.slow
 
-NUM_CLIENTS = 30
+NUM_CLIENTS = DIGITS_NUM_CLIENTS
 CLIENTS_PER_ROUND = 10
 
 
 @pytest.fixture(scope='module')
-def client_data(tmp_path_factory):
-  """Digits over 30 clients, preprocessed by the real Beam pipeline."""
-  from apache_beam.options.pipeline_options import PipelineOptions
-
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
-
-  root = tmp_path_factory.mktemp('train_data')
-  raw = bundled_data.write_bundled_dataset(
-    source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=NUM_CLIENTS, seed=0
-  )
-  processed = str(root / 'clients')
-  preprocess_pipeline.run_preprocessing(
-    train_files=raw.train_file,
-    eval_files=raw.test_file,
-    feature_spec=feature_spec_lib.FeatureSpec.load(raw.feature_spec_file),
-    output_dir=processed,
-    min_examples_per_client=1,
-    max_malformed_fraction=0.0,
-    pipeline_options=PipelineOptions([]),
-  )
-  return processed
+def client_data(digits_client_data):
+  """Digits over 30 clients, preprocessed by the real Beam pipeline (the session's: the
+  tests that change it change a copy)."""
+  return digits_client_data.processed
 
 
 def _command(processed, output_dir, *extra):
@@ -101,17 +82,10 @@ def _start(command):
   pytest.fail(f'training ended before its first round: {process.stderr.read()[-3000:]}')
 
 
-def _worker_pids():
-  out = subprocess.run(
-    ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
-  ).stdout
-  return {int(p) for p in out.split()}
-
-
 def _no_new_workers(before, timeout=15.0):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    if not _worker_pids() - before:
+    if not tff_worker_pids() - before:
       return True
     time.sleep(0.2)
   return False
@@ -160,7 +134,7 @@ def _metric_rounds(output_dir):
 
 
 def test_trains_and_writes_report_metrics_model_and_plot(client_data, tmp_path):
-  before = _worker_pids()
+  before = tff_worker_pids()
   out = tmp_path / 'run'
   result = _run(_command(client_data, out, '--config.training.rounds=3'))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -227,7 +201,7 @@ def test_trains_and_writes_report_metrics_model_and_plot(client_data, tmp_path):
 
 
 def test_kill_9_mid_run_then_the_same_command_resumes_and_finishes(client_data, tmp_path):
-  before = _worker_pids()
+  before = tff_worker_pids()
   out = tmp_path / 'run'
   command = _command(client_data, out, '--config.training.rounds=25')
   process = subprocess.Popen(

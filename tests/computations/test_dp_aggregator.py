@@ -74,6 +74,7 @@ class TestTypeSignature:
       )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('tff_worker')
 class TestExecution:
   def test_computes_capped_weighted_sum_over_fixed_denominator(self):

@@ -116,6 +116,7 @@ def test_takes_datasets_without_a_dataset_fn():
   assert isinstance(clients.member, tff.SequenceType)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('tff_worker')
 def test_one_round_runs_with_the_derived_noise_cap_and_denominator(client_records):
   params = _params()
@@ -134,6 +135,7 @@ def test_one_round_runs_with_the_derived_noise_cap_and_denominator(client_record
   assert not np.allclose(before.trainable[0], after.trainable[0])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('tff_worker')
 def test_one_round_with_adaptive_clipping_moves_the_clip_norm(client_records):
   params = _params(

@@ -42,7 +42,7 @@ def _free_port():
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
+def env(tmp_path_factory, rogue_coordinator):
   """Client data written by write_client_data, certificates (ours, a stranger's signed by the
   silos' CA, and one from another CA) and a policy."""
   root = tmp_path_factory.mktemp('connection')
@@ -53,10 +53,7 @@ def env(tmp_path_factory):
   stranger = certificates.issue(
     certs.ca, str(root / 'certs'), common_name='stranger', kind='client'
   )
-  rogue_ca = certificates.create_ca(str(root / 'rogue'), name='rogue CA')
-  rogue = certificates.issue(
-    rogue_ca, str(root / 'rogue'), common_name='coordinator', kind='client'
-  )
+  rogue = rogue_coordinator
   return {
     'root': root,
     'certs': certs,
@@ -68,7 +65,10 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def silos(env):
-  """The two silo processes, started side by side."""
+  """The two silo processes, started side by side.
+
+  Not `local_federation.start_local_federation`: it governs all its silos or none.
+  """
   root = env['root']
 
   def start(name):

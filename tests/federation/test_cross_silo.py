@@ -14,77 +14,64 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedpipe.datasets import bundled_data, silo_partition
-from fedpipe.federation import certificates, local_federation, silo_protocol
-from tests.conftest import REPO_ROOT
+from fedpipe.datasets import silo_partition
+from fedpipe.federation import local_federation, silo_protocol
+from tests.conftest import (
+  DIGITS_NUM_CLIENTS,
+  REPO_ROOT,
+  log_events,
+  process_alive,
+  tff_worker_pids,
+  wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 SILOS = ('silo-a', 'silo-b', 'silo-c')
-NUM_CLIENTS = 30
-
-
-def _preprocess(raw_dir, out_dir):
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
-
-  preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
+NUM_CLIENTS = DIGITS_NUM_CLIENTS
 
 
 @pytest.fixture(scope='module')
-def fed(tmp_path_factory):
-  """Certificates, the whole dataset preprocessed for local training, and one
+def fed(tmp_path_factory, digits_client_data):
+  """The whole dataset preprocessed for local training (the session's), and one
   Beam-written data directory per silo under `silos_root`."""
+  from fedpipe.preprocess import pipeline as preprocess_pipeline
+
   root = tmp_path_factory.mktemp('federation')
-  raw = bundled_data.write_bundled_dataset(
-    source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=NUM_CLIENTS, seed=0
-  )
-  _preprocess(str(root / 'raw'), str(root / 'local'))
   silos_root = root / 'silos'
   raw_dirs = [str(root / f'raw-{s}') for s in SILOS]
   silo_partition.partition_raw_csv(
-    train_file=raw.train_file,
-    eval_file=raw.test_file,
-    feature_spec_file=raw.feature_spec_file,
+    train_file=digits_client_data.train_file,
+    eval_file=digits_client_data.test_file,
+    feature_spec_file=digits_client_data.feature_spec_file,
     client_key='client_id',
     silo_dirs=raw_dirs,
   )
   for name, raw_dir in zip(SILOS, raw_dirs):
-    _preprocess(raw_dir, str(silos_root / name))
-  certs = local_federation.make_certs(str(root / 'certs'), SILOS)
-  rogue_ca = certificates.create_ca(str(root / 'rogue'), name='rogue CA')
-  rogue = certificates.issue(
-    rogue_ca, str(root / 'rogue'), common_name='coordinator', kind='client'
-  )
+    preprocess_pipeline.run_on_bundled_layout(raw_dir, str(silos_root / name))
   return {
     'root': root,
-    'local': str(root / 'local'),
+    'local': digits_client_data.processed,
     'silos_root': silos_root,
-    'certs': certs,
-    'rogue': rogue,
+    'data_dirs': {name: str(silos_root / name) for name in SILOS},
   }
 
 
+def _start_federation(fed, work_dir, names=SILOS, policy=None):
+  """Silos of their own certificates, side by side: ungoverned, or governed by `policy`."""
+  data_dirs = {name: fed['data_dirs'][name] for name in names}
+  return local_federation.start_local_federation(data_dirs, str(work_dir), policy=policy)
+
+
 @pytest.fixture(scope='module')
-def running_silos(fed):
-  silos = {}
-  try:
-    for name in SILOS:
-      silos[name] = local_federation.start_silo(
-        data_dir=str(fed['silos_root'] / name),
-        tls=fed['certs'].silo_tls(name),
-        log_path=str(fed['root'] / f'{name}.log'),
-      )
-    yield silos
-  finally:
-    for silo in silos.values():
-      silo.stop()
+def running(fed):
+  """The module's three silos, started side by side."""
+  with _start_federation(fed, fed['root'] / 'running') as federation:
+    yield federation
 
 
-def _silos_flag(silos):
-  return ','.join(f'{name}={silo.address}' for name, silo in silos.items())
-
-
-def _train_command(fed, output_dir, *extra, silos=None):
+def _train_command(fed, output_dir, *extra, federation=None, silos_flag=None):
+  """The training program: local, or across `federation`'s silos (or `silos_flag`'s)."""
   command = [
     sys.executable,
     '-m',
@@ -93,13 +80,13 @@ def _train_command(fed, output_dir, *extra, silos=None):
     f'--output_dir={output_dir}',
     '--config.training.sampling_seed=5',
   ]
-  if silos is not None:
-    certs = fed['certs']
+  if federation is not None:
+    tls = federation.coordinator_tls()
     command += [
-      f'--silos={_silos_flag(silos)}',
-      f'--tls_ca={certs.ca.cert}',
-      f'--tls_cert={certs.coordinator.cert}',
-      f'--tls_key={certs.coordinator.key}',
+      f'--silos={silos_flag or federation.silos_flag}',
+      f'--tls_ca={tls.ca}',
+      f'--tls_cert={tls.cert}',
+      f'--tls_key={tls.key}',
     ]
   else:
     command += [f'--config.data.processed_dir={fed["local"]}']
@@ -109,22 +96,6 @@ def _train_command(fed, output_dir, *extra, silos=None):
 def _metrics(output_dir):
   with open(os.path.join(output_dir, 'metrics.csv'), newline='') as f:
     return list(csv.DictReader(f))
-
-
-def _worker_pids():
-  out = subprocess.run(
-    ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
-  ).stdout
-  return {int(p) for p in out.split()}
-
-
-def _wait_until(predicate, timeout=20.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    time.sleep(0.2)
-  return False
 
 
 # One batch per client (no client holds 128 examples): no shuffling order.
@@ -137,7 +108,7 @@ EXACT = [
 ]
 
 
-def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running_silos, tmp_path):
+def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running, tmp_path):
   """With every client in every round and no noise, both runtimes compute the
   same DP-FedAvg (clipping, capped weights, fixed denominator) to float error."""
   local = subprocess.run(
@@ -149,7 +120,7 @@ def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running_s
   )
   assert local.returncode == 0, local.stderr[-2000:]
   crossed = subprocess.run(
-    _train_command(fed, tmp_path / 'silos', *EXACT, silos=running_silos),
+    _train_command(fed, tmp_path / 'silos', *EXACT, federation=running),
     cwd=REPO_ROOT,
     capture_output=True,
     text=True,
@@ -168,7 +139,7 @@ def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running_s
 
 
 def test_dp_noise_training_across_silos_never_opens_silo_files_in_the_coordinator(
-  fed, running_silos, tmp_path
+  fed, running, tmp_path
 ):
   """The coordinator runs where the silos' data directories are an empty tmpfs
   (it could not read them), under strace when available (it did not try)."""
@@ -177,7 +148,7 @@ def test_dp_noise_training_across_silos_never_opens_silo_files_in_the_coordinato
     tmp_path / 'run',
     '--config.training.rounds=3',
     '--config.training.clients_per_round=10',
-    silos=running_silos,
+    federation=running,
   )
   trace = tmp_path / 'trace'
   if shutil.which('strace'):
@@ -199,13 +170,13 @@ def test_dp_noise_training_across_silos_never_opens_silo_files_in_the_coordinato
     assert str(fed['silos_root']) not in opened
 
 
-def test_no_tff_worker_port_is_listening_in_the_host_namespace(running_silos):
+def test_no_tff_worker_port_is_listening_in_the_host_namespace(running):
   out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True, check=True).stdout
   assert 'worker_binary' not in out
   ports = {int(line.split()[3].rsplit(':', 1)[1]) for line in out.splitlines() if line.strip()}
-  for silo in running_silos.values():
+  for silo in running.silos.values():
     assert silo.port in ports  # The silo's own mTLS port is what listens.
-  assert _worker_pids(), 'the silos should each run a worker'
+  assert tff_worker_pids(), 'the silos should each run a worker'
 
 
 def _channel(address, *, cert=None, key=None, ca=None):
@@ -225,14 +196,14 @@ def _get_manifest(channel):
   return channel.unary_unary(silo_protocol.method_path(silo_protocol.GET_MANIFEST))(b'', timeout=10)
 
 
-def test_mutual_tls_refuses_callers_without_a_valid_client_certificate(fed, running_silos):
-  silo = running_silos['silo-a']
-  certs = fed['certs']
+def test_mutual_tls_refuses_callers_without_a_valid_client_certificate(running, rogue_coordinator):
+  silo = running.silos['silo-a']
+  certs = running.certs
   with _channel(silo.address, ca=certs.ca.cert) as no_cert:
     with pytest.raises(grpc.RpcError) as error:
       _get_manifest(no_cert)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-  rogue = fed['rogue']
+  rogue = rogue_coordinator
   with _channel(silo.address, cert=rogue.cert, key=rogue.key, ca=certs.ca.cert) as wrong_ca:
     with pytest.raises(grpc.RpcError) as error:
       _get_manifest(wrong_ca)
@@ -251,16 +222,15 @@ def test_mutual_tls_refuses_callers_without_a_valid_client_certificate(fed, runn
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_silo_down_at_the_start_is_named(fed, running_silos, tmp_path):
-  silos = dict(running_silos)
-  silos['silo-x'] = local_federation.SiloProcess(None, '127.0.0.1:1', '')
+def test_a_silo_down_at_the_start_is_named(fed, running, tmp_path):
   result = subprocess.run(
     _train_command(
       fed,
       tmp_path / 'run',
       '--config.training.rounds=1',
       '--config.runtime.silo_connect_timeout_s=3',
-      silos=silos,
+      federation=running,
+      silos_flag=f'{running.silos_flag},silo-x=127.0.0.1:1',
     ),
     cwd=REPO_ROOT,
     capture_output=True,
@@ -269,17 +239,6 @@ def test_a_silo_down_at_the_start_is_named(fed, running_silos, tmp_path):
   )
   assert result.returncode == 2
   assert 'silo silo-x at 127.0.0.1:1 is unavailable' in result.stderr
-
-
-def _start_own_silos(fed, tmp_path):
-  return {
-    name: local_federation.start_silo(
-      data_dir=str(fed['silos_root'] / name),
-      tls=fed['certs'].silo_tls(name),
-      log_path=str(tmp_path / f'{name}.log'),
-    )
-    for name in SILOS
-  }
 
 
 def _silo_tree_pids(silo):
@@ -297,17 +256,9 @@ def _silo_tree_pids(silo):
   return tree
 
 
-def _alive(pid):
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().split(')')[-1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
-
-
 def test_a_silo_killed_mid_training_fails_the_run_naming_it(fed, tmp_path):
-  silos = _start_own_silos(fed, tmp_path)
-  try:
+  with _start_federation(fed, tmp_path) as federation:
+    silos = federation.silos
     victim = silos['silo-b']
     victim_tree = _silo_tree_pids(victim)
     assert len(victim_tree) >= 3  # silo, relay, worker
@@ -316,7 +267,7 @@ def test_a_silo_killed_mid_training_fails_the_run_naming_it(fed, tmp_path):
       tmp_path / 'run',
       '--config.training.rounds=60',
       '--config.training.clients_per_round=15',
-      silos=silos,
+      federation=federation,
     )
     process = subprocess.Popen(
       command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -336,32 +287,29 @@ def test_a_silo_killed_mid_training_fails_the_run_naming_it(fed, tmp_path):
       r'clients \(user_\d+',
       stderr,
     ), stderr[-2000:]
-    assert _wait_until(lambda: not any(_alive(p) for p in victim_tree)), 'silo processes left'
-  finally:
-    for silo in silos.values():
-      silo.stop()
-  assert _wait_until(
+    assert wait_until(lambda: not any(process_alive(p) for p in victim_tree)), 'silo processes left'
+  assert wait_until(
     lambda: (
-      not any(_alive(p) for s in silos.values() for p in _silo_tree_pids(s) if p != s.process.pid)
+      not any(
+        process_alive(p) for s in silos.values() for p in _silo_tree_pids(s) if p != s.process.pid
+      )
     )
   )
 
 
 def test_a_silo_killed_mid_training_is_dropped_then_rejoins_after_restart(fed, tmp_path):
-  silos = _start_own_silos(fed, tmp_path)
-  restarted = None
   out = tmp_path / 'run'
-  command = _train_command(
-    fed,
-    out,
-    '--config.training.rounds=400',
-    '--config.training.clients_per_round=15',
-    '--config.runtime.on_silo_failure=drop',
-    silos=silos,
-  )
   seen_drop = rejoined = False
-  try:
-    victim = silos['silo-b']
+  with _start_federation(fed, tmp_path) as federation:
+    command = _train_command(
+      fed,
+      out,
+      '--config.training.rounds=400',
+      '--config.training.clients_per_round=15',
+      '--config.runtime.on_silo_failure=drop',
+      federation=federation,
+    )
+    victim = federation.silos['silo-b']
     with subprocess.Popen(
       command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     ) as process:
@@ -369,23 +317,24 @@ def test_a_silo_killed_mid_training_is_dropped_then_rejoins_after_restart(fed, t
         for line in process.stdout:
           if line.startswith('round   3/'):
             victim.kill()
-            restarted = local_federation.start_silo(
-              data_dir=str(fed['silos_root'] / 'silo-b'),
-              tls=fed['certs'].silo_tls('silo-b'),
+            # In the federation: leaving the block stops it too.
+            federation.silos['silo-b'] = local_federation.start_silo(
+              data_dir=fed['data_dirs']['silo-b'],
+              tls=federation.certs.silo_tls('silo-b'),
               log_path=str(tmp_path / 'silo-b-2.log'),
               listen=victim.address,
             )
-          elif restarted is not None and line.startswith('round') and 'dropped_silos=1' in line:
+          elif (
+            federation.silos['silo-b'] is not victim
+            and line.startswith('round')
+            and 'dropped_silos=1' in line
+          ):
             seen_drop = True
           elif seen_drop and line.startswith('round') and 'dropped_silos' not in line:
             rejoined = True
             break
       finally:
         process.kill()
-  finally:
-    for silo in [*silos.values(), restarted]:
-      if silo is not None:
-        silo.stop()
   assert seen_drop, 'no round ran without the killed silo'
   assert rejoined, 'the restarted silo did not rejoin'
   dropped = [float(r.get('dropped_silos') or 0) for r in _metrics(out)]
@@ -393,51 +342,45 @@ def test_a_silo_killed_mid_training_is_dropped_then_rejoins_after_restart(fed, t
 
 
 def test_silo_stops_gracefully_on_sigterm_and_ends_its_worker(fed, tmp_path):
-  silo = local_federation.start_silo(
-    data_dir=str(fed['silos_root'] / 'silo-a'),
-    tls=fed['certs'].silo_tls('silo-a'),
-    log_path=str(tmp_path / 'a.log'),
-  )
-  tree = _silo_tree_pids(silo)
-  assert silo.stop() == 0
-  assert _wait_until(lambda: not any(_alive(p) for p in tree))
-  with open(tmp_path / 'a.log') as f:
-    events = [json.loads(ln)['event'] for ln in f if ln.startswith('{')]
+  with _start_federation(fed, tmp_path, names=['silo-a']) as federation:
+    silo = federation.silos['silo-a']
+    tree = _silo_tree_pids(silo)
+    assert silo.stop() == 0
+  assert wait_until(lambda: not any(process_alive(p) for p in tree))
+  events = [e['event'] for e in log_events(federation.log_path('silo-a'))]
   assert events[:2] == ['ungoverned', 'serving'] and events[-1] == 'stopped'
 
 
 def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
   """Finding: `silo_round_timeout_s=20` was not honoured; a SIGSTOPped silo was
   detected after 83 s, by a keepalive."""
-  silos = _start_own_silos(fed, tmp_path)
-  victim = silos['silo-b']
   timeout_s = 8
-  command = _train_command(
-    fed,
-    tmp_path / 'run',
-    '--config.training.rounds=60',
-    '--config.training.clients_per_round=15',
-    f'--config.runtime.silo_round_timeout_s={timeout_s}',
-    silos=silos,
-  )
-  try:
-    with subprocess.Popen(
-      command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as process:
-      try:
-        for line in process.stdout:
-          if line.startswith('round  2/'):
-            os.kill(victim.process.pid, signal.SIGSTOP)
-            frozen_at = time.monotonic()
-            break
-        _, stderr = process.communicate(timeout=300)
-        named_after = time.monotonic() - frozen_at
-      finally:
-        process.kill()
-  finally:
-    os.kill(victim.process.pid, signal.SIGCONT)
-    for silo in silos.values():
-      silo.stop()
+  with _start_federation(fed, tmp_path) as federation:
+    victim = federation.silos['silo-b']
+    command = _train_command(
+      fed,
+      tmp_path / 'run',
+      '--config.training.rounds=60',
+      '--config.training.clients_per_round=15',
+      f'--config.runtime.silo_round_timeout_s={timeout_s}',
+      federation=federation,
+    )
+    try:
+      with subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      ) as process:
+        try:
+          for line in process.stdout:
+            if line.startswith('round  2/'):
+              os.kill(victim.process.pid, signal.SIGSTOP)
+              frozen_at = time.monotonic()
+              break
+          _, stderr = process.communicate(timeout=300)
+          named_after = time.monotonic() - frozen_at
+        finally:
+          process.kill()
+    finally:
+      os.kill(victim.process.pid, signal.SIGCONT)
   assert process.returncode == 2, stderr[-2000:]
   assert re.search(
     r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with \d+ of its '
@@ -455,39 +398,28 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
   from fedpipe.governance import store as governance_store
 
   names = ('silo-a', 'silo-b')
-  policy = local_federation.write_policy(str(tmp_path / 'policy.toml'))
-
-  def start(name, listen='127.0.0.1:0'):
-    return local_federation.start_silo(
-      data_dir=str(fed['silos_root'] / name),
-      tls=fed['certs'].silo_tls(name),
-      log_path=str(tmp_path / f'{name}.log'),
-      listen=listen,
-      policy=policy,
-      state_dir=str(tmp_path / f'{name}-state'),
-    )
-
-  def store_of(name):
-    return governance_store.GovernanceStore(str(tmp_path / f'{name}-state'))
-
-  def used(name):
-    store = store_of(name)
-    try:
-      return store.studies()[0].rounds_used
-    finally:
-      store.close()
-
-  silos = {name: start(name) for name in names}
   rounds = 6
-  command = _train_command(
-    fed,
-    tmp_path / 'run',
-    f'--config.training.rounds={rounds}',
-    '--config.training.clients_per_round=10',
-    '--config.training.sampling=fixed_size',
-    silos=silos,
-  )
-  try:
+  with _start_federation(fed, tmp_path, names, policy=local_federation.DEMO_POLICY) as federation:
+    silos = federation.silos
+
+    def store_of(name):
+      return governance_store.GovernanceStore(federation.state_dir(name))
+
+    def used(name):
+      store = store_of(name)
+      try:
+        return store.studies()[0].rounds_used
+      finally:
+        store.close()
+
+    command = _train_command(
+      fed,
+      tmp_path / 'run',
+      f'--config.training.rounds={rounds}',
+      '--config.training.clients_per_round=10',
+      '--config.training.sampling=fixed_size',
+      federation=federation,
+    )
     submitted = subprocess.run(
       command + ['--submit_study'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
@@ -515,7 +447,14 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
     charged = {name: used(name) for name in names}
     assert all(n in (completed, completed + 1) for n in charged.values()), (charged, completed)
     short = {name: n - completed for name, n in charged.items()}
-    silos['silo-b'] = start('silo-b', listen=silos['silo-b'].address)
+    silos['silo-b'] = local_federation.start_silo(  # Stopped with the federation.
+      data_dir=fed['data_dirs']['silo-b'],
+      tls=federation.certs.silo_tls('silo-b'),
+      log_path=federation.log_path('silo-b'),
+      listen=silos['silo-b'].address,
+      policy=federation.policy_path('silo-b'),
+      state_dir=federation.state_dir('silo-b'),
+    )
     rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     if any(short.values()):
       assert rerun.returncode == 2, rerun.stderr[-2000:]
@@ -535,6 +474,3 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
     assert f'resuming from the checkpoint of round {completed}' in rerun.stdout
     assert sorted(int(r['key']) for r in _metrics(tmp_path / 'run')) == list(range(1, rounds + 1))
     assert {name: used(name) for name in names} == {n: rounds + short[n] for n in names}
-  finally:
-    for silo in silos.values():
-      silo.stop()

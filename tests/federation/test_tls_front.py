@@ -3,39 +3,42 @@ connections that bypass it have no identity. Real silo processes on loopback."""
 
 import json
 import os
+import pathlib
 import re
 import socket
 import ssl
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
 
-from fedpipe.datasets import bundled_data
-from fedpipe.federation import certificates, local_federation, silo_protocol, tls_front
+from fedpipe.federation import local_federation, silo_protocol, tls_front
 from fedpipe.federation import tls as tls_lib
+from tests.conftest import log_events, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """One silo's data, the federation's certificates, and a rogue CA's client certificate."""
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
-
+def federation(tmp_path_factory, digits_client_data):
+  """One ungoverned silo, `silo-a`, on the session's digits data."""
   root = tmp_path_factory.mktemp('tls_front')
-  bundled_data.write_bundled_dataset(
-    source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=6, seed=0
-  )
-  preprocess_pipeline.run_on_bundled_layout(str(root / 'raw'), str(root / 'data'))
-  certs = local_federation.make_certs(str(root / 'certs'), ['silo-a'])
-  rogue_ca = certificates.create_ca(str(root / 'rogue'), name='rogue CA')
-  rogue = certificates.issue(
-    rogue_ca, str(root / 'rogue'), common_name='coordinator', kind='client'
-  )
-  return {'root': root, 'data': str(root / 'data'), 'certs': certs, 'rogue': rogue}
+  with local_federation.start_local_federation(
+    {'silo-a': digits_client_data.processed}, str(root), policy=None
+  ) as running:
+    yield running
+
+
+@pytest.fixture(scope='module')
+def env(federation, rogue_coordinator, digits_client_data):
+  """The silo's data, the federation's certificates, and a rogue CA's client certificate."""
+  return {
+    'root': pathlib.Path(federation.work_dir),
+    'data': digits_client_data.processed,
+    'certs': federation.certs,
+    'rogue': rogue_coordinator,
+  }
 
 
 def _start(env, log_name, **kwargs):
@@ -48,25 +51,13 @@ def _start(env, log_name, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def silo(env):
-  process = _start(env, 'silo.log')
-  yield process
-  process.stop()
-
-
-def _events(log_path, event=None):
-  with open(log_path) as f:
-    entries = [json.loads(line) for line in f if line.startswith('{')]
-  return [e for e in entries if event is None or e.get('event') == event]
+def silo(federation):
+  """The federation's silo (the federation stops it)."""
+  return federation.silos['silo-a']
 
 
 def _wait_for(predicate, timeout=10.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    time.sleep(0.1)
-  return False
+  return wait_until(predicate, timeout, interval=0.1)
 
 
 def _failed_handshake(env, port, cert=None):
@@ -112,7 +103,7 @@ def test_failed_handshakes_are_logged_with_the_peer_address(env, silo):
       assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
   def by_peer():
-    return {e['peer']: e for e in _events(silo.log_path, 'tls_handshake_failed')}
+    return {e['peer']: e for e in log_events(silo.log_path, 'tls_handshake_failed')}
 
   assert _wait_for(lambda: {no_cert, wrong_ca} <= set(by_peer()))
   events = by_peer()
@@ -131,15 +122,15 @@ def test_a_flood_of_failed_handshakes_logs_at_most_the_rate_limit(env):
       _failed_handshake(env, flooded.port)
   finally:
     assert flooded.stop() == 0  # Stopping logs the suppressed count.
-  failed = _events(flooded.log_path, 'tls_handshake_failed')
-  suppressed = _events(flooded.log_path, 'tls_handshake_failures_suppressed')
+  failed = log_events(flooded.log_path, 'tls_handshake_failed')
+  suppressed = log_events(flooded.log_path, 'tls_handshake_failures_suppressed')
   assert len(failed) == tls_front.FAILURES_PER_PEER
   assert sum(e['suppressed'] for e in suppressed) == 50 - tls_front.FAILURES_PER_PEER
   assert {p for e in suppressed for p in e['peers']} == {'127.0.0.1'}
 
 
 def _internal_address(silo):
-  (serving,) = _events(silo.log_path, 'serving')
+  (serving,) = log_events(silo.log_path, 'serving')
   assert serving['address'] == silo.address
   return serving['internal_address']
 
@@ -178,7 +169,7 @@ def test_connections_that_bypass_the_tls_front_are_unauthenticated(env, silo, go
             b'{}', timeout=10
           )
         )
-    assert _events(target.log_path, 'unauthenticated_connection')
+    assert log_events(target.log_path, 'unauthenticated_connection')
     # Through the front, the caller is its certificate's name.
     with _grpc_channel(env, target.address, env['certs'].coordinator) as good:
       assert json.loads(_get_manifest(good))['silo'] == 'silo-a'
@@ -186,7 +177,9 @@ def test_connections_that_bypass_the_tls_front_are_unauthenticated(env, silo, go
         health_pb2.HealthCheckRequest(service=''), timeout=10
       ).status == (health_pb2.HealthCheckResponse.SERVING)
     assert _wait_for(
-      lambda: any(e.get('caller') == 'coordinator' for e in _events(target.log_path, 'GetManifest'))
+      lambda: any(
+        e.get('caller') == 'coordinator' for e in log_events(target.log_path, 'GetManifest')
+      )
     )
   finally:
     if governed:

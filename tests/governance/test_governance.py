@@ -2,24 +2,23 @@
 
 import json
 import os
+import pathlib
 import re
-import sqlite3
 import subprocess
 import sys
 
 import grpc
 import pytest
 
-from fedpipe.datasets import bundled_data
 from fedpipe.federation import certificates, local_federation
 from fedpipe.federation import tls as tls_lib
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
-from tests.conftest import REPO_ROOT, tamper_governance_db
+from tests.conftest import DIGITS_NUM_CLIENTS, REPO_ROOT, tamper_governance_db
 
 pytestmark = pytest.mark.slow
 
-NUM_CLIENTS = 30
+NUM_CLIENTS = DIGITS_NUM_CLIENTS
 FITTING_PRIVACY = {
   'noise_multiplier': 1.0,
   'clipping': 'fixed',
@@ -33,34 +32,33 @@ FITTING_PRIVACY = {
 }
 
 
-def _preprocess(raw_dir, out_dir):
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
-
-  preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
+@pytest.fixture(scope='module')
+def federation(tmp_path_factory, digits_client_data):
+  """One governed silo, `silo-a`, on the session's Beam-written digits data."""
+  root = tmp_path_factory.mktemp('governance')
+  with local_federation.start_local_federation(
+    {'silo-a': digits_client_data.processed}, str(root)
+  ) as running:
+    yield running
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  """Beam-written data for one silo, certificates (two allowed-by-CA callers), a policy."""
-  root = tmp_path_factory.mktemp('governance')
-  bundled_data.write_bundled_dataset(
-    source='sklearn:digits', raw_dir=str(root / 'raw'), num_clients=NUM_CLIENTS, seed=0
-  )
-  _preprocess(str(root / 'raw'), str(root / 'data'))
-  certs = local_federation.make_certs(str(root / 'certs'), ['silo-a'])
+def env(federation, digits_client_data):
+  """The silo's data, the federation's certificates (two allowed-by-CA callers), its policy."""
+  root = pathlib.Path(federation.work_dir)
+  certs = federation.certs
   intruder = certificates.issue(
     certs.ca, str(root / 'certs'), common_name='intruder', kind='client'
   )
-  policy = local_federation.write_policy(str(root / 'policy.toml'))
   secret = root / 'outside' / 'secret.txt'
   secret.parent.mkdir()
   secret.write_text('not for the coordinator')
   return {
     'root': root,
-    'data': str(root / 'data'),
+    'data': digits_client_data.processed,
     'certs': certs,
     'intruder': intruder,
-    'policy': policy,
+    'policy': federation.policy_path('silo-a'),
     'secret': str(secret),
   }
 
@@ -93,10 +91,11 @@ class Silo:
 
 
 @pytest.fixture(scope='module')
-def silo(env):
-  s = Silo(env, str(env['root'] / 'state')).start()
-  yield s
-  s.stop()
+def silo(env, federation):
+  """The federation's silo (the federation stops it)."""
+  s = Silo(env, federation.state_dir('silo-a'))
+  s.process = federation.silos['silo-a']
+  return s
 
 
 def _tls(env, who='coordinator'):
@@ -259,39 +258,6 @@ def _audit(silo):
 # Policy files.
 
 
-def test_policy_errors_name_each_field():
-  with pytest.raises(silo_policy.PolicyError) as e:
-    silo_policy.parse_policy(
-      'allowed_callers = []\n[privacy]\ndelta = 2\nmax_epsilon = "8"\n'
-      '[training]\nmax_rounds = 10\nbogus = 1\n',
-      source='p.toml',
-    )
-  message = str(e.value)
-  for expected in (
-    'allowed_callers must be a non-empty list',
-    'max_epsilon must be a float',
-    'min_noise_multiplier is missing',
-    'bogus is not a policy field',
-    'min_clients_per_aggregate is missing',
-  ):
-    assert expected in message
-  policy = silo_policy.parse_policy(local_federation.DEMO_POLICY)
-  assert policy.allows_caller('coordinator') and not policy.allows_caller('intruder')
-  assert policy.allow_unnoised_metrics and policy.max_evaluations == 20
-  with pytest.raises(silo_policy.PolicyError, match='max_lifetime_epsilon 4.0 is below'):
-    silo_policy.parse_policy(
-      local_federation.DEMO_POLICY.replace(
-        'max_lifetime_epsilon = 24.0', 'max_lifetime_epsilon = 4.0'
-      )
-    )
-  strict = silo_policy.parse_policy(
-    local_federation.DEMO_POLICY.split('[evaluation]')[0].replace('max_lifetime_epsilon = 24.0', '')
-  )
-  assert strict.max_lifetime_epsilon == strict.max_epsilon  # Safe defaults.
-  assert not strict.allow_unnoised_metrics and strict.max_evaluations == 0
-  assert strict.evaluation_violations(1)
-
-
 def test_silo_will_not_start_without_a_policy_or_with_a_broken_one(env, tmp_path):
   base = [
     sys.executable,
@@ -431,21 +397,15 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
   assert len([a for a in _audit(silo) if a.event == 'refused']) >= 4
 
 
-def test_audit_log_is_append_only_and_edits_are_detected(env, tmp_path):
+def test_governance_audit_verify_names_an_edited_entry(tmp_path):
+  """The program's view of a direct edit (tests/governance/test_store.py: the store's)."""
   store = governance_store.GovernanceStore(str(tmp_path))
   store.record('executed', caller='coordinator', study_id='s1', detail={'clients': ['a']})
   store.record('executed', caller='coordinator', study_id='s1', detail={'clients': ['b']})
-  for statement in ('UPDATE audit SET caller = "x"', 'DELETE FROM audit'):
-    with pytest.raises(sqlite3.DatabaseError, match='append-only'):
-      store._db.execute(statement)
-  assert len(store.audit()) == 2 and store.verify_audit() == []
   store.close()
-  # Someone bypasses the triggers and edits the file directly: the chain breaks.
-  db = sqlite3.connect(os.path.join(tmp_path, governance_store.DB_FILENAME))
-  db.execute('DROP TRIGGER audit_no_update')
-  db.execute('UPDATE audit SET detail = \'{"clients": ["z"]}\' WHERE seq = 1')
-  db.commit()
-  db.close()
+  tamper_governance_db(
+    str(tmp_path), 'UPDATE audit SET detail = \'{"clients": ["z"]}\' WHERE seq = 1'
+  )
   out = subprocess.run(
     [
       sys.executable,

@@ -158,3 +158,23 @@ def test_deleting_the_tail_or_rechaining_the_log_is_caught(tmp_path):
   store = governance_store.GovernanceStore(state)
   assert any('anchor file' in p and 'is missing' in p for p in store.verify())
   store.close()
+
+
+def test_audit_log_is_append_only_and_edits_are_detected(tmp_path):
+  store = governance_store.GovernanceStore(str(tmp_path))
+  store.record('executed', caller='coordinator', study_id='s1', detail={'clients': ['a']})
+  store.record('executed', caller='coordinator', study_id='s1', detail={'clients': ['b']})
+  for statement in ('UPDATE audit SET caller = "x"', 'DELETE FROM audit'):
+    with pytest.raises(sqlite3.DatabaseError, match='append-only'):
+      store._db.execute(statement)
+  assert len(store.audit()) == 2 and store.verify_audit() == []
+  store.close()
+  # Someone bypasses the triggers and edits the file directly: the chain breaks.
+  db = sqlite3.connect(os.path.join(tmp_path, governance_store.DB_FILENAME))
+  db.execute('DROP TRIGGER audit_no_update')
+  db.execute('UPDATE audit SET detail = \'{"clients": ["z"]}\' WHERE seq = 1')
+  db.commit()
+  db.close()
+  store = governance_store.GovernanceStore(str(tmp_path))
+  assert any('entry 1: its content does not match' in p for p in store.verify_audit())
+  store.close()

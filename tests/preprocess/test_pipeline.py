@@ -397,6 +397,7 @@ def test_argument_and_runner_checks(tmp_path):
   assert options.get_all_options()['runner'] == 'FlinkRunner'
 
 
+@pytest.mark.slow  # Starts Beam worker processes.
 def test_multi_processing_workers_write_the_same_files(digits, tmp_path):
   # Worker processes run preprocess_dofns without TensorFlow; their files must
   # be byte-identical to the in-process run's.

@@ -6,44 +6,24 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 
 import pytest
 
 from fedpipe.runtime import isolated_worker
-from tests.conftest import REPO_ROOT, default_sigint
+from tests.conftest import (
+  REPO_ROOT,
+  default_sigint,
+  process_alive,
+  tff_worker_pids,
+  wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  try:  # A zombie is dead for our purposes.
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().split(')')[-1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
-
-
 def _wait_dead(pids, timeout=15.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if not any(_alive(p) for p in pids):
-      return True
-    time.sleep(0.1)
-  return False
-
-
-def _worker_binary_pids():
-  out = subprocess.run(
-    ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
-  ).stdout
-  return {int(p) for p in out.split()}
+  return wait_until(lambda: not any(process_alive(p) for p in pids), timeout, interval=0.1)
 
 
 def _listening_tcp_ports():
@@ -54,14 +34,14 @@ def _listening_tcp_ports():
 
 def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
   before_ports = _listening_tcp_ports()
-  before_workers = _worker_binary_pids()
+  before_workers = tff_worker_pids()
   with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)) as worker:
     assert worker.target.startswith('unix://')
     path = worker.target[len('unix://') :]
     mode = os.stat(path).st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o600
-    new_workers = _worker_binary_pids() - before_workers
+    new_workers = tff_worker_pids() - before_workers
     assert new_workers, 'no worker_binary process found'
     # The worker (listening on 8000 in its namespace) adds no host TCP port.
     assert _listening_tcp_ports() - before_ports == set()
@@ -85,12 +65,12 @@ def test_serves_on_a_private_unix_socket_and_no_tcp_port(tmp_path):
 )
 def test_worker_runs_the_configured_number_of_clients_at_once(tmp_path, configured, expected):
   assert isolated_worker.resolve_concurrent_calls(configured) == expected
-  before = _worker_binary_pids()
+  before = tff_worker_pids()
   with isolated_worker.IsolatedWorker(
     working_dir=str(tmp_path), max_concurrent_computation_calls=configured
   ):
     argvs = []
-    for pid in _worker_binary_pids() - before:
+    for pid in tff_worker_pids() - before:
       with open(f'/proc/{pid}/cmdline', 'rb') as f:
         argvs.append(f.read().decode().split('\0'))
   (argv,) = [a for a in argvs if a[0].endswith('/worker_binary')]
@@ -100,10 +80,10 @@ def test_worker_runs_the_configured_number_of_clients_at_once(tmp_path, configur
 def test_worker_inherits_the_allocator_settings_of_its_owner(tmp_path, monkeypatch):
   # docs/deploy-silo.md tells operators to cap glibc's malloc arenas this way.
   monkeypatch.setenv('MALLOC_ARENA_MAX', '2')
-  before = _worker_binary_pids()
+  before = tff_worker_pids()
   with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)):
     environs = {}
-    for pid in _worker_binary_pids() - before:
+    for pid in tff_worker_pids() - before:
       with open(f'/proc/{pid}/cmdline', 'rb') as f:
         program = f.read().split(b'\0')[0]
       with open(f'/proc/{pid}/environ', 'rb') as f:
@@ -151,7 +131,7 @@ _REFUSE = textwrap.dedent("""
 
 def test_refuses_to_run_without_a_fedpipe_runtime():
   # A fresh interpreter: the session's tff_worker fixture may hold the context here.
-  before = _worker_binary_pids()
+  before = tff_worker_pids()
   out = subprocess.run(
     [sys.executable, '-c', _REFUSE],
     cwd=REPO_ROOT,
@@ -162,7 +142,7 @@ def test_refuses_to_run_without_a_fedpipe_runtime():
   )
   assert 'refused:' in out.stdout, out.stdout + out.stderr
   assert 'local_worker_context' in out.stdout
-  assert _worker_binary_pids() - before == set()
+  assert tff_worker_pids() - before == set()
 
 
 _OWNER = textwrap.dedent("""
@@ -190,7 +170,7 @@ def _start_owner(tmp_path):
   relay_pid = int(line[1])
   workers = {
     p
-    for p in _worker_binary_pids()
+    for p in tff_worker_pids()
     if os.path.exists(f'/proc/{p}/status')
     and f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()
   }
@@ -237,7 +217,7 @@ def _private_data_dir(tmp_path):
 
 def _worker_of(relay_pid):
   (pid,) = [
-    p for p in _worker_binary_pids() if f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()
+    p for p in tff_worker_pids() if f'PPid:\t{relay_pid}\n' in open(f'/proc/{p}/status').read()
   ]
   return pid
 
@@ -378,16 +358,6 @@ _KILLED_OWNER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def private_tmpdir(monkeypatch):
-  # Short (unix socket paths are limited to 107 bytes) and ours alone.
-  path = tempfile.mkdtemp(prefix='fp-', dir='/tmp')
-  monkeypatch.setenv('TMPDIR', path)
-  monkeypatch.setattr(tempfile, 'tempdir', path)
-  yield path
-  shutil.rmtree(path, ignore_errors=True)
-
-
 def test_temporary_dirs_go_on_stop_and_after_kill_9_at_the_next_start(tmp_path, private_tmpdir):
   owner = subprocess.Popen(
     [sys.executable, '-c', _KILLED_OWNER, str(tmp_path)],
@@ -411,33 +381,6 @@ def test_temporary_dirs_go_on_stop_and_after_kill_9_at_the_next_start(tmp_path, 
   with isolated_worker.IsolatedWorker(working_dir=str(tmp_path)):
     assert not os.path.exists(owner_dir)
   assert os.listdir(private_tmpdir) == []
-
-
-def test_stale_dirs_are_those_of_dead_or_reused_pids(private_tmpdir):
-  me = os.getpid()
-  with open(f'/proc/{me}/stat', 'rb') as f:
-    started = int(f.read().rsplit(b')', 1)[1].split()[19])
-  dead = subprocess.Popen(['true'])
-  dead.wait()
-  names = {
-    'mine': f'fedpipe-worker-{me}-{started}-abc_123',
-    'reused': f'fedpipe-worker-{me}-{started - 1}-abc_123',
-    'dead': f'fedpipe-worker-{dead.pid}-{started}-abc_123',
-    'legacy_new': 'fedpipe-worker-abcd1234',
-    'legacy_old': 'fedpipe-worker-efgh5678',
-    'other': 'something-else',
-  }
-  for name in names.values():
-    os.mkdir(os.path.join(private_tmpdir, name))
-  old = time.time() - 3600
-  os.utime(os.path.join(private_tmpdir, names['legacy_old']), (old, old))
-  removed = isolated_worker.remove_stale_tmpdirs()
-  assert sorted(os.path.basename(p) for p in removed) == sorted(
-    [names['reused'], names['dead'], names['legacy_old']]
-  )
-  assert sorted(os.listdir(private_tmpdir)) == sorted(
-    [names['mine'], names['legacy_new'], names['other']]
-  )
 
 
 @pytest.mark.slow
