@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/digits_dp.py
 OUTPUT_DIR ?=
 PYTEST_ARGS ?=
+# The whole suite runs its test files on this many processes (pytest-xdist):
+# most tests wait on subprocesses, so two share two cores well.
+TEST_WORKERS ?= 2
 
 .PHONY: install lint demo demo-silos test test-fast bench clean
 
@@ -36,7 +39,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -78,12 +78,28 @@ def process_alive(pid):
     return False
 
 
+# Under pytest-xdist each test process sees only the workers its own tests
+# started: they (and any orphan they leave) inherit its PYTEST_XDIST_WORKER.
+_XDIST_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
+
+
+def _started_by_this_test_process(pid):
+  if _XDIST_WORKER is None:
+    return True
+  try:
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+      environ = f.read().split(b'\0')
+  except OSError:
+    return False
+  return f'PYTEST_XDIST_WORKER={_XDIST_WORKER}'.encode() in environ
+
+
 def tff_worker_pids():
-  """The pids of every running TFF `worker_binary` on this machine."""
+  """The pids of every running TFF `worker_binary` that this test process started."""
   out = subprocess.run(
     ['pgrep', '-f', 'tensorflow_federated/data/worker_binary'], capture_output=True, text=True
   ).stdout
-  return {int(p) for p in out.split()}
+  return {int(p) for p in out.split() if _started_by_this_test_process(int(p))}
 
 
 def log_events(log_path, event=None):

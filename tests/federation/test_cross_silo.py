@@ -256,47 +256,6 @@ def _silo_tree_pids(silo):
   return tree
 
 
-def test_a_silo_killed_mid_training_fails_the_run_naming_it(fed, tmp_path):
-  with _start_federation(fed, tmp_path) as federation:
-    silos = federation.silos
-    victim = silos['silo-b']
-    victim_tree = _silo_tree_pids(victim)
-    assert len(victim_tree) >= 3  # silo, relay, worker
-    command = _train_command(
-      fed,
-      tmp_path / 'run',
-      '--config.training.rounds=60',
-      '--config.training.clients_per_round=15',
-      federation=federation,
-    )
-    process = subprocess.Popen(
-      command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    with process:
-      try:
-        for line in process.stdout:
-          if line.startswith('round  3/'):
-            victim.kill()
-            break
-        _, stderr = process.communicate(timeout=300)
-      finally:
-        process.kill()
-    assert process.returncode == 2
-    assert re.search(
-      r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with \d+ of its '
-      r'clients \(user_\d+',
-      stderr,
-    ), stderr[-2000:]
-    assert wait_until(lambda: not any(process_alive(p) for p in victim_tree)), 'silo processes left'
-  assert wait_until(
-    lambda: (
-      not any(
-        process_alive(p) for s in silos.values() for p in _silo_tree_pids(s) if p != s.process.pid
-      )
-    )
-  )
-
-
 def test_a_silo_killed_mid_training_is_dropped_then_rejoins_after_restart(fed, tmp_path):
   out = tmp_path / 'run'
   seen_drop = rejoined = False
@@ -354,7 +313,8 @@ def test_silo_stops_gracefully_on_sigterm_and_ends_its_worker(fed, tmp_path):
 def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
   """Finding: `silo_round_timeout_s=20` was not honoured; a SIGSTOPped silo was
   detected after 83 s, by a keepalive."""
-  timeout_s = 8
+  # Long enough for a first round (tracing included) on a loaded machine.
+  timeout_s = 20
   with _start_federation(fed, tmp_path) as federation:
     victim = federation.silos['silo-b']
     command = _train_command(
@@ -370,12 +330,14 @@ def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
       ) as process:
         try:
+          frozen_at = None
           for line in process.stdout:
             if line.startswith('round  2/'):
               os.kill(victim.process.pid, signal.SIGSTOP)
               frozen_at = time.monotonic()
               break
           _, stderr = process.communicate(timeout=300)
+          assert frozen_at is not None, f'training ended before round 2: {stderr[-3000:]}'
           named_after = time.monotonic() - frozen_at
         finally:
           process.kill()
@@ -392,8 +354,12 @@ def test_a_frozen_silo_is_named_within_the_round_timeout(fed, tmp_path):
   assert named_after < timeout_s + 20, named_after
 
 
-def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_path):
-  """Finding: after silo-b was killed mid-round, silo-a had charged the round
+def test_a_silo_killed_mid_round_fails_the_run_naming_it_and_a_governed_rerun_resumes_honestly(
+  fed, tmp_path
+):
+  """The run fails naming the silo and its clients; the silo's processes end.
+
+  Finding: after silo-b was killed mid-round, silo-a had charged the round
   and the same command failed forever with a wrong message."""
   from fedpipe.governance import store as governance_store
 
@@ -428,6 +394,8 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
       store = store_of(name)
       store.decide(study_id, approve=True, rounds=rounds, evaluations=1)
       store.close()
+    victim_tree = _silo_tree_pids(silos['silo-b'])
+    assert len(victim_tree) >= 3  # silo, relay, worker
     with subprocess.Popen(
       command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
@@ -439,7 +407,13 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
         _, stderr = process.communicate(timeout=300)
       finally:
         process.kill()
-    assert process.returncode == 2 and 'silo silo-b' in stderr, stderr[-2000:]
+    assert process.returncode == 2
+    assert re.search(
+      r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with \d+ of its '
+      r'clients \(user_\d+',
+      stderr,
+    ), stderr[-2000:]
+    assert wait_until(lambda: not any(process_alive(p) for p in victim_tree)), 'silo processes left'
     completed = max(int(r['key']) for r in _metrics(tmp_path / 'run'))
     # Each silo charged exactly the rounds whose partial sum it released: those
     # the coordinator completed, plus its share of the failed round if that
@@ -474,3 +448,10 @@ def test_a_governed_run_resumes_honestly_after_a_silo_dies_mid_round(fed, tmp_pa
     assert f'resuming from the checkpoint of round {completed}' in rerun.stdout
     assert sorted(int(r['key']) for r in _metrics(tmp_path / 'run')) == list(range(1, rounds + 1))
     assert {name: used(name) for name in names} == {n: rounds + short[n] for n in names}
+  assert wait_until(
+    lambda: (
+      not any(
+        process_alive(p) for s in silos.values() for p in _silo_tree_pids(s) if p != s.process.pid
+      )
+    )
+  ), 'a silo left its relay or worker behind when the federation stopped'
