@@ -304,7 +304,9 @@ def test_a_second_run_is_refused_at_once_then_after_kill_9_the_same_run_resumes(
   before = tff_worker_pids()
   rerun = _run(_command(client_data, out, f'--config.training.rounds={done + 1}'))
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f'resuming from the checkpoint of round {done}' in rerun.stdout
+  # kill -9 can land between a round's metrics and its checkpoint: the rerun
+  # resumes from the last checkpoint and redoes what followed it.
+  assert 'resuming from the checkpoint of round' in rerun.stdout
   assert _metric_rounds(out) == list(range(1, done + 2))
   assert json.loads((out / 'privacy_report.json').read_text())['rounds'] == done + 1
   assert (out / '.lock').read_text() == ''
