@@ -31,20 +31,23 @@ raise, see `fedpipe.federation.silo_protocol`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from fedpipe.computations import privacy_accounting
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import policy as silo_policy
-from fedpipe.governance import privacy_ledger, study_request
+from fedpipe.governance import privacy_ledger, secure_terms, study_request
 from fedpipe.governance import review as computation_review
 from fedpipe.governance import store as governance_store
 from fedpipe.runtime import executor_service
@@ -99,6 +102,7 @@ def review_study(
   *,
   silo_clients: int,
   other_roles: dict[str, set[tuple[str, str]]] | None = None,
+  silo_name: str | None = None,
 ) -> dict[str, Any]:
   """The silo's own reading of a request: recomputed ε, what each computation does, violations.
 
@@ -108,6 +112,7 @@ def review_study(
     silo_clients: How many clients this silo holds.
     other_roles: Fingerprint -> {(study id, role)} of computations already
       submitted in other studies: one computation has one role on a silo.
+    silo_name: This silo's name (a secure study's roster must include it).
 
   Returns:
     A JSON-able review; `violations` lists every reason the study does not
@@ -137,6 +142,7 @@ def review_study(
       )
   except (KeyError, TypeError, ValueError) as e:
     violations.append(f'privacy parameters are malformed: {e}')
+  violations += _secure_aggregation_violations(request, policy, silo_name)
   computations = []
   roles = collections.Counter(c.role for c in request.computations)
   for role, count in roles.items():
@@ -164,6 +170,76 @@ def review_study(
     'violations': violations,
     'computations': computations,
   }
+
+
+def _secure_aggregation_violations(
+  request: study_request.StudyRequest, policy: silo_policy.SiloPolicy, silo_name: str | None
+) -> list[str]:
+  """Whether the study's secure-aggregation terms (or their absence) fit the policy and the study."""
+  privacy = request.privacy
+  try:
+    terms = secure_terms.terms_of(privacy)
+  except secure_terms.SecureTermsError as e:
+    return [str(e)]
+  found = policy.secure_aggregation_violations(terms, silo_name=silo_name)
+  if terms is None:
+    return found
+  if terms.noise_multiplier != float(privacy.get('noise_multiplier') or 0.0):
+    found.append(
+      f'secure_aggregation.noise_multiplier {terms.noise_multiplier:g} differs from the '
+      f"study's noise_multiplier {privacy.get('noise_multiplier')}"
+    )
+  if privacy.get('clipping') != 'fixed':
+    found.append('secure aggregation needs fixed clipping (adaptive clipping is not supported)')
+  if privacy.get('sampling') != 'poisson':
+    found.append('secure aggregation is accounted for Poisson sampling only (sampling=poisson)')
+  train = [c for c in request.computations if c.role == study_request.ROLE_TRAIN]
+  if train:
+    dim = noised_dimension(train[0].proto, terms.noised_path)
+    if isinstance(dim, str):
+      found.append(f'secure_aggregation.noised_path {list(terms.noised_path)}: {dim}')
+    elif dim != terms.dim:
+      found.append(
+        f'secure_aggregation.dim is {terms.dim}, but the training computation puts {dim} '
+        f'values at noised_path {list(terms.noised_path)}'
+      )
+  return found
+
+
+def noised_dimension(proto, path: tuple[int, ...]) -> int | str:
+  """How many float values the training computation's result holds at `path`, or why none.
+
+  The silo counts the coordinates that get noise in the computation it
+  approves; the coordinator's `dim` is only a claim checked against this.
+  """
+  import tensorflow_federated as tff  # Seconds to import: only where studies are reviewed.
+
+  result = tff.framework.deserialize_computation(proto).type_signature.result
+  node = result.member if isinstance(result, tff.FederatedType) else result
+  for index in path:
+    if not isinstance(node, tff.StructType) or not 0 <= index < len(node):
+      return 'it does not lead into the result'
+    node = node[index]
+  leaves = list(_tensor_leaves(node))
+  if not leaves or not all(
+    isinstance(t, tff.TensorType)
+    and np.issubdtype(t.dtype, np.floating)
+    and t.shape is not None
+    and all(d is not None for d in t.shape)
+    for t in leaves
+  ):
+    return 'the values there are not all float tensors of known shape'
+  return sum(math.prod(t.shape) for t in leaves)
+
+
+def _tensor_leaves(node):
+  import tensorflow_federated as tff
+
+  if isinstance(node, tff.StructType):
+    for element in node:
+      yield from _tensor_leaves(element)
+  else:
+    yield node
 
 
 @dataclasses.dataclass
@@ -212,6 +288,7 @@ class GovernanceGate:
     self._fingerprints: dict[bytes, str] = {}
     self._reservations: dict[int, _Reservation] = {}
     self._next_reservation = 0
+    self._releasing_masked = threading.local()  # Per gRPC handler thread.
 
   # CallGate.
 
@@ -233,6 +310,14 @@ class GovernanceGate:
           'track (disposed or evicted); start a new executor',
         )
       if computes:  # What the released value carries, fixed before it runs.
+        masked_only = self._masked_only_study(info)
+        if masked_only is not None and not getattr(self._releasing_masked, 'active', False):
+          return self._refuse(
+            caller,
+            f'the training results of study {masked_only} leave this silo only masked '
+            '(secure aggregation); ask for them with SecureRelease',
+            study_id=masked_only,
+          )
         self._stage(request, info)
     if method == executor_service.CREATE_VALUE:
       return self._check_value(request, caller)
@@ -290,6 +375,36 @@ class GovernanceGate:
     if calls and info is not None and info.pending:
       return self._charge(info.pending, caller)
     return None
+
+  # Secure aggregation.
+
+  def _masked_only_study(self, info: _ValueInfo) -> str | None:
+    """The secure-aggregation study whose training result `info` carries, if any."""
+    with self._lock:
+      studies = {
+        r.study_id
+        for k in info.pending
+        if (r := self._reservations.get(k)) is not None and r.role == governance_store.ROLE_TRAIN
+      }
+    for study_id in sorted(studies):
+      if self.secure_terms(study_id) is not None:
+        return study_id
+    return None
+
+  def secure_terms(self, study_id: str) -> secure_terms.SecureAggregationTerms | None:
+    """The approved secure-aggregation terms of a study (as stored at submission)."""
+    study = self.store.get(study_id)
+    return None if study is None else secure_terms.terms_of(study.request['privacy'])
+
+  @contextlib.contextmanager
+  def releasing_masked(self) -> Iterator[None]:
+    """Within the block, a secure study's training result may be computed: the silo
+    server's SecureRelease encodes and masks it before anything leaves."""
+    self._releasing_masked.active = True
+    try:
+      yield
+    finally:
+      self._releasing_masked.active = False
 
   # Checks.
 
@@ -501,11 +616,21 @@ class GovernanceGate:
         f"this silo's data to {spent:.4g}, above max_lifetime_epsilon "
         f'{self.policy.max_lifetime_epsilon:g}'
       )
-    return {
+    detail = {
       'epsilon': round(epsilon, 6),
       'lifetime_epsilon': round(spent, 6),
       'delta': self.policy.delta,
     }
+    terms = secure_terms.terms_of(privacy)
+    if terms is not None:
+      detail.update(
+        mechanism=terms.noise,
+        silos=len(terms.roster),
+        max_colluding=terms.max_colluding,
+        bits=terms.bits,
+        scale=terms.scale,
+      )
+    return detail
 
   # Study requests (fedpipe.Silo's SubmitStudy and StudyStatus).
 
@@ -520,7 +645,11 @@ class GovernanceGate:
     self.policy.check_caller(caller)
     other_roles = self.store.roles_of([c.fingerprint for c in request.computations])
     review = review_study(
-      request, self.policy, silo_clients=len(self._client_ids), other_roles=other_roles
+      request,
+      self.policy,
+      silo_clients=len(self._client_ids),
+      other_roles=other_roles,
+      silo_name=self._silo,
     )
     study = self.store.submit(
       study_id=request.study_id,

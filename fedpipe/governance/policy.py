@@ -23,10 +23,17 @@
     [review]                      # optional section
     extra_allowed_ops = []        # TensorFlow ops allowed beyond the built-in allowlist
 
+    [secure_aggregation]          # optional section
+    require_secure_aggregation = true  # refuse studies that send unmasked partial sums
+    min_roster = 3                # fewest silos a secure study may have
+    allow_noise_free = false      # the noise-free test mode (never in production)
+
 Every field is required except those with defaults: `allow_adaptive_clipping`
 (false), `max_lifetime_epsilon` (`max_epsilon`: all studies together may
-spend what one may), the `[evaluation]` section (no un-noised evaluation)
-and the `[review]` section (the built-in op allowlist only), so a policy
+spend what one may), the `[evaluation]` section (no un-noised evaluation),
+the `[review]` section (the built-in op allowlist only) and the
+`[secure_aggregation]` section (secure aggregation accepted, not required,
+with at least 2 silos, never noise-free), so a policy
 says explicitly what it allows. The policy is validated once, at
 start-up; a study is checked against it on submission and again on approval.
 """
@@ -39,6 +46,7 @@ import tomllib
 from typing import Any
 
 from fedpipe.errors import FedpipeError
+from fedpipe.governance import secure_terms
 
 _PRIVACY_FIELDS = {
   'delta': float,
@@ -56,12 +64,16 @@ _TRAINING_FIELDS = {
 }
 _EVALUATION_FIELDS = {'allow_unnoised_metrics': bool, 'max_evaluations': int}
 _REVIEW_FIELDS = {'extra_allowed_ops': list}
+_SECURE_FIELDS = {'require_secure_aggregation': bool, 'min_roster': int, 'allow_noise_free': bool}
 _OPTIONAL = {
   'allow_adaptive_clipping': False,
   'max_lifetime_epsilon': None,
   'allow_unnoised_metrics': False,
   'max_evaluations': 0,
   'extra_allowed_ops': [],
+  'require_secure_aggregation': False,
+  'min_roster': 2,
+  'allow_noise_free': False,
 }
 
 
@@ -91,6 +103,9 @@ class SiloPolicy:
   allow_unnoised_metrics: bool = False
   max_evaluations: int = 0
   extra_allowed_ops: tuple[str, ...] = ()
+  require_secure_aggregation: bool = False
+  min_secure_roster: int = 2
+  allow_noise_free_secure_sum: bool = False
   source: str = '<policy>'
 
   def allows_caller(self, caller: str) -> bool:
@@ -154,6 +169,33 @@ class SiloPolicy:
       )
     return found
 
+  def secure_aggregation_violations(
+    self, terms: secure_terms.SecureAggregationTerms | None, *, silo_name: str | None
+  ) -> list[str]:
+    """Why a study's secure-aggregation terms (None: none) break the policy (empty: they fit)."""
+    if terms is None:
+      if self.require_secure_aggregation:
+        return [
+          'this silo requires secure aggregation ([secure_aggregation] '
+          'require_secure_aggregation = true); the study would release its partial sums '
+          'unmasked, trusting the coordinator with them'
+        ]
+      return []
+    found = []
+    if silo_name is not None and silo_name not in terms.roster:
+      found.append(f'the secure-aggregation roster {list(terms.roster)} does not name {silo_name}')
+    if len(terms.roster) < self.min_secure_roster:
+      found.append(
+        f'the secure-aggregation roster has {len(terms.roster)} silos; this silo needs at '
+        f'least min_roster = {self.min_secure_roster}'
+      )
+    if terms.noise_multiplier == 0 and not self.allow_noise_free_secure_sum:
+      found.append(
+        'the secure sum is noise-free (a test mode); this silo adds noise to everything it '
+        'releases ([secure_aggregation] allow_noise_free = false)'
+      )
+    return found
+
 
 def _take(
   table: dict[str, Any], fields: dict[str, type], section: str, path: str, errors: list[str]
@@ -205,10 +247,13 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
   training = _take(data.pop('training', {}), _TRAINING_FIELDS, 'training', source, errors)
   evaluation = _take(data.pop('evaluation', {}), _EVALUATION_FIELDS, 'evaluation', source, errors)
   review = _take(data.pop('review', {}), _REVIEW_FIELDS, 'review', source, errors)
+  secure = _take(
+    data.pop('secure_aggregation', {}), _SECURE_FIELDS, 'secure_aggregation', source, errors
+  )
   for name in sorted(data):
     errors.append(
       f'{name} is not a policy section (known: allowed_callers, [privacy], '
-      '[training], [evaluation], [review])'
+      '[training], [evaluation], [review], [secure_aggregation])'
     )
   if not errors:
     if not 0 < privacy['delta'] < 1:
@@ -232,6 +277,11 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
         errors.append(f'[training] {name} must be >= 1, got {training[name]}')
     if training['min_clients_per_round'] > training['max_clients_per_round']:
       errors.append('[training] min_clients_per_round exceeds max_clients_per_round')
+    if secure['min_roster'] < 2:
+      errors.append(
+        f'[secure_aggregation] min_roster must be >= 2 (masks need two silos), '
+        f'got {secure["min_roster"]}'
+      )
   if errors:
     raise PolicyError(f'policy {source} is invalid:\n  - ' + '\n  - '.join(errors))
   return SiloPolicy(
@@ -241,6 +291,9 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
     allow_unnoised_metrics=evaluation['allow_unnoised_metrics'],
     max_evaluations=evaluation['max_evaluations'],
     extra_allowed_ops=tuple(review['extra_allowed_ops']),
+    require_secure_aggregation=secure['require_secure_aggregation'],
+    min_secure_roster=secure['min_roster'],
+    allow_noise_free_secure_sum=secure['allow_noise_free'],
     source=source,
   )
 

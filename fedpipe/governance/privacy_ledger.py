@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from fedpipe.computations import privacy_accounting
+import dp_accounting
+import numpy as np
+
+from fedpipe.computations import distributed_dp_accounting, privacy_accounting
+from fedpipe.governance import secure_terms
 
 
 def mechanism(privacy: Mapping[str, Any]) -> tuple[float, privacy_accounting.SamplingScheme]:
@@ -31,8 +35,35 @@ def mechanism(privacy: Mapping[str, Any]) -> tuple[float, privacy_accounting.Sam
   return float(privacy['noise_multiplier'] or 0.0), sampling
 
 
+def secure_mechanism(
+  privacy: Mapping[str, Any],
+) -> tuple[distributed_dp_accounting.DistributedDiscreteGaussian, float] | None:
+  """A secure-aggregation study's distributed discrete Gaussian and sampling rate; None if central.
+
+  Raises:
+    secure_terms.SecureTermsError: If its terms are malformed.
+    privacy_accounting.PrivacyAccountingError: If its sampling is not Poisson
+      (the subsampling bound used is for Poisson sampling).
+  """
+  terms = secure_terms.terms_of(privacy)
+  if terms is None:
+    return None
+  _, sampling = mechanism(privacy)
+  if sampling.method != 'poisson':
+    raise privacy_accounting.PrivacyAccountingError(
+      'secure aggregation is accounted for Poisson sampling only; use sampling=poisson'
+    )
+  return terms.mechanism(float(privacy['clip_norm'])), sampling.sampling_rate
+
+
 def study_epsilon(privacy: Mapping[str, Any], rounds: int, *, delta: float) -> float:
   """ε of `rounds` rounds of one study at `delta` (`inf` without noise)."""
+  secure = secure_mechanism(privacy)
+  if secure is not None:
+    ddg, rate = secure
+    return distributed_dp_accounting.compute_epsilon(
+      ddg, sampling_rate=rate, rounds=rounds, delta=delta
+    )
   noise_multiplier, sampling = mechanism(privacy)
   return privacy_accounting.compute_epsilon(
     noise_multiplier=noise_multiplier,
@@ -50,9 +81,37 @@ def lifetime_epsilon(studies: Iterable[tuple[Mapping[str, Any], int]], *, delta:
     studies: (privacy section, rounds) of each study.
     delta: The policy's δ.
   """
-  return privacy_accounting.compose_epsilon(
-    [(*mechanism(privacy), rounds) for privacy, rounds in studies], delta=delta
-  )
+  studies = list(studies)
+  if not any(secure_terms.terms_of(privacy) for privacy, _ in studies):
+    return privacy_accounting.compose_epsilon(
+      [(*mechanism(privacy), rounds) for privacy, rounds in studies], delta=delta
+    )
+  # Central and distributed studies together: every RDP curve at the same
+  # integer orders (the distributed one's subsampling bound needs them).
+  orders = distributed_dp_accounting.RDP_ORDERS
+  total = np.zeros(len(orders))
+  for privacy, rounds in studies:
+    if rounds == 0:
+      continue
+    secure = secure_mechanism(privacy)
+    if secure is not None:
+      ddg, rate = secure
+      if ddg.total_stddev == 0:
+        return float('inf')
+      total += rounds * ddg.round_rdp(orders, rate)
+      continue
+    noise_multiplier, sampling = mechanism(privacy)
+    if noise_multiplier == 0:
+      return float('inf')
+    accountant = privacy_accounting.make_accountant('rdp', sampling)
+    accountant = dp_accounting.rdp.RdpAccountant(
+      orders=list(orders), neighboring_relation=accountant.neighboring_relation
+    )
+    accountant.compose(privacy_accounting.round_event(noise_multiplier, sampling), rounds)
+    total += accountant.rdp
+  if not total.any():
+    return 0.0
+  return float(dp_accounting.rdp.compute_epsilon(orders, total, delta)[0])
 
 
 def ledger_epsilons(

@@ -12,6 +12,7 @@ when a killed run is restarted) finds the stored one.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ from tensorflow_federated.proto.v0 import computation_pb2
 from fedpipe.data import json_fields
 from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
+from fedpipe.governance import secure_terms
 from fedpipe.governance import store as governance_store
 
 FORMAT = 'fedpipe-study/2'
@@ -91,8 +93,8 @@ class StudyRequest:
       'name': self.name,
       'rounds': self.rounds,
       'evaluations': self.evaluations,
-      'model': self.model,
-      'privacy': self.privacy,
+      'model': copy.deepcopy(self.model),
+      'privacy': copy.deepcopy(self.privacy),
       'computations': [
         {
           'role': c.role,
@@ -120,11 +122,18 @@ class StudyRequest:
       raise StudyRequestError('a study request must contain at least one computation')
     computations = tuple(_computation(item, f'computations[{i}]') for i, item in enumerate(items))
     privacy = _field(data, 'privacy', dict)
+    terms = {}
+    if privacy.get('secure_aggregation') is not None:
+      try:
+        parsed = secure_terms.SecureAggregationTerms.from_json(privacy['secure_aggregation'])
+      except secure_terms.SecureTermsError as e:
+        raise StudyRequestError(f'{_WHAT} field privacy.{e}') from e
+      terms = {'secure_aggregation': parsed.to_json()}
     return cls(
       name=str(_field(data, 'name', object)),
       computations=computations,
       model=_field(data, 'model', dict),
-      privacy={k: _field(privacy, k, object, within='privacy') for k in _PRIVACY_KEYS},
+      privacy={k: _field(privacy, k, object, within='privacy') for k in _PRIVACY_KEYS} | terms,
       rounds=_count(data, 'rounds', minimum=1),
       evaluations=_count(data, 'evaluations', minimum=0, default=0),
     )
