@@ -286,6 +286,15 @@ class SiloConnection:
         f'silo {self.name} ({self.address}) refused {method}: {rpc_errors.rpc_summary(e)}',
       ) from e
 
+  def call_silo(self, method: str, request: bytes, timeout_s: float) -> bytes:
+    """Calls a governed `fedpipe.Silo` method (a study or secure-round one) with its payload.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: Naming this silo and what it answered.
+    """
+    return self._call(method, request, timeout_s)
+
   def _status_reply(self, method: str, data: bytes) -> silo_protocol.StudyStatusReply:
     try:
       return silo_protocol.decode(

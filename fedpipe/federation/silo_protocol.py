@@ -12,8 +12,12 @@ A silo (`silo_server`) serves, behind its mutual-TLS front (`tls_front`):
       GetManifest   empty                                 `ManifestReply`
       SubmitStudy   `study_request.StudyRequest`          `StudyStatusReply`
       StudyStatus   `StudyStatusRequest`                  `StudyStatusReply`
+      SecureKeys    `SecureRoundRequest`                  `key_agreement.KeyBundle`
+      SecureConfirm `SecureConfirmRequest`                `SecureConfirmReply`
+      SecureRelease `SecureReleaseRequest`                `SecureReleaseReply`
 
-  SubmitStudy and StudyStatus are served by governed silos only: an
+  SubmitStudy, StudyStatus and the Secure methods (one secure-aggregation
+  round, see `secure_rounds`) are served by governed silos only: an
   ungoverned one answers UNIMPLEMENTED;
 * gRPC health checks (`grpc.health.v1.Health`) for `HEALTH_SERVICES`.
 
@@ -23,6 +27,7 @@ silo refuses ends with the gRPC status that `status_code` gives its error:
 
     error                                      status
     PayloadError, study_request.StudyRequestError   INVALID_ARGUMENT (names the field)
+    key_agreement.SecureAggregationError       FAILED_PRECONDITION (names the silo at fault)
     governance_store.UnknownStudyError         NOT_FOUND (names the study)
     silo_policy.PolicyRefusalError             PERMISSION_DENIED (names the rule)
     any other FedpipeError                     INTERNAL
@@ -33,6 +38,7 @@ the silo logs them and answers INTERNAL without their text.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -42,6 +48,7 @@ import grpc
 from fedpipe.data import json_fields
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
+from fedpipe.federation import key_agreement
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
 from fedpipe.governance import study_request
@@ -51,8 +58,13 @@ SILO_SERVICE = 'fedpipe.Silo'
 GET_MANIFEST = 'GetManifest'
 SUBMIT_STUDY = 'SubmitStudy'
 STUDY_STATUS = 'StudyStatus'
-SILO_METHODS = (GET_MANIFEST, SUBMIT_STUDY, STUDY_STATUS)
-STUDY_METHODS = (SUBMIT_STUDY, STUDY_STATUS)
+SECURE_KEYS = 'SecureKeys'
+SECURE_CONFIRM = 'SecureConfirm'
+SECURE_RELEASE = 'SecureRelease'
+SECURE_METHODS = (SECURE_KEYS, SECURE_CONFIRM, SECURE_RELEASE)
+"""One secure-aggregation round, in order (see `secure_rounds`)."""
+SILO_METHODS = (GET_MANIFEST, SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS)
+STUDY_METHODS = (SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS)
 """The methods a governed silo serves in addition to GetManifest."""
 
 EXECUTOR_SERVICE = executor_service.SERVICE
@@ -249,6 +261,165 @@ class StudyStatusReply:
     )
 
 
+def _round_fields(data: Any, what: str) -> tuple[dict[str, Any], str, int, int]:
+  data = _object(data, what)
+  study_id = _field(data, 'study_id', str, what)
+  round_number = _field(data, 'round', int, what)
+  attempt = _field(data, 'attempt', int, what)
+  if not study_id or round_number < 1 or attempt < 0:
+    raise PayloadError(f'{what}: study_id must be set, round >= 1 and attempt >= 0')
+  return data, study_id, round_number, attempt
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureRoundRequest:
+  """SecureKeys's request: a fresh key for this round of the study, among `roster`."""
+
+  study_id: str
+  round: int
+  attempt: int
+  roster: tuple[str, ...]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'study_id': self.study_id,
+      'round': self.round,
+      'attempt': self.attempt,
+      'roster': list(self.roster),
+    }
+
+  @classmethod
+  def from_json(cls, data: Any) -> SecureRoundRequest:
+    what = f'the {SECURE_KEYS} request'
+    data, study_id, round_number, attempt = _round_fields(data, what)
+    roster = _field(data, 'roster', list, what)
+    if not all(isinstance(name, str) and name for name in roster):
+      raise PayloadError(f'{what} field roster must list silo names')
+    return cls(study_id, round_number, attempt, tuple(roster))
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureConfirmRequest:
+  """SecureConfirm's request: every roster silo's key bundle, as the coordinator relays them."""
+
+  study_id: str
+  round: int
+  attempt: int
+  bundles: tuple[key_agreement.KeyBundle, ...]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'study_id': self.study_id,
+      'round': self.round,
+      'attempt': self.attempt,
+      'bundles': [b.to_json() for b in self.bundles],
+    }
+
+  @classmethod
+  def from_json(cls, data: Any) -> SecureConfirmRequest:
+    what = f'the {SECURE_CONFIRM} request'
+    data, study_id, round_number, attempt = _round_fields(data, what)
+    bundles = _field(data, 'bundles', list, what)
+    return cls(
+      study_id,
+      round_number,
+      attempt,
+      tuple(key_agreement.KeyBundle.from_json(_object(b, f'{what} bundle')) for b in bundles),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureConfirmReply:
+  """A silo's signature on the digest of the roster it verified."""
+
+  signature: bytes
+
+  def to_json(self) -> dict[str, Any]:
+    return {'signature': self.signature.hex()}
+
+  @classmethod
+  def from_json(cls, data: Any) -> SecureConfirmReply:
+    what = f'the {SECURE_CONFIRM} reply'
+    try:
+      return cls(bytes.fromhex(_field(_object(data, what), 'signature', str, what)))
+    except ValueError as e:
+      raise PayloadError(f'{what} field signature is not hex') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureReleaseRequest:
+  """SecureRelease's request: every silo's roster confirmation, and which value to release.
+
+  `executor_id` and `value_ref` name the training result this caller made on
+  the silo's executor service (its call of the study's training computation).
+  """
+
+  study_id: str
+  round: int
+  attempt: int
+  confirmations: dict[str, bytes]
+  executor_id: str
+  value_ref: str
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'study_id': self.study_id,
+      'round': self.round,
+      'attempt': self.attempt,
+      'confirmations': {k: v.hex() for k, v in self.confirmations.items()},
+      'executor_id': self.executor_id,
+      'value_ref': self.value_ref,
+    }
+
+  @classmethod
+  def from_json(cls, data: Any) -> SecureReleaseRequest:
+    what = f'the {SECURE_RELEASE} request'
+    data, study_id, round_number, attempt = _round_fields(data, what)
+    raw = _field(data, 'confirmations', dict, what)
+    try:
+      confirmations = {str(k): bytes.fromhex(v) for k, v in raw.items()}
+    except (TypeError, ValueError) as e:
+      raise PayloadError(f'{what} field confirmations must map silo names to hex') from e
+    return cls(
+      study_id,
+      round_number,
+      attempt,
+      confirmations,
+      _field(data, 'executor_id', str, what),
+      _field(data, 'value_ref', str, what),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureReleaseReply:
+  """A silo's masked, noised partial aggregate: 64-bit ring elements and their layout."""
+
+  vector: bytes
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'vector': base64.b64encode(self.vector).decode('ascii'),
+      'shapes': [list(s) for s in self.shapes],
+      'dtypes': list(self.dtypes),
+    }
+
+  @classmethod
+  def from_json(cls, data: Any) -> SecureReleaseReply:
+    what = f'the {SECURE_RELEASE} reply'
+    data = _object(data, what)
+    try:
+      vector = base64.b64decode(_field(data, 'vector', str, what), validate=True)
+      shapes = tuple(tuple(int(d) for d in s) for s in _field(data, 'shapes', list, what))
+      dtypes = tuple(str(d) for d in _field(data, 'dtypes', list, what))
+    except (TypeError, ValueError) as e:
+      raise PayloadError(f'{what} is malformed: {e}') from e
+    if len(vector) % 8 or len(shapes) != len(dtypes):
+      raise PayloadError(f'{what} is malformed: vector or layout length')
+    return cls(vector, shapes, dtypes)
+
+
 def _budget(budget: str) -> str:
   if budget not in BUDGETS:
     raise ValueError(f'budget must be one of {BUDGETS}, got {budget!r}')
@@ -261,6 +432,7 @@ _STATUS_CODES: tuple[tuple[type[FedpipeError], grpc.StatusCode], ...] = (
   (study_request.StudyRequestError, grpc.StatusCode.INVALID_ARGUMENT),
   (governance_store.UnknownStudyError, grpc.StatusCode.NOT_FOUND),
   (silo_policy.PolicyRefusalError, grpc.StatusCode.PERMISSION_DENIED),
+  (key_agreement.SecureAggregationError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

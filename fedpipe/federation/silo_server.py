@@ -34,15 +34,15 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tensorflow_federated.proto.v0 import executor_pb2_grpc
+from tensorflow_federated.proto.v0 import executor_pb2, executor_pb2_grpc
 
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import silo_protocol, tls_front
+from fedpipe.federation import key_agreement, secure_rounds, silo_protocol, tls_front
 from fedpipe.federation import tls as tls_lib
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
@@ -205,6 +205,49 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
           }
         )
       )
+    return response
+
+  def compute_for(
+    self, request: executor_pb2.ComputeRequest, caller: str
+  ) -> executor_pb2.ComputeResponse:
+    """A Compute call the silo makes itself (a secure release), through the gate.
+
+    Raises:
+      silo_policy.PolicyRefusalError: If the gate refuses the call or withholds its result.
+      key_agreement.SecureAggregationError: If the worker is down or the computation fails.
+    """
+    method = executor_service.COMPUTE
+    refusal = self._gate.check(method, request, caller) if self._gate else None
+    if refusal is not None:
+      raise silo_policy.PolicyRefusalError(refusal)
+    stub = self._link.stub
+    if stub is None:
+      raise key_agreement.SecureAggregationError(
+        f'silo {self._silo_name}: worker is restarting', silo=self._silo_name
+      )
+    try:
+      response = stub.Compute(request)
+    except grpc.RpcError as e:
+      LOG.error(
+        json.dumps(
+          {
+            'event': 'worker_error',
+            'silo': self._silo_name,
+            'method': method,
+            'caller': caller,
+            'code': e.code().name,
+            'details': (e.details() or '')[:2000],
+          }
+        )
+      )
+      withheld = self._gate.on_failed(method, request, caller) if self._gate else None
+      raise key_agreement.SecureAggregationError(
+        withheld or f'the round failed on the worker: {redact_worker_error(e.details())}',
+        silo=self._silo_name,
+      ) from None
+    withheld = self._gate.on_forwarded(method, request, response, caller) if self._gate else None
+    if withheld is not None:
+      raise silo_policy.PolicyRefusalError(withheld)
     return response
 
   def _refuse(
@@ -379,9 +422,13 @@ class SiloServer:
     return self._gate.study_status(request.study_id, caller)
 
   def _study_handler(
-    self, method: str, serve: Callable[[bytes, str], governance_store.Study]
+    self,
+    method: str,
+    serve: Callable[[bytes, str], Any],
+    reply: Callable[[Any], Any] = silo_protocol.StudyStatusReply.from_study,
   ) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-    """A `fedpipe.Silo` study method: `serve(payload, caller)`, its errors as `silo_protocol` maps them."""
+    """A governed `fedpipe.Silo` method: `reply(serve(payload, caller))`, its errors as
+    `silo_protocol` maps them."""
 
     def handle(payload: bytes, context: grpc.ServicerContext) -> bytes:
       caller = self._admit(context)  # A stranger learns nothing, not even a payload's faults.
@@ -411,7 +458,7 @@ class SiloServer:
           grpc.StatusCode.INTERNAL,
           f"silo {self.silo_name}: {method} failed inside the silo; the silo's log has the error",
         )
-      return silo_protocol.encode(silo_protocol.StudyStatusReply.from_study(study))
+      return silo_protocol.encode(reply(study))
 
     return handle
 
@@ -438,10 +485,10 @@ class SiloServer:
       concurrent.futures.ThreadPoolExecutor(max_workers=self._max_workers),
       options=GRPC_OPTIONS,
     )
-    executor_pb2_grpc.add_ExecutorGroupServicer_to_server(
-      ExecutorProxy(self._link, silo_name=self.silo_name, gate=self._gate, identify=self._caller),
-      server,
+    proxy = ExecutorProxy(
+      self._link, silo_name=self.silo_name, gate=self._gate, identify=self._caller
     )
+    executor_pb2_grpc.add_ExecutorGroupServicer_to_server(proxy, server)
     health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
     silo_methods = {silo_protocol.GET_MANIFEST: self._get_manifest}
     if hasattr(self._gate, 'submit_study'):  # A StudyGate; ungoverned: UNIMPLEMENTED.
@@ -451,6 +498,20 @@ class SiloServer:
       silo_methods[silo_protocol.STUDY_STATUS] = self._study_handler(
         silo_protocol.STUDY_STATUS, self._study_status
       )
+      rounds = secure_rounds.SecureRounds(
+        gate=self._gate, silo_name=self.silo_name, tls=self._tls, compute=proxy.compute_for
+      )
+      for method, payload_type, serve in (
+        (silo_protocol.SECURE_KEYS, silo_protocol.SecureRoundRequest, rounds.keys),
+        (silo_protocol.SECURE_CONFIRM, silo_protocol.SecureConfirmRequest, rounds.confirm),
+        (silo_protocol.SECURE_RELEASE, silo_protocol.SecureReleaseRequest, rounds.release),
+      ):
+
+        def handle(payload, caller, payload_type=payload_type, serve=serve, method=method):
+          request = silo_protocol.decode(payload_type, payload, what=f'the {method} request')
+          return serve(request, caller)
+
+        silo_methods[method] = self._study_handler(method, handle, reply=lambda r: r)
     server.add_generic_rpc_handlers(
       [
         grpc.method_handlers_generic_handler(

@@ -142,6 +142,9 @@ def review_study(
       )
   except (KeyError, TypeError, ValueError) as e:
     violations.append(f'privacy parameters are malformed: {e}')
+  if _noise_free_lab_study(privacy, policy):
+    # The test mode a lab policy allows: no noise, so no epsilon to bound.
+    violations = [v for v in violations if not v.startswith(('epsilon ', 'noise_multiplier '))]
   violations += _secure_aggregation_violations(request, policy, silo_name)
   computations = []
   roles = collections.Counter(c.role for c in request.computations)
@@ -170,6 +173,14 @@ def review_study(
     'violations': violations,
     'computations': computations,
   }
+
+
+def _noise_free_lab_study(privacy: dict[str, Any], policy: silo_policy.SiloPolicy) -> bool:
+  try:
+    terms = secure_terms.terms_of(privacy)
+  except secure_terms.SecureTermsError:
+    return False
+  return terms is not None and terms.noise_multiplier == 0 and policy.allow_noise_free_secure_sum
 
 
 def _secure_aggregation_violations(
@@ -391,6 +402,12 @@ class GovernanceGate:
         return study_id
     return None
 
+  def training_study_of(self, executor_id: str, value_ref: str) -> str | None:
+    """The secure study whose training result the value `value_ref` carries, if any."""
+    with self._lock:
+      info = self._values.get(executor_id, {}).get(value_ref)
+    return None if info is None else self._masked_only_study(info)
+
   def secure_terms(self, study_id: str) -> secure_terms.SecureAggregationTerms | None:
     """The approved secure-aggregation terms of a study (as stored at submission)."""
     study = self.store.get(study_id)
@@ -604,9 +621,15 @@ class GovernanceGate:
       return {'unnoised_release': True}
     study = self.store.get(r.study_id)
     privacy = study.request['privacy']
+    if _noise_free_lab_study(privacy, self.policy):
+      return {'mechanism': secure_terms.NOISE, 'noise_free_test_mode': True}
     rounds = study.rounds_used + 1
     epsilon = privacy_ledger.study_epsilon(privacy, rounds, delta=self.policy.delta)
-    ledger = [row for row in self.store.ledger() if row['study_id'] != r.study_id]
+    ledger = [
+      row
+      for row in self.store.ledger()
+      if row['study_id'] != r.study_id and not _noise_free_lab_study(row['privacy'], self.policy)
+    ]
     spent = privacy_ledger.ledger_epsilons(
       ledger, delta=self.policy.delta, extra=[(privacy, rounds)]
     )['spent']

@@ -1,0 +1,245 @@
+"""A secure-aggregation round across three real governed silos over mutual TLS.
+
+The coordinator is this test: it sets up the training call on each silo,
+relays keys and confirmations, and records every byte the silos send back.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from fedpipe.data import client_data_writer
+from fedpipe.federation import cross_silo, local_federation, secure_round, silo_protocol
+from fedpipe.governance import secure_terms, study_request
+from fedpipe.governance import store as governance_store
+
+pytestmark = pytest.mark.slow
+
+SILOS = ('silo-a', 'silo-b', 'silo-c')
+DIM = 100
+SCALE = 2.0**16
+LAB_POLICY = (
+  local_federation.DEMO_POLICY + '\n[secure_aggregation]\nmin_roster = 3\nallow_noise_free = true\n'
+)
+
+
+@pytest.fixture(scope='module')
+def federation(tmp_path_factory):
+  root = tmp_path_factory.mktemp('secure')
+  rng = np.random.default_rng(7)  # The silos' data, not the protocol's randomness.
+  data_dirs, counts = {}, {}
+  for s, silo in enumerate(SILOS):
+    clients = {}
+    for c in range(6):
+      n = int(rng.integers(3, 40))
+      clients[f'user_{s}{c}'] = (np.zeros((n, 4), np.float32), np.zeros(n, np.int64))
+    data_dirs[silo] = str(root / silo)
+    client_data_writer.write_client_data(data_dirs[silo], clients, num_classes=2)
+    counts[silo] = {c: len(x) for c, (x, _) in clients.items()}
+  with local_federation.start_local_federation(
+    data_dirs, str(root / 'run'), policy=LAB_POLICY
+  ) as running:
+    yield running, counts
+
+
+def _train_round(divisor):
+  """Shaped like DP-FedAvg's silo half: <metric sum, model-sized update sum>@SERVER.
+
+  Each test's study gets its own `divisor`, hence its own computation: a silo
+  charges a computation's call to the oldest approved study that holds it.
+  """
+  import tensorflow as tf
+  import tensorflow_federated as tff
+
+  @tff.tensorflow.computation(np.str_)
+  def work(client_id):
+    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    n = records.reduce(np.int64(0), lambda n, _: n + 1)
+    return n, tf.fill([DIM], tf.cast(n, tf.float32) / divisor)
+
+  @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
+  def train(client_ids):
+    return tff.federated_sum(tff.federated_map(work, client_ids))
+
+  return train
+
+
+def _approve(running, train_round, noise_multiplier, rounds=4):
+  from fedpipe.runtime import execution_context
+
+  terms = secure_terms.SecureAggregationTerms(
+    roster=SILOS,
+    max_colluding=1,
+    noise_multiplier=noise_multiplier,
+    scale=SCALE,
+    dim=DIM,
+    noised_path=(1,),
+  )
+  request = study_request.StudyRequest(
+    name=f'secure-{noise_multiplier}',
+    rounds=rounds,
+    model={'name': 'none', 'parameters': DIM},
+    privacy={
+      'noise_multiplier': noise_multiplier,
+      'clipping': 'fixed',
+      'clip_norm': 1.0,
+      'delta': 1e-5,
+      'epsilon': None,
+      'accountant': 'rdp',
+      'sampling': 'poisson',
+      'population_size': 18,
+      'clients_per_round': 12,
+      'secure_aggregation': terms.to_json(),
+    },
+    computations=(
+      study_request.StudyComputation(
+        study_request.ROLE_TRAIN, execution_context.wire_computation(train_round)
+      ),
+    ),
+  )
+  for name in SILOS:
+    connection = _connect(running, name)
+    try:
+      status = connection.submit_study(request, timeout_s=60)
+    finally:
+      connection.close()
+    assert not status.violations, status.violations
+    store = governance_store.GovernanceStore(running.state_dir(name))
+    store.decide(request.study_id, approve=True, rounds=rounds, evaluations=0)
+    store.close()
+  return secure_round.SecureStudy(request.study_id, terms)
+
+
+def _connect(running, name):
+  silo = running.silos[name]
+  return cross_silo.SiloConnection(
+    cross_silo.SiloAddress(name=name, address=silo.address), running.coordinator_tls()
+  )
+
+
+def _round(running, counts, train_round, study, round_number, *, tamper=None):
+  """One attempt across all silos; returns (decoded, released bytes, true partial sums)."""
+  connections = {name: _connect(running, name) for name in SILOS}
+  try:
+    prepared = {
+      name: secure_round.prepare_call(
+        connections[name].channel, train_round, sorted(counts[name]), timeout_s=60
+      )
+      for name in SILOS
+    }
+
+    async def call(name, send):
+      try:
+        return await asyncio.to_thread(send)
+      except cross_silo.SiloError as e:
+        raise secure_round.SecureRoundError(name, str(e)) from e
+
+    silos = {n: _Tampering(c, tamper) if tamper else c for n, c in connections.items()}
+    decoded, _, released = asyncio.run(
+      secure_round.run_attempt(
+        study=study,
+        round_number=round_number,
+        attempt=0,
+        silos=silos,
+        prepared=prepared,
+        timeout_s=60,
+        call=call,
+      )
+    )
+  finally:
+    for c in connections.values():
+      c.close()
+  truth = {name: sum(counts[name].values()) for name in SILOS}
+  return decoded, released, truth
+
+
+class _Tampering:
+  """A connection whose coordinator rewrites what it relays (`tamper(method, payload)`)."""
+
+  def __init__(self, connection, tamper):
+    self._connection = connection
+    self._tamper = tamper
+    self.name = connection.name
+
+  def call_silo(self, method, request, timeout_s):
+    return self._connection.call_silo(method, self._tamper(method, request), timeout_s)
+
+
+def test_the_coordinator_gets_only_masked_words_whose_sum_is_exact(federation):
+  running, counts = federation
+  train_round = _train_round(64.0)
+  study = _approve(running, train_round, noise_multiplier=0.0)
+  decoded, released, truth = _round(running, counts, train_round, study, 1)
+  total = sum(truth.values())
+  # Noise-free test mode: the sum is the sum of the rounded partials, exactly
+  # (each partial value n/64 is a multiple of 2^-16: rounding is exact).
+  assert int(decoded[0]) == total
+  assert np.array_equal(decoded[1], np.full(DIM, total / 64.0, np.float32))
+  for name, data in released.items():
+    words = np.frombuffer(data, dtype='<u8')
+    assert words.size == 1 + DIM
+    # The words do not follow the silo's partial: its true update sum is the
+    # same value in all 100 coordinates; masked, no two words are equal and
+    # each bit is set in about half of them (101 words: a position's count has
+    # stddev 5; 6 stddevs: false alarm ~1e-9 a position, 64 positions).
+    assert len(set(words.tolist())) == words.size
+    bits = np.unpackbits(words.view(np.uint8)).reshape(-1, 64).sum(axis=0).astype(np.int64)
+    assert np.all(np.abs(bits - words.size / 2) < 6 * np.sqrt(words.size) / 2), (name, bits)
+    plain = np.full(DIM, truth[name] / 64.0 * SCALE)
+    masked = words[1:].view(np.int64).astype(np.float64)
+    assert not np.allclose(masked, plain)
+
+
+def test_with_noise_the_sum_is_within_the_stated_bound(federation):
+  running, counts = federation
+  train_round = _train_round(64.0 + 1)
+  study = _approve(running, train_round, noise_multiplier=2.0)
+  decoded, _, truth = _round(running, counts, train_round, study, 1)
+  total = sum(truth.values())
+  # The two honest shares (one colluder assumed) carry stddev noise_multiplier
+  # * clip = 2.0 (in value units); all three silos add 3/2 of that variance:
+  # stddev 2.45. 7 stddevs: a false alarm ~1e-11 a coordinate.
+  error = decoded[1] - total / 65.0
+  assert np.all(np.abs(error) < 7 * 2.45)
+  assert 1.5 < np.std(error) < 3.5  # 100 coordinates: far from both ends.
+  assert int(decoded[0]) == total  # The metric sum gets no noise.
+
+
+def test_a_replayed_round_and_a_substituted_key_stop_the_round_naming_the_silo(federation):
+  running, counts = federation
+  train_round = _train_round(32.0)
+  study = _approve(running, train_round, noise_multiplier=0.0, rounds=6)
+  _round(running, counts, train_round, study, 1)
+  with pytest.raises(secure_round.SecureRoundError, match='not newer than round 1'):
+    _round(running, counts, train_round, study, 1)
+
+  def substitute(method, payload):
+    if method != silo_protocol.SECURE_CONFIRM:
+      return payload
+    request = silo_protocol.decode(silo_protocol.SecureConfirmRequest, payload, what='relayed')
+    a, b, c = request.bundles
+    forged = type(b)(**{**b.__dict__, 'public_key': a.public_key})
+    return silo_protocol.encode(
+      type(request)(request.study_id, request.round, request.attempt, (a, forged, c))
+    )
+
+  with pytest.raises(secure_round.SecureRoundError, match='silo silo-b: the signature'):
+    _round(running, counts, train_round, study, 2, tamper=substitute)
+
+
+def test_plain_compute_of_a_secure_round_is_refused(federation):
+  running, counts = federation
+  train_round = _train_round(16.0)
+  study = _approve(running, train_round, noise_multiplier=0.0, rounds=8)
+  del study
+
+  from fedpipe.runtime import execution_context
+
+  connection = _connect(running, 'silo-a')
+  try:
+    context = execution_context.create_async_context(connection.channel)
+    with pytest.raises(Exception, match='leave this silo only masked'):
+      asyncio.run(context.invoke(train_round, sorted(counts['silo-a'])))
+  finally:
+    connection.close()
