@@ -97,6 +97,14 @@ def get_base_config() -> config_dict.ConfigDict:
   # capped; None: the median client's weight.
   dp.weight_cap = config_dict.placeholder(float)
   dp.accountant = 'rdp'  # rdp | pld
+  # Where the noise is added. central: by the coordinator after merging the
+  # silos' un-noised partial sums (the silos trust it with them). secure:
+  # each silo adds its share of distributed discrete Gaussian noise and masks
+  # its partial sum (secure aggregation; runtime.mode=silos, governed silos):
+  # the coordinator learns only the noised sum.
+  dp.placement = 'central'  # central | secure
+  dp.secure_scale = 65536.0  # Integer units per unit of an update (before rounding).
+  dp.max_colluding = 1  # Silos assumed able to collude with the coordinator.
 
   config.runtime = config_dict.ConfigDict()
   runtime = config.runtime

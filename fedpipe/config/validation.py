@@ -333,6 +333,21 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
       )
 
   mode = c.one_of('runtime.mode', ('local', 'silos'))
+  if dp_enabled and c.one_of('dp.placement', ('central', 'secure')) == 'secure':
+    c.number('dp.secure_scale', low=0, low_open=True)
+    c.integer('dp.max_colluding', 0)
+    for field, wanted, why in (
+      ('dp.clipping', 'fixed', 'adaptive clipping is not supported with it yet'),
+      ('training.sampling', 'poisson', 'its accounting is for Poisson sampling'),
+      ('dp.accountant', 'rdp', 'the distributed discrete Gaussian is accounted with RDP'),
+    ):
+      if c.value(field) != wanted:
+        c.add(f'config.{field}: dp.placement=secure needs {field}={wanted} ({why})')
+    if c.value('dp.target_epsilon') is not None:
+      c.add(
+        'config.dp.target_epsilon: dp.placement=secure takes dp.noise_multiplier '
+        '(calibrating to a target epsilon is for central noise only)'
+      )
   if mode == 'silos':
     for field in ('silos', 'tls_ca', 'tls_cert', 'tls_key'):
       c.check(

@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -41,7 +42,7 @@ import tensorflow_federated as tff
 
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import silo_protocol
+from fedpipe.federation import secure_round, silo_protocol
 from fedpipe.federation import tls as tls_lib
 from fedpipe.governance import study_request
 from fedpipe.runtime import execution_context, isolated_worker, rpc_errors
@@ -417,6 +418,15 @@ class SiloRoutingContext(tff.framework.SyncContext):
     self._thread = threading.Thread(target=self._loop.run_forever, name='silo-routing', daemon=True)
     self._thread.start()
     self._dropped: list[dict[str, Any]] = []
+    self._secure: tuple[secure_round.SecureStudy, int] | None = None
+    # Secure rounds are numbered by an increasing counter, not the training
+    # round: a silo makes keys only for rounds newer than any it keyed, and
+    # a resumed or restarted run must never reuse a number.
+    self._secure_round = int(time.time() * 1000)
+
+  def enable_secure(self, study: secure_round.SecureStudy, comp) -> None:
+    """From now on `comp` (the training computation) runs as secure-aggregation rounds."""
+    self._secure = (study, id(comp))
 
   def close(self) -> None:
     self._loop.call_soon_threadsafe(self._loop.stop)
@@ -456,6 +466,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
   def invoke(self, comp, arg):
     if not _has_clients_placement(comp.type_signature.parameter):
       return self._run(self._server.invoke(comp, arg))
+    secure = self._secure is not None and self._secure[1] == id(comp)
     form = self.mergeable_form(comp)
     param_type = form.up_to_merge.type_signature.parameter
     assignment: dict[str, list[str]] = {}
@@ -471,7 +482,8 @@ class SiloRoutingContext(tff.framework.SyncContext):
       for silo in sorted(assignment)
     }
     after_merge_arg = _route_clients(arg, param_type, lambda ids: [])
-    result = self._run(self._invoke_form(form, parts, assignment, after_merge_arg))
+    invoke_form = self._invoke_secure if secure else self._invoke_form
+    result = self._run(invoke_form(form, parts, assignment, after_merge_arg))
     return tff.tensorflow.transform_result(
       tff.types.type_to_py_container(result, comp.type_signature.result)
     )
@@ -520,6 +532,76 @@ class SiloRoutingContext(tff.framework.SyncContext):
     merged = partials[0]
     for partial in partials[1:]:
       merged = await self._server.invoke(form.merge, tff.structure.Struct.unnamed(merged, partial))
+    if after_merge_arg is None:
+      arg = merged
+    else:
+      arg = tff.structure.Struct.unnamed(after_merge_arg, merged)
+    return await self._server.invoke(form.after_merge, arg)
+
+  async def _secure_call(self, name: str, send):
+    try:
+      return await asyncio.wait_for(asyncio.to_thread(send), timeout=self._timeout + 5)
+    except (SiloError, grpc.RpcError, silo_protocol.PayloadError, TimeoutError) as e:
+      raise secure_round.SecureRoundError(name, _round_failure(e, self._timeout)) from e
+
+  async def _invoke_secure(self, form, parts, assignment, after_merge_arg):
+    """A secure-aggregation round (`secure_round`); a failed attempt is rerun without the
+    failed silo (fresh keys, fresh noise) if `on_failure` allows, else the run stops."""
+    study = self._secure[0]
+    self._secure_round += 1
+    names = sorted(parts)
+    fewest = max(self._min_silos, study.terms.max_colluding + 1, 2)
+    attempt = 0
+    while True:
+      prepared: dict[str, Any] = {}
+      try:
+        for name in names:
+          prepared[name] = await self._secure_call(
+            name,
+            functools.partial(
+              secure_round.prepare_call,
+              self._silos[name].channel,
+              form.up_to_merge,
+              parts[name],
+              timeout_s=self._timeout,
+            ),
+          )
+        decoded, _, _ = await secure_round.run_attempt(
+          study=study,
+          round_number=self._secure_round,
+          attempt=attempt,
+          silos={n: self._silos[n] for n in names},
+          prepared=prepared,
+          timeout_s=self._timeout,
+          call=self._secure_call,
+        )
+        break
+      except secure_round.SecureRoundError as e:
+        name = e.silo if e.silo in self._silos else names[0]
+        self._silos[name].reconnect()
+        clients = assignment.get(name, [])
+        message = (
+          f'silo {name} ({self._silos[name].address}) failed during the secure round with '
+          f'{len(clients)} of its clients ({", ".join(clients[:5])}'
+          f'{", ..." if len(clients) > 5 else ""}): {e}'
+        )
+        if self._on_failure == 'fail' or len(names) - 1 < fewest:
+          raise SiloRoundError(name, message) from e
+        LOG.warning(
+          json.dumps(
+            {'event': 'silo_dropped', 'silo': name, 'clients': len(clients), 'error': str(e)}
+          )
+        )
+        self._dropped.append({'silo': name, 'clients': len(clients)})
+        names.remove(name)
+        attempt += 1
+      finally:
+        for name, call in prepared.items():
+          try:
+            secure_round.dispose(self._silos[name].channel, call.executor_id, timeout_s=10)
+          except grpc.RpcError:
+            pass  # The silo forgets executors it no longer tracks.
+    merged = secure_round.pack(decoded, form.merge.type_signature.result)
     if after_merge_arg is None:
       arg = merged
     else:

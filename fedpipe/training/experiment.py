@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Sequence
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 from ml_collections import config_dict
 
 from fedpipe.computations import (
   client_data,
+  distributed_dp_accounting,
   dp_fedavg,
   dp_parameters,
   evaluation,
@@ -25,6 +29,7 @@ from fedpipe.computations import (
 from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
+from fedpipe.governance import secure_terms as secure_terms_lib
 
 
 class ExperimentError(FedpipeError, ValueError):
@@ -43,6 +48,29 @@ class PrivacySettings:
   weight_cap: float
   expected_total_weight: float
   target_epsilon: float | None
+  placement: str = 'central'
+  # With placement='secure': the secure-aggregation parameters, and the
+  # number of values in the noised update sum (the model's trainable weights).
+  secure_scale: float = 0.0
+  max_colluding: int = 0
+  secure_dim: int = 0
+  secure_roster: tuple[str, ...] = ()
+
+  def secure_terms(self) -> secure_terms_lib.SecureAggregationTerms:
+    """The secure-aggregation terms of the study among the run's silos."""
+    return secure_terms_lib.SecureAggregationTerms(
+      roster=self.secure_roster,
+      max_colluding=self.max_colluding,
+      noise_multiplier=self.noise_multiplier,
+      scale=self.secure_scale,
+      dim=self.secure_dim,
+      noised_path=SECURE_NOISED_PATH,
+    )
+
+
+# Where DP-FedAvg's silo half (its mergeable form's `up_to_merge`) puts the
+# summed update: after the metric sums. The silos check it in review.
+SECURE_NOISED_PATH = (1,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +199,26 @@ def _dp_parameters(
   )
 
 
-def _privacy_settings(params: dp_parameters.DPParameters) -> PrivacySettings:
+def _privacy_settings(
+  params: dp_parameters.DPParameters,
+  config: config_dict.ConfigDict,
+  trainable: int,
+  train_ids: Sequence[str],
+) -> PrivacySettings:
   """The DP mechanism as the accountant and the report see it."""
+  secure = config.dp.placement == 'secure'
+  silos = sorted({c.split('/', 1)[0] for c in train_ids if '/' in c})
+  if secure and len(silos) < 2:
+    raise ExperimentError(
+      'dp.placement=secure sums the partial aggregates of silos: train across at least '
+      f'two silos (--silos), not on data of {len(silos)}'
+    )
   return PrivacySettings(
+    secure_roster=tuple(silos) if secure else (),
+    placement=config.dp.placement,
+    secure_scale=float(config.dp.secure_scale) if secure else 0.0,
+    max_colluding=int(config.dp.max_colluding) if secure else 0,
+    secure_dim=trainable if secure else 0,
     noise_multiplier=params.noise_multiplier,
     delta=params.delta,
     accountant=params.accountant,
@@ -182,6 +227,39 @@ def _privacy_settings(params: dp_parameters.DPParameters) -> PrivacySettings:
     weight_cap=params.weight_cap,
     expected_total_weight=params.expected_total_weight,
     target_epsilon=params.target_epsilon,
+  )
+
+
+def _trainable_values(builder: keras_model.KerasModelBuilder) -> int:
+  """How many values the model's trainable weights hold (built in a scratch graph)."""
+  with tf.Graph().as_default(), keras_model.reproducible_keras_build():
+    model = builder()
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def epsilon_after(experiment: Experiment, rounds: int) -> float | None:
+  """ε spent after `rounds` rounds (None without DP).
+
+  Central noise: the sampled Gaussian. Secure placement: the distributed
+  discrete Gaussian among the run's silos (its shares sized for
+  `max_colluding` colluders), with the rounding-inflated sensitivity.
+  """
+  p = experiment.privacy
+  if p is None:
+    return None
+  if p.placement == 'secure':
+    if rounds == 0:
+      return 0.0
+    mechanism = p.secure_terms().mechanism(p.clip_norm)
+    return distributed_dp_accounting.compute_epsilon(
+      mechanism, sampling_rate=experiment.sampling.sampling_rate, rounds=rounds, delta=p.delta
+    )
+  return privacy_accounting.compute_epsilon(
+    noise_multiplier=p.noise_multiplier,
+    sampling=experiment.sampling,
+    rounds=rounds,
+    delta=p.delta,
+    accountant=p.accountant,
   )
 
 
@@ -272,9 +350,10 @@ def build_experiment(
   if dp_params is None:
     train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
   else:
-    train_process = dp_fedavg.build_dp_fedavg_process(
-      model_fn, **process_arguments, **dp_params.dp_fedavg_arguments()
-    )
+    dp_arguments = dp_params.dp_fedavg_arguments()
+    if config.dp.placement == 'secure':
+      dp_arguments['noise_multiplier'] = 0.0  # The silos add it, before masking.
+    train_process = dp_fedavg.build_dp_fedavg_process(model_fn, **process_arguments, **dp_arguments)
   eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
   return Experiment(
     train_process=train_process,
@@ -283,7 +362,16 @@ def build_experiment(
     eval_client_ids=sorted(eval_split.clients),
     sampling=sampling,
     rounds=training.rounds,
-    privacy=_privacy_settings(dp_params) if dp_params is not None else None,
+    privacy=(
+      _privacy_settings(
+        dp_params,
+        config,
+        _trainable_values(builder) if config.dp.placement == 'secure' else 0,
+        train_ids,
+      )
+      if dp_params is not None
+      else None
+    ),
     num_features=manifest.num_features,
     num_classes=manifest.num_classes,
     keras_model_builder=builder,

@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow_federated as tff
 
-from fedpipe.computations import client_sampling, evaluation, privacy_accounting
+from fedpipe.computations import client_sampling, evaluation
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo
 from fedpipe.runtime import rpc_errors
@@ -94,16 +94,8 @@ def describe_error(error: BaseException) -> str:
 
 
 def epsilon_after(experiment: experiment_lib.Experiment, rounds: int) -> float | None:
-  """ε spent after `rounds` rounds, or None without DP."""
-  if experiment.privacy is None:
-    return None
-  return privacy_accounting.compute_epsilon(
-    noise_multiplier=experiment.privacy.noise_multiplier,
-    sampling=experiment.sampling,
-    rounds=rounds,
-    delta=experiment.privacy.delta,
-    accountant=experiment.privacy.accountant,
-  )
+  """ε spent after `rounds` rounds, or None without DP (`experiment_lib.epsilon_after`)."""
+  return experiment_lib.epsilon_after(experiment, rounds)
 
 
 def evaluate(experiment: experiment_lib.Experiment, model_weights: Any) -> dict[str, float]:

@@ -148,7 +148,24 @@ def build_report(
       expected_total_weight=privacy.expected_total_weight,
       target_epsilon=privacy.target_epsilon,
       aggregator='capped-weight fixed-denominator DP-FedAvg (McMahan et al. 2018)',
+      noise_placement=privacy.placement,
     )
+    if privacy.placement == 'secure':
+      terms = privacy.secure_terms()
+      report.update(
+        mechanism='distributed discrete Gaussian with secure aggregation '
+        '(Kairouz, Liu, Steinke 2021): silos add the noise and mask their sums',
+        silos=len(terms.roster),
+        max_colluding=terms.max_colluding,
+        ring_bits=terms.bits,
+        scale=terms.scale,
+        noised_values=terms.dim,
+      )
+    else:
+      report.update(
+        mechanism='central Gaussian: the coordinator adds the noise after merging the '
+        "silos' un-noised partial sums (it is trusted with them)",
+      )
   return report
 
 

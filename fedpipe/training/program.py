@@ -33,7 +33,7 @@ from fedpipe.config import validation
 from fedpipe.data import atomic_files
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import cross_silo
+from fedpipe.federation import cross_silo, secure_round
 from fedpipe.federation import tls as tls_lib
 from fedpipe.runtime import execution_context
 from fedpipe.training import experiment as experiment_lib
@@ -228,6 +228,26 @@ def _check_study(config, experiment, fed, completed_rounds: int) -> None:
       completed_rounds=completed_rounds,
     ),
   )
+  privacy = experiment.privacy
+  if privacy is not None and privacy.placement == 'secure':
+    ungoverned = sorted(s.silo for s in statuses if s.status is None)
+    if ungoverned:
+      raise study_lib.StudyNotApprovedError(
+        f'dp.placement=secure needs governed silos; {", ".join(ungoverned)} run ungoverned '
+        '(--allow_ungoverned) and cannot hold a study to secure-aggregation terms',
+        study_id=request.study_id,
+        silos=tuple(ungoverned),
+      )
+    fed.context.enable_secure(
+      secure_round.SecureStudy(request.study_id, privacy.secure_terms()),
+      experiment.train_process.next,
+    )
+    _log.info(
+      'secure aggregation: %d silos, noise added at the silos (distributed discrete '
+      'Gaussian, up to %d colluding), masked sums only',
+      len(privacy.secure_roster),
+      privacy.max_colluding,
+    )
   for s in statuses:
     if s.status is None:
       _log.warning(

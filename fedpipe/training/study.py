@@ -13,9 +13,11 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
+import tensorflow_federated as tff
 
-from fedpipe.computations import keras_model, privacy_accounting
+from fedpipe.computations import keras_model
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo, silo_protocol
 from fedpipe.governance import store as governance_store
@@ -97,13 +99,7 @@ def build_study_request(
   sampling = experiment.sampling
   epsilon = math.inf
   if p is not None:
-    epsilon = privacy_accounting.compute_epsilon(
-      noise_multiplier=p.noise_multiplier,
-      sampling=sampling,
-      rounds=experiment.rounds,
-      delta=p.delta,
-      accountant=p.accountant,
-    )
+    epsilon = experiment_lib.epsilon_after(experiment, experiment.rounds)
   privacy = {
     'noise_multiplier': p.noise_multiplier if p else 0.0,
     'clipping': p.clipping if p else 'none',
@@ -115,6 +111,14 @@ def build_study_request(
     'population_size': sampling.population_size,
     'clients_per_round': sampling.clients_per_round,
   }
+  if p is not None and p.placement == 'secure':
+    privacy['secure_aggregation'] = p.secure_terms().to_json()
+    dim = _noised_values(routing, experiment)
+    if dim != p.secure_dim:
+      raise experiment_lib.ExperimentError(
+        f'secure aggregation expects the update sum ({p.secure_dim} values) at '
+        f'{list(experiment_lib.SECURE_NOISED_PATH)} of the silo computation, which has {dim} there'
+      )
   return study_request.StudyRequest(
     name=name,
     computations=computations,
@@ -123,6 +127,16 @@ def build_study_request(
     rounds=experiment.rounds,
     evaluations=evaluations,
   )
+
+
+def _noised_values(
+  routing: cross_silo.SiloRoutingContext, experiment: experiment_lib.Experiment
+) -> int:
+  result = routing.mergeable_form(experiment.train_process.next).up_to_merge.type_signature.result
+  node = result.member
+  for index in experiment_lib.SECURE_NOISED_PATH:
+    node = node[index]
+  return sum(int(np.prod(t.shape)) for t in tff.structure.flatten(node))
 
 
 def evaluations_needed(*, rounds: int, eval_every: int, completed_rounds: int = 0) -> int:

@@ -65,3 +65,26 @@ def test_silo_mode_requires_silos_and_tls_files():
     validation.validate(config)
   for field in ('runtime.silos', 'runtime.tls_ca', 'runtime.tls_cert', 'runtime.tls_key'):
     assert f'config.{field}' in str(error.value)
+
+
+def test_secure_placement_names_each_setting_it_cannot_work_with():
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.dp.placement = 'secure'
+  config.dp.clipping = 'adaptive'
+  config.training.sampling = 'fixed_size'
+  config.dp.max_colluding = -1
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  message = str(error.value)
+  for expected in (
+    'config.dp.clipping: dp.placement=secure needs dp.clipping=fixed',
+    'config.training.sampling: dp.placement=secure needs training.sampling=poisson',
+    'config.dp.max_colluding',
+  ):
+    assert expected in message, message
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.dp.placement = 'nowhere'
+  with pytest.raises(validation.ConfigError, match='config.dp.placement'):
+    validation.validate(config)

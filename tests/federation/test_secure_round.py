@@ -31,11 +31,15 @@ def federation(tmp_path_factory):
   data_dirs, counts = {}, {}
   for s, silo in enumerate(SILOS):
     clients = {}
-    for c in range(6):
+    for c in range(12):
       n = int(rng.integers(3, 40))
-      clients[f'user_{s}{c}'] = (np.zeros((n, 4), np.float32), np.zeros(n, np.int64))
+      clients[f'user_{s}{c}'] = (rng.normal(size=(n, 4)).astype(np.float32), np.arange(n) % 2)
     data_dirs[silo] = str(root / silo)
-    client_data_writer.write_client_data(data_dirs[silo], clients, num_classes=2)
+    held_out = {
+      f'eval_{s}{c}': (rng.normal(size=(5, 4)).astype(np.float32), np.arange(5) % 2)
+      for c in range(3)
+    }
+    client_data_writer.write_client_data(data_dirs[silo], clients, held_out, num_classes=2)
     counts[silo] = {c: len(x) for c, (x, _) in clients.items()}
   with local_federation.start_local_federation(
     data_dirs, str(root / 'run'), policy=LAB_POLICY
@@ -88,8 +92,8 @@ def _approve(running, train_round, noise_multiplier, rounds=4):
       'epsilon': None,
       'accountant': 'rdp',
       'sampling': 'poisson',
-      'population_size': 18,
-      'clients_per_round': 12,
+      'population_size': 36,
+      'clients_per_round': 24,
       'secure_aggregation': terms.to_json(),
     },
     computations=(
@@ -243,3 +247,56 @@ def test_plain_compute_of_a_secure_round_is_refused(federation):
       asyncio.run(context.invoke(train_round, sorted(counts['silo-a'])))
   finally:
     connection.close()
+
+
+def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(federation, tmp_path):
+  """fedpipe-train --config.dp.placement=secure across the three governed silos."""
+  import json
+  import re
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO_ROOT, log_events
+
+  running, _ = federation
+  tls = running.coordinator_tls()
+  command = [
+    sys.executable,
+    '-m',
+    'fedpipe.cli.train',
+    '--config=configs/digits_dp.py',
+    f'--output_dir={tmp_path / "run"}',
+    f'--silos={running.silos_flag}',
+    f'--tls_ca={tls.ca}',
+    f'--tls_cert={tls.cert}',
+    f'--tls_key={tls.key}',
+    '--config.dp.placement=secure',
+    '--config.training.rounds=3',
+    '--config.training.clients_per_round=24',
+  ]
+  first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 2 and 'pending approval' in first.stderr, first.stderr[-3000:]
+  study_id = re.search(r'study ([0-9a-f]{16})', first.stderr).group(1)
+  for name in SILOS:
+    store = governance_store.GovernanceStore(running.state_dir(name))
+    study = store.get(study_id)
+    assert study.violations == [], study.violations
+    assert study.request['privacy']['secure_aggregation']['roster'] == list(SILOS)
+    store.decide(study_id, approve=True, rounds=3, evaluations=1)
+    store.close()
+  done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'secure aggregation: 3 silos' in done.stdout + done.stderr
+  report = json.loads((tmp_path / 'run' / 'privacy_report.json').read_text())
+  assert report['noise_placement'] == 'secure' and report['silos'] == 3
+  assert 0 < report['epsilon'] < 8
+  for name in SILOS:
+    releases = [
+      e for e in log_events(running.log_path(name), 'secure_release') if e['study'] == study_id
+    ]
+    assert len(releases) == 3
+    charges = [
+      e for e in log_events(running.log_path(name), 'call_charged') if e['study'] == study_id
+    ]
+    train = [e for e in charges if e['role'] == 'train_round']
+    assert len(train) == 3 and all(e['mechanism'] == 'distributed_discrete_gaussian' for e in train)

@@ -49,7 +49,14 @@ def _study(**changes):
 
 def test_the_silo_serves_tffs_executor_service_and_its_own():
   assert silo_protocol.method_path(silo_protocol.GET_MANIFEST) == '/fedpipe.Silo/GetManifest'
-  assert silo_protocol.SILO_METHODS == ('GetManifest', 'SubmitStudy', 'StudyStatus')
+  assert silo_protocol.SILO_METHODS == (
+    'GetManifest',
+    'SubmitStudy',
+    'StudyStatus',
+    'SecureKeys',
+    'SecureConfirm',
+    'SecureRelease',
+  )
   assert set(silo_protocol.STUDY_METHODS) < set(silo_protocol.SILO_METHODS)
   assert silo_protocol.EXECUTOR_SERVICE == executor_service.SERVICE
   assert silo_protocol.EXECUTOR_METHODS == executor_service.METHODS

@@ -103,7 +103,9 @@ class RecordingReleaseManager(tff.program.ReleaseManager):
 def _experiment(rounds: int, *, fail_at_round: int | None = None, dp: bool = False):
   privacy = None
   if dp:  # Only what the accountant reads.
-    privacy = types.SimpleNamespace(noise_multiplier=1.0, delta=1e-5, accountant='rdp')
+    privacy = types.SimpleNamespace(
+      noise_multiplier=1.0, delta=1e-5, accountant='rdp', placement='central'
+    )
   return experiment_lib.Experiment(
     train_process=FakeTrainProcess(fail_at_round),
     eval_process=FakeEvalProcess(),
