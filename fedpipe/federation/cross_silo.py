@@ -555,17 +555,26 @@ class SiloRoutingContext(tff.framework.SyncContext):
     while True:
       prepared: dict[str, Any] = {}
       try:
-        for name in names:
-          prepared[name] = await self._secure_call(
-            name,
-            functools.partial(
-              secure_round.prepare_call,
-              self._silos[name].channel,
-              form.up_to_merge,
-              parts[name],
-              timeout_s=self._timeout,
-            ),
-          )
+        calls = await asyncio.gather(
+          *(
+            self._secure_call(
+              name,
+              functools.partial(
+                secure_round.prepare_call,
+                self._silos[name].channel,
+                form.up_to_merge,
+                parts[name],
+                timeout_s=self._timeout,
+              ),
+            )
+            for name in names
+          ),
+          return_exceptions=True,
+        )
+        prepared = {n: c for n, c in zip(names, calls) if not isinstance(c, BaseException)}
+        for call in calls:
+          if isinstance(call, BaseException):
+            raise call
         decoded, _, _ = await secure_round.run_attempt(
           study=study,
           round_number=self._secure_round,
