@@ -594,7 +594,13 @@ class SiloRoutingContext(tff.framework.SyncContext):
           f'{len(clients)} of its clients ({", ".join(clients[:5])}'
           f'{", ..." if len(clients) > 5 else ""}): {e}'
         )
-        if self._on_failure == 'fail' or len(names) - 1 < fewest:
+        rpc = rpc_errors.find_rpc_error(e)
+        refused = rpc is not None and rpc.code() in (
+          grpc.StatusCode.FAILED_PRECONDITION,  # A verification failed: an attack, not a dropout.
+          grpc.StatusCode.PERMISSION_DENIED,
+          grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        if refused or self._on_failure == 'fail' or len(names) - 1 < fewest:
           raise SiloRoundError(name, message) from e
         LOG.warning(
           json.dumps(
