@@ -38,7 +38,7 @@ CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache', 'cros
 def _preprocess(raw_dir: str, out_dir: str) -> None:
   if os.path.exists(manifest_lib.manifest_path(out_dir)):
     return
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
+  from fedpipe.pipelines import pipeline as preprocess_pipeline
 
   preprocess_pipeline.run_on_bundled_layout(raw_dir, out_dir)
 

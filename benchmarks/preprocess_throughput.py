@@ -43,7 +43,7 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     f'Target: >= {TARGET_ROWS_PER_S:,} rows/s on this machine, memory bounded as rows grow.',
     "multi_processing's fixed cost (benchmarks/preprocess_throughput_measure_startup.py, "
     f"a pipeline with no work on 2 workers): {startup[False]:.1f} s start-up as fedpipe's workers run (their "
-    'DoFns, fedpipe/preprocess/dofns.py, do not import TensorFlow); '
+    'DoFns, fedpipe/pipelines/dofns.py, do not import TensorFlow); '
     f'{startup[True]:.1f} s if each worker imported TensorFlow, as they did before.',
   ]
   return [

@@ -23,8 +23,8 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from benchmarks import harness, workloads
-from fedpipe.preprocess import feature_spec as feature_spec_lib
-from fedpipe.preprocess import pipeline as preprocess_pipeline
+from fedpipe.pipelines import feature_spec as feature_spec_lib
+from fedpipe.pipelines import pipeline as preprocess_pipeline
 
 NUM_FEATURES = 16
 NUM_CLIENTS = 1000

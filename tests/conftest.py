@@ -128,7 +128,7 @@ def digits_client_data(tmp_path_factory):
   Shared by the session: read it, never write into it (copy it first).
   """
   from fedpipe.datasets import bundled_data
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
+  from fedpipe.pipelines import pipeline as preprocess_pipeline
 
   root = tmp_path_factory.mktemp('digits')
   raw = bundled_data.write_bundled_dataset(

@@ -24,7 +24,7 @@ from fedpipe.cli import entrypoint as cli
 from fedpipe.datasets import silo_partition
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import local_federation
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 from fedpipe.runtime import shutdown
 
 # TensorFlow must be imported before absl runs main(): imported inside it,

@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from fedpipe.cli import entrypoint as cli
 from fedpipe.errors import FedpipeError
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 logging.getLogger().removeFilter(_not_bigquery_notice)
 
@@ -57,7 +57,7 @@ def main(argv: Sequence[str]) -> None:
   except FedpipeError as e:
     cli.fail(str(e))
   # Imported once flags and spec are known good: it imports TensorFlow (seconds).
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
+  from fedpipe.pipelines import pipeline as preprocess_pipeline
 
   if not flags.FLAGS['verbosity'].present:
     # Beam logs every step at INFO; --verbosity=0 shows them.

@@ -90,7 +90,7 @@ def write_client_data(
       default: the feature spec's `label.num_classes`, else the largest label
       + 1.
     feature_spec: The feature spec recorded in the manifest (the JSON form
-      of `fedpipe.preprocess.feature_spec.FeatureSpec`); default: features
+      of `fedpipe.pipelines.feature_spec.FeatureSpec`); default: features
       named `x0`, `x1`, ... and label `y`. Silos of one federation must
       record the same spec.
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedpipe.data import atomic_files
 from fedpipe.errors import FedpipeError
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 GENERATION_FILENAME = 'generation.json'
 FEATURE_SPEC_FILENAME = 'feature_spec.json'

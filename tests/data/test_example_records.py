@@ -79,7 +79,7 @@ def test_rewrite_replaces_the_file(tmp_path):
   assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b'c']
 
 
-@pytest.mark.parametrize('module', ['fedpipe.data.example_records', 'fedpipe.preprocess.dofns'])
+@pytest.mark.parametrize('module', ['fedpipe.data.example_records', 'fedpipe.pipelines.dofns'])
 def test_worker_side_modules_do_not_import_tensorflow(module):
   # Beam's worker processes import these; TensorFlow would add seconds to each.
   code = (

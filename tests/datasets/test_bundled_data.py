@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedpipe.datasets import bundled_data
-from fedpipe.preprocess import feature_spec as fs
+from fedpipe.pipelines import feature_spec as fs
 
 
 def _label_shares(assignment, labels, num_clients):

@@ -35,7 +35,7 @@ NUM_CLIENTS = DIGITS_NUM_CLIENTS
 def fed(tmp_path_factory, digits_client_data):
   """The whole dataset preprocessed for local training (the session's), and one
   Beam-written data directory per silo under `silos_root`."""
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
+  from fedpipe.pipelines import pipeline as preprocess_pipeline
 
   root = tmp_path_factory.mktemp('federation')
   silos_root = root / 'silos'

@@ -18,7 +18,7 @@ import pytest
 from fedpipe.computations import keras_model, privacy_accounting
 from fedpipe.config import base, validation
 from fedpipe.datasets import bundled_data
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 from fedpipe.training import federated_training, program, run_directory
 from fedpipe.training import loop as training_loop
 
@@ -221,7 +221,7 @@ def client_data(tmp_path_factory):
   """Digits over 30 clients, preprocessed by the real Beam pipeline."""
   from apache_beam.options.pipeline_options import PipelineOptions
 
-  from fedpipe.preprocess import pipeline as preprocess_pipeline
+  from fedpipe.pipelines import pipeline as preprocess_pipeline
 
   root = tmp_path_factory.mktemp('library_data')
   raw = bundled_data.write_bundled_dataset(

@@ -1,4 +1,4 @@
-"""Tests of fedpipe.preprocess.pipeline: real Beam pipelines on the local runner."""
+"""Tests of fedpipe.pipelines.pipeline: real Beam pipelines on the local runner."""
 
 import csv
 import glob
@@ -14,8 +14,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from fedpipe.data import client_ids, manifest
 from fedpipe.datasets import bundled_data
-from fedpipe.preprocess import feature_spec as fs
-from fedpipe.preprocess import pipeline as pp
+from fedpipe.pipelines import feature_spec as fs
+from fedpipe.pipelines import pipeline as pp
 
 SMALL_SPEC = fs.FeatureSpec(
   client_key='client_id',

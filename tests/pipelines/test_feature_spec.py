@@ -1,4 +1,4 @@
-"""Tests of fedpipe.preprocess.feature_spec and fedpipe.data.client_ids."""
+"""Tests of fedpipe.pipelines.feature_spec and fedpipe.data.client_ids."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 
 from fedpipe.data import client_ids, manifest
-from fedpipe.preprocess import feature_spec as fs
+from fedpipe.pipelines import feature_spec as fs
 
 
 def _spec_json(**overrides):

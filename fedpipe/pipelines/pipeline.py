@@ -44,8 +44,8 @@ from apache_beam.runners.runner import PipelineState
 
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
-from fedpipe.preprocess import dofns as preprocess_dofns
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import dofns as preprocess_dofns
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 CSV_FORMAT = preprocess_dofns.CSV_FORMAT
 JSONL_FORMAT = preprocess_dofns.JSONL_FORMAT

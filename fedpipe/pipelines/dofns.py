@@ -19,13 +19,13 @@ from apache_beam.metrics import Metrics
 
 from fedpipe.data import client_ids, example_records
 from fedpipe.data import manifest as manifest_lib
-from fedpipe.preprocess import feature_spec as feature_spec_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 CSV_FORMAT = 'csv'
 JSONL_FORMAT = 'jsonl'
 # Dead-letter `raw` fields are cut to this many characters.
 MAX_RAW_CHARS = 10_000
-METRICS_NAMESPACE = 'fedpipe.preprocess'
+METRICS_NAMESPACE = 'fedpipe.pipelines'
 
 
 def join_path(*parts: str) -> str:
