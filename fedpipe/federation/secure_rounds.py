@@ -7,7 +7,8 @@ calls, in order, each checked as if the coordinator were hostile:
 1. `keys` (SecureKeys): a fresh X25519 key for (study, round, attempt),
    signed with this silo's certificate key. The round roster must be part of
    the study's roster, include this silo and be large enough for the policy
-   and the colluders assumed; (round, attempt) must be newer than any this
+   and the colluders assumed, and its noised sum must fit the ring
+   (`secure_sum.check_range`); (round, attempt) must be newer than any this
    silo has keyed for the study, so an old round cannot be replayed.
 2. `confirm` (SecureConfirm): the relayed bundles are verified
    (`key_agreement.verify_bundles`; this silo's own bundle must come back as
@@ -109,6 +110,15 @@ class SecureRounds:
         f'(min_roster {self._gate.policy.min_secure_roster}, '
         f'{terms.max_colluding} colluders assumed)'
       )
+    # Checked before any key is made: the noised sum of the round cannot wrap.
+    clip_norm = float(study.request['privacy']['clip_norm'])
+    secure_sum.check_range(
+      clip_norm=clip_norm,
+      max_users_per_silo=self._gate.client_count,
+      num_silos=len(roster),
+      scale=terms.scale,
+      local_stddev=terms.local_stddev(clip_norm, len(roster)),
+    )
     train = [c['fingerprint'] for c in study.request['computations'] if c['role'] == 'train_round']
     context = key_agreement.RoundContext(
       study_id=request.study_id, round=request.round, attempt=request.attempt, fingerprint=train[0]

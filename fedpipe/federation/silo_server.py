@@ -140,6 +140,27 @@ class _WorkerLink:
     return self.worker is not None and self.worker.is_alive()
 
 
+class _Refused(FedpipeError):
+  """Internal: the gate refused a call or withheld its result (`ExecutorProxy._call_worker`)."""
+
+  def __init__(self, event: str, reason: str):
+    super().__init__(reason)
+    self.event, self.reason = event, reason
+
+
+class _WorkerDown(FedpipeError):
+  """Internal: the worker is restarting."""
+
+
+class _WorkerFailed(FedpipeError):
+  """Internal: the worker answered with an error; `withheld` if the gate kept it back."""
+
+  def __init__(self, error: grpc.RpcError, withheld: str | None):
+    super().__init__(error.details())
+    self.error, self.withheld = error, withheld
+    self.summary = redact_worker_error(error.details())
+
+
 class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
   """Forwards TFF executor calls to the worker, through the gate, with logs."""
 
@@ -159,16 +180,21 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       lambda context: tls_lib.authenticated_caller(context, server=f'silo {silo_name}')
     )
 
-  def _forward(self, method: str, request, context: grpc.ServicerContext):
-    caller = self._identify(context)
+  def _call_worker(self, method: str, request, caller: str):
+    """`method(request)` on the worker, through the gate: the response, or why not.
+
+    Raises:
+      _Refused: The gate refused the call or withheld its result.
+      _WorkerDown: The worker is restarting.
+      _WorkerFailed: The worker answered with an error (charged first, like a result).
+    """
     if self._gate is not None:
       refusal = self._gate.check(method, request, caller)
       if refusal is not None:
-        self._refuse(context, 'refused', method, caller, refusal)
+        raise _Refused('refused', refusal)
     stub = self._link.stub
     if stub is None:
-      context.abort(grpc.StatusCode.UNAVAILABLE, f'silo {self._silo_name}: worker is restarting')
-    started = time.monotonic()
+      raise _WorkerDown(f'silo {self._silo_name}: worker is restarting')
     try:
       response = getattr(stub, method)(request)
     except grpc.RpcError as e:
@@ -187,13 +213,26 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       # A computation's failure says something about the data too: it is
       # charged like a result before the caller hears of it.
       withheld = self._gate.on_failed(method, request, caller) if self._gate else None
-      if withheld is not None:
-        self._refuse(context, 'withheld', method, caller, withheld)
-      context.abort(e.code(), f'silo {self._silo_name}: {redact_worker_error(e.details())}')
+      raise _WorkerFailed(e, withheld) from None
     if self._gate is not None:
       withheld = self._gate.on_forwarded(method, request, response, caller)
       if withheld is not None:
-        self._refuse(context, 'withheld', method, caller, withheld)
+        raise _Refused('withheld', withheld)
+    return response
+
+  def _forward(self, method: str, request, context: grpc.ServicerContext):
+    caller = self._identify(context)
+    started = time.monotonic()
+    try:
+      response = self._call_worker(method, request, caller)
+    except _Refused as e:
+      self._refuse(context, e.event, method, caller, e.reason)
+    except _WorkerDown as e:
+      context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except _WorkerFailed as e:
+      if e.withheld is not None:
+        self._refuse(context, 'withheld', method, caller, e.withheld)
+      context.abort(e.error.code(), f'silo {self._silo_name}: {e.summary}')
     if method in executor_service.EXECUTOR_LIFECYCLE_METHODS:
       LOG.info(
         json.dumps(
@@ -216,39 +255,16 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       silo_policy.PolicyRefusalError: If the gate refuses the call or withholds its result.
       key_agreement.SecureAggregationError: If the worker is down or the computation fails.
     """
-    method = executor_service.COMPUTE
-    refusal = self._gate.check(method, request, caller) if self._gate else None
-    if refusal is not None:
-      raise silo_policy.PolicyRefusalError(refusal)
-    stub = self._link.stub
-    if stub is None:
-      raise key_agreement.SecureAggregationError(
-        f'silo {self._silo_name}: worker is restarting', silo=self._silo_name
-      )
     try:
-      response = stub.Compute(request)
-    except grpc.RpcError as e:
-      LOG.error(
-        json.dumps(
-          {
-            'event': 'worker_error',
-            'silo': self._silo_name,
-            'method': method,
-            'caller': caller,
-            'code': e.code().name,
-            'details': (e.details() or '')[:2000],
-          }
-        )
-      )
-      withheld = self._gate.on_failed(method, request, caller) if self._gate else None
+      return self._call_worker(executor_service.COMPUTE, request, caller)
+    except _Refused as e:
+      raise silo_policy.PolicyRefusalError(e.reason) from None
+    except _WorkerDown as e:
+      raise key_agreement.SecureAggregationError(str(e), silo=self._silo_name) from None
+    except _WorkerFailed as e:
       raise key_agreement.SecureAggregationError(
-        withheld or f'the round failed on the worker: {redact_worker_error(e.details())}',
-        silo=self._silo_name,
+        e.withheld or f'the round failed on the worker: {e.summary}', silo=self._silo_name
       ) from None
-    withheld = self._gate.on_forwarded(method, request, response, caller) if self._gate else None
-    if withheld is not None:
-      raise silo_policy.PolicyRefusalError(withheld)
-    return response
 
   def _refuse(
     self, context: grpc.ServicerContext, event: str, method: str, caller: str, reason: str

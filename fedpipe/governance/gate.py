@@ -300,6 +300,7 @@ class GovernanceGate:
     self._reservations: dict[int, _Reservation] = {}
     self._next_reservation = 0
     self._releasing_masked = threading.local()  # Per gRPC handler thread.
+    self._terms: dict[str, secure_terms.SecureAggregationTerms | None] = {}
 
   # CallGate.
 
@@ -402,6 +403,11 @@ class GovernanceGate:
         return study_id
     return None
 
+  @property
+  def client_count(self) -> int:
+    """How many clients this silo holds (the most a round can use here)."""
+    return len(self._client_ids)
+
   def training_study_of(self, executor_id: str, value_ref: str) -> str | None:
     """The secure study whose training result the value `value_ref` carries, if any."""
     with self._lock:
@@ -409,9 +415,20 @@ class GovernanceGate:
     return None if info is None else self._masked_only_study(info)
 
   def secure_terms(self, study_id: str) -> secure_terms.SecureAggregationTerms | None:
-    """The approved secure-aggregation terms of a study (as stored at submission)."""
+    """The approved secure-aggregation terms of a study (as stored at submission).
+
+    A stored request never changes: read once per study, not on every Compute.
+    """
+    with self._lock:
+      if study_id in self._terms:
+        return self._terms[study_id]
     study = self.store.get(study_id)
-    return None if study is None else secure_terms.terms_of(study.request['privacy'])
+    if study is None:
+      return None
+    terms = secure_terms.terms_of(study.request['privacy'])
+    with self._lock:
+      self._terms[study_id] = terms
+    return terms
 
   @contextlib.contextmanager
   def releasing_masked(self) -> Iterator[None]:
