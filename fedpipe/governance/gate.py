@@ -330,6 +330,18 @@ class GovernanceGate:
             '(secure aggregation); ask for them with SecureRelease',
             study_id=masked_only,
           )
+        unmasked = self._unmasked_training_study(info)
+        if unmasked is not None:
+          # Checked at release, not only at review: a study approved before
+          # the policy changed, or approved around the review, still cannot
+          # take a partial sum out unmasked.
+          return self._refuse(
+            caller,
+            f'this silo requires secure aggregation ([secure_aggregation] '
+            f'require_secure_aggregation = true); study {unmasked} would take its training '
+            'result out unmasked',
+            study_id=unmasked,
+          )
         self._stage(request, info)
     if method == executor_service.CREATE_VALUE:
       return self._check_value(request, caller)
@@ -390,16 +402,31 @@ class GovernanceGate:
 
   # Secure aggregation.
 
-  def _masked_only_study(self, info: _ValueInfo) -> str | None:
-    """The secure-aggregation study whose training result `info` carries, if any."""
+  def _training_studies(self, info: _ValueInfo) -> set[str]:
+    """The studies whose training calls `info` carries uncharged."""
     with self._lock:
-      studies = {
+      return {
         r.study_id
         for k in info.pending
         if (r := self._reservations.get(k)) is not None and r.role == governance_store.ROLE_TRAIN
       }
+
+  def _masked_only_study(self, info: _ValueInfo) -> str | None:
+    """The secure-aggregation study whose training result `info` carries, if any."""
+    studies = self._training_studies(info)
     for study_id in sorted(studies):
       if self.secure_terms(study_id) is not None:
+        return study_id
+    return None
+
+  def _unmasked_training_study(self, info: _ValueInfo) -> str | None:
+    """Under `require_secure_aggregation`: a study without secure terms whose training
+    result `info` carries, if any."""
+    if not self.policy.require_secure_aggregation:
+      return None
+    studies = self._training_studies(info)
+    for study_id in sorted(studies):
+      if self.secure_terms(study_id) is None:
         return study_id
     return None
 

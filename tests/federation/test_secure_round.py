@@ -13,22 +13,28 @@ from fedpipe.data import client_data_writer
 from fedpipe.federation import cross_silo, local_federation, secure_round, silo_protocol
 from fedpipe.governance import secure_terms, study_request
 from fedpipe.governance import store as governance_store
+from tests.conftest import log_events
 
 pytestmark = pytest.mark.slow
 
 SILOS = ('silo-a', 'silo-b', 'silo-c')
 DIM = 100
 SCALE = 2.0**16
-LAB_POLICY = (
-  local_federation.DEMO_POLICY + '\n[secure_aggregation]\nmin_roster = 3\nallow_noise_free = true\n'
+# These silos refuse unmasked training results, accept rounds among two of
+# them (a dropped silo's round reruns among the others), and allow the
+# noise-free test mode whose sums can be checked exactly.
+LAB_POLICY = local_federation.DEMO_POLICY + (
+  '\n[secure_aggregation]\nrequire_secure_aggregation = true\nmin_roster = 2\n'
+  'allow_noise_free = true\n'
 )
+WEIGHTS = 1.0 + np.arange(DIM) / DIM
 
 
 @pytest.fixture(scope='module')
 def federation(tmp_path_factory):
   root = tmp_path_factory.mktemp('secure')
   rng = np.random.default_rng(7)  # The silos' data, not the protocol's randomness.
-  data_dirs, counts = {}, {}
+  data_dirs, counts, features = {}, {}, {}
   for s, silo in enumerate(SILOS):
     clients = {}
     for c in range(12):
@@ -41,10 +47,18 @@ def federation(tmp_path_factory):
     }
     client_data_writer.write_client_data(data_dirs[silo], clients, held_out, num_classes=2)
     counts[silo] = {c: len(x) for c, (x, _) in clients.items()}
+    features[silo] = {c: x for c, (x, _) in clients.items()}
   with local_federation.start_local_federation(
     data_dirs, str(root / 'run'), policy=LAB_POLICY
   ) as running:
+    running.features = features
     yield running, counts
+
+
+def _partial(features, divisor):
+  """A silo's true update sum under `_feature_round(divisor)`, recomputed from its data."""
+  total = sum(x.astype(np.float64).sum(axis=0) for x in features.values())
+  return np.tile(total, DIM // 4) * WEIGHTS / divisor
 
 
 def _train_round(divisor):
@@ -69,49 +83,93 @@ def _train_round(divisor):
   return train
 
 
-def _approve(running, train_round, noise_multiplier, rounds=4):
-  from fedpipe.runtime import execution_context
+def _feature_round(divisor):
+  """Like `_train_round`, but each client's update follows its records' features:
+  the silo's update sum is `_partial(its features, divisor)`."""
+  import tensorflow as tf
+  import tensorflow_federated as tff
 
+  @tff.tensorflow.computation(np.str_)
+  def work(client_id):
+    weights = tf.constant(WEIGHTS, tf.float32)
+    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    parsed = records.batch(64).apply(
+      tf.data.experimental.parse_example_dataset({'x': tf.io.FixedLenFeature([4], tf.float32)})
+    )
+    x = parsed.unbatch().map(lambda e: e['x'])
+    n, total = x.reduce((np.int64(0), tf.zeros([4])), lambda s, v: (s[0] + 1, s[1] + v))
+    return n, tf.tile(total, [DIM // 4]) * weights / divisor
+
+  @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
+  def train(client_ids):
+    return tff.federated_sum(tff.federated_map(work, client_ids))
+
+  return train
+
+
+def _request(proto, noise_multiplier, rounds, *, secure=True, noised_path=(1,)):
   terms = secure_terms.SecureAggregationTerms(
     roster=SILOS,
     max_colluding=1,
     noise_multiplier=noise_multiplier,
     scale=SCALE,
     dim=DIM,
-    noised_path=(1,),
+    noised_path=noised_path,
   )
+  privacy = {
+    'noise_multiplier': noise_multiplier,
+    'clipping': 'fixed',
+    'clip_norm': 1.0,
+    'delta': 1e-5,
+    'epsilon': None,
+    'accountant': 'rdp',
+    'sampling': 'poisson',
+    'population_size': 36,
+    'clients_per_round': 24,
+  }
+  if secure:
+    privacy['secure_aggregation'] = terms.to_json()
   request = study_request.StudyRequest(
-    name=f'secure-{noise_multiplier}',
+    name=f'secure-{noise_multiplier}' if secure else f'central-{noise_multiplier}',
     rounds=rounds,
     model={'name': 'none', 'parameters': DIM},
-    privacy={
-      'noise_multiplier': noise_multiplier,
-      'clipping': 'fixed',
-      'clip_norm': 1.0,
-      'delta': 1e-5,
-      'epsilon': None,
-      'accountant': 'rdp',
-      'sampling': 'poisson',
-      'population_size': 36,
-      'clients_per_round': 24,
-      'secure_aggregation': terms.to_json(),
-    },
-    computations=(
-      study_request.StudyComputation(
-        study_request.ROLE_TRAIN, execution_context.wire_computation(train_round)
-      ),
-    ),
+    privacy=privacy,
+    computations=(study_request.StudyComputation(study_request.ROLE_TRAIN, proto),),
   )
+  return request, terms
+
+
+def _submit(running, request):
+  """Each silo's violations of `request`."""
+  violations = {}
   for name in SILOS:
     connection = _connect(running, name)
     try:
-      status = connection.submit_study(request, timeout_s=60)
+      violations[name] = connection.submit_study(request, timeout_s=60).violations
     finally:
       connection.close()
-    assert not status.violations, status.violations
+  return violations
+
+
+def _decide(running, study_id, rounds):
+  for name in SILOS:
     store = governance_store.GovernanceStore(running.state_dir(name))
-    store.decide(request.study_id, approve=True, rounds=rounds, evaluations=0)
+    store.decide(study_id, approve=True, rounds=rounds, evaluations=0)
     store.close()
+
+
+def _approve(running, train_round, noise_multiplier, rounds=4, *, proto=None, noised_path=(1,)):
+  from fedpipe.runtime import execution_context
+
+  request, terms = _request(
+    proto or execution_context.wire_computation(train_round),
+    noise_multiplier,
+    rounds,
+    noised_path=noised_path,
+  )
+  violations = _submit(running, request)
+  assert not any(violations.values()), violations
+  _decide(running, request.study_id, rounds)
   return secure_round.SecureStudy(request.study_id, terms)
 
 
@@ -195,6 +253,25 @@ def test_the_coordinator_gets_only_masked_words_whose_sum_is_exact(federation):
     assert not np.allclose(masked, plain)
 
 
+def test_masked_words_are_uncorrelated_with_the_silos_true_partial_sums(federation):
+  running, counts = federation
+  train_round = _feature_round(8.0)
+  study = _approve(running, train_round, noise_multiplier=0.0)
+  decoded, released, _ = _round(running, counts, train_round, study, 1)
+  partials = {name: _partial(running.features[name], 8.0) for name in SILOS}
+  # Noise-free: the decoded sum is the sum of the partials recomputed from the
+  # silos' data, up to stochastic rounding (< 1/scale per silo and value).
+  np.testing.assert_allclose(decoded[1], sum(partials.values()), rtol=0, atol=3 / SCALE + 1e-4)
+  for name, data in released.items():
+    masked = np.frombuffer(data, dtype='<u8')[1:].astype(np.float64)
+    # Pearson correlation of 100 masked words with the silo's 100 true
+    # values: for words independent of them it is about N(0, 1/100); |r| >=
+    # 0.5 is a 5-sigma event (false alarm ~6e-7 a silo).
+    r = np.corrcoef(masked, partials[name])[0, 1]
+    assert abs(r) < 0.5, (name, r)
+    assert np.std(partials[name]) > 0.1  # The truth varies: the test could fail.
+
+
 def test_with_noise_the_sum_is_within_the_stated_bound(federation):
   running, counts = federation
   train_round = _train_round(64.0 + 1)
@@ -231,6 +308,53 @@ def test_a_replayed_round_and_a_substituted_key_stop_the_round_naming_the_silo(f
   with pytest.raises(secure_round.SecureRoundError, match='silo silo-b: the signature'):
     _round(running, counts, train_round, study, 2, tamper=substitute)
 
+  def unsign(method, payload):
+    if method != silo_protocol.SECURE_CONFIRM:
+      return payload
+    request = silo_protocol.decode(silo_protocol.SecureConfirmRequest, payload, what='relayed')
+    a, b, c = request.bundles
+    unsigned = type(c)(**{**c.__dict__, 'signature': b''})
+    return silo_protocol.encode(
+      type(request)(request.study_id, request.round, request.attempt, (a, b, unsigned))
+    )
+
+  with pytest.raises(secure_round.SecureRoundError, match='silo silo-c: the signature'):
+    _round(running, counts, train_round, study, 3, tamper=unsign)
+  # No silo released anything in the refused rounds: one charge each, round 1's.
+  for name in SILOS:
+    charges = [
+      e for e in log_events(running.log_path(name), 'call_charged') if e['study'] == study.study_id
+    ]
+    assert len(charges) == 1, (name, charges)
+
+
+def test_a_silo_that_requires_secure_aggregation_never_releases_an_unmasked_sum(federation):
+  from fedpipe.runtime import execution_context
+
+  running, counts = federation
+  train_round = _train_round(8.0)
+  request, _ = _request(
+    execution_context.wire_computation(train_round), 1.0, rounds=2, secure=False
+  )
+  for name, violations in _submit(running, request).items():
+    assert any('requires secure aggregation' in v for v in violations), (name, violations)
+  # Approved anyway (as if before the policy changed): the result still
+  # cannot leave unmasked, and nothing is charged.
+  _decide(running, request.study_id, rounds=2)
+  connection = _connect(running, 'silo-a')
+  try:
+    context = execution_context.create_async_context(connection.channel)
+    with pytest.raises(Exception, match='requires secure aggregation'):
+      asyncio.run(context.invoke(train_round, sorted(counts['silo-a'])))
+  finally:
+    connection.close()
+  charged = [
+    e
+    for e in log_events(running.log_path('silo-a'), 'call_charged')
+    if e['study'] == request.study_id
+  ]
+  assert charged == []
+
 
 def test_plain_compute_of_a_secure_round_is_refused(federation):
   running, counts = federation
@@ -256,7 +380,7 @@ def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(feder
   import subprocess
   import sys
 
-  from tests.conftest import REPO_ROOT, log_events
+  from tests.conftest import REPO_ROOT
 
   running, _ = federation
   tls = running.coordinator_tls()
@@ -300,3 +424,73 @@ def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(feder
     ]
     train = [e for e in charges if e['role'] == 'train_round']
     assert len(train) == 3 and all(e['mechanism'] == 'distributed_discrete_gaussian' for e in train)
+
+
+def test_a_silo_lost_after_keys_or_killed_after_releasing_gives_the_documented_reruns(
+  federation,
+):
+  """Through the routing context that training uses, under on_silo_failure=drop.
+
+  Round 1: silo-c's release is lost after the others released: the attempt
+  is useless, so it reruns between silo-a and silo-b with fresh keys; their
+  two releases are both charged, silo-c (never released) is not.
+  Round 2: silo-c is killed right after its masked vector arrived: the round
+  completes with it. Round 3: silo-c is down: the round runs without it.
+  This test kills silo-c: it runs last in this module.
+  """
+  import threading
+
+  running, _ = federation
+  addresses = [cross_silo.SiloAddress(n, running.silos[n].address) for n in SILOS]
+  with cross_silo.federation(
+    addresses, running.coordinator_tls(), on_failure='drop', round_timeout_s=60
+  ) as fed:
+    full = _feature_round(4.0)
+    # The silos approve the computation they run: the round's silo half.
+    study = _approve(
+      running, full, 0.0, rounds=6, proto=fed.context.silo_computation(full), noised_path=(0, 1)
+    )
+    fed.context.enable_secure(study, full)
+    released = {'silo-a': threading.Event(), 'silo-b': threading.Event()}
+    plan = {'round': 1}
+
+    def wrap(name, call_silo):
+      def call(method, request, timeout_s):
+        if method != silo_protocol.SECURE_RELEASE:
+          return call_silo(method, request, timeout_s)
+        if name == 'silo-c' and plan['round'] == 1:
+          assert all(e.wait(60) for e in released.values())
+          raise cross_silo.SiloUnavailableError(name, 'the release was lost on the network')
+        reply = call_silo(method, request, timeout_s)
+        if name in released:
+          released[name].set()
+        if name == 'silo-c' and plan['round'] == 2:
+          running.silos['silo-c'].kill()
+        return reply
+
+      return call
+
+    for name, connection in fed.silos.items():
+      connection.call_silo = wrap(name, connection.call_silo)
+    ids = [f'{n}{cross_silo.SEPARATOR}{c}' for n in SILOS for c in sorted(running.features[n])]
+    partials = {n: _partial(running.features[n], 4.0) for n in SILOS}
+    expected = {
+      1: partials['silo-a'] + partials['silo-b'],
+      2: sum(partials.values()),
+      3: partials['silo-a'] + partials['silo-b'],
+    }
+    for round_number in (1, 2, 3):
+      plan['round'] = round_number
+      _, update = full(ids)
+      np.testing.assert_allclose(update, expected[round_number], rtol=0, atol=3 / SCALE + 1e-4)
+      assert fed.context.pop_round_metrics()['dropped_silos'] == (0.0 if round_number == 2 else 1.0)
+  charged = {
+    name: [
+      e for e in log_events(running.log_path(name), 'call_charged') if e['study'] == study.study_id
+    ]
+    for name in SILOS
+  }
+  # silo-a, silo-b: round 1 twice (the aborted attempt and its rerun), 2, 3.
+  # silo-c: round 2 only.
+  assert {n: len(c) for n, c in charged.items()} == {'silo-a': 4, 'silo-b': 4, 'silo-c': 1}
+  assert all(e['mechanism'] == 'distributed_discrete_gaussian' for c in charged.values() for e in c)
