@@ -9,7 +9,8 @@ calls, in order, each checked as if the coordinator were hostile:
    the study's roster, include this silo and be large enough for the policy
    and the colluders assumed, and its noised sum must fit the ring
    (`secure_sum.check_range`); (round, attempt) must be newer than any this
-   silo has keyed for the study, so an old round cannot be replayed.
+   silo has keyed for the study (recorded in its audit log, so across
+   restarts too), so an old round cannot be replayed.
 2. `confirm` (SecureConfirm): the relayed bundles are verified
    (`key_agreement.verify_bundles`; this silo's own bundle must come back as
    it was sent) and this silo signs the digest of the roster it saw.
@@ -79,7 +80,6 @@ class SecureRounds:
     self._compute = compute
     self._lock = threading.Lock()
     self._rounds: dict[tuple[str, int, int], _Round] = {}
-    self._newest: dict[str, tuple[int, int]] = {}
 
   def _error(self, message: str) -> key_agreement.SecureAggregationError:
     return key_agreement.SecureAggregationError(message, silo=self._silo)
@@ -124,13 +124,12 @@ class SecureRounds:
       study_id=request.study_id, round=request.round, attempt=request.attempt, fingerprint=train[0]
     )
     with self._lock:
-      newest = self._newest.get(request.study_id)
-      if newest is not None and (request.round, request.attempt) <= newest:
-        raise self._error(
-          f'round {request.round} attempt {request.attempt} of study {request.study_id} is not '
-          f'newer than round {newest[0]} attempt {newest[1]}: keys are never made twice'
+      try:  # In the audit log: a restart does not reopen old rounds.
+        self._gate.store.claim_secure_round(
+          request.study_id, request.round, request.attempt, roster, caller
         )
-      self._newest[request.study_id] = (request.round, request.attempt)
+      except governance_store.GovernanceError as e:
+        raise self._error(str(e)) from e
       for key in [k for k in self._rounds if k[0] == request.study_id]:
         del self._rounds[key]  # An unfinished older round can never be released.
       keys = key_agreement.RoundKeys(

@@ -383,6 +383,38 @@ class GovernanceStore:
       )
       return self._get(db, study_id)
 
+  def claim_secure_round(
+    self, study_id: str, round_number: int, attempt: int, roster: Sequence[str], caller: str
+  ) -> None:
+    """Records that this silo makes keys for (round, attempt) of a secure study.
+
+    The audit log is the record, so a restarted silo still never makes keys
+    twice for a round, nor for one older than any it keyed.
+
+    Raises:
+      GovernanceError: If (round, attempt) is not newer than the study's newest.
+    """
+    with self._transaction() as db:
+      row = db.execute(
+        "SELECT detail FROM audit WHERE study_id = ? AND event = 'secure_round_keyed' "
+        'ORDER BY seq DESC LIMIT 1',
+        (study_id,),
+      ).fetchone()
+      if row is not None:
+        newest = json.loads(row[0])
+        if (round_number, attempt) <= (newest['round'], newest['attempt']):
+          raise GovernanceError(
+            f'round {round_number} attempt {attempt} of study {study_id} is not newer than '
+            f'round {newest["round"]} attempt {newest["attempt"]}: keys are never made twice'
+          )
+      self._append_audit(
+        db,
+        'secure_round_keyed',
+        caller=caller,
+        study_id=study_id,
+        detail={'round': round_number, 'attempt': attempt, 'roster': list(roster)},
+      )
+
   def extend(
     self, study_id: str, *, rounds: int = 0, evaluations: int = 0, decided_by: str = 'data owner'
   ) -> Study:

@@ -178,3 +178,21 @@ def test_audit_log_is_append_only_and_edits_are_detected(tmp_path):
   store = governance_store.GovernanceStore(str(tmp_path))
   assert any('entry 1: its content does not match' in p for p in store.verify_audit())
   store.close()
+
+
+def test_secure_round_keys_are_claimed_once_and_stay_claimed_across_a_restart(tmp_path):
+  store = governance_store.GovernanceStore(str(tmp_path))
+  _study(store)
+  store.decide('s1', approve=True, rounds=2, evaluations=0)
+  store.claim_secure_round('s1', 10, 0, ['a', 'b'], 'coordinator')
+  store.claim_secure_round('s1', 10, 1, ['a'], 'coordinator')  # A rerun: a newer attempt.
+  store.close()
+  store = governance_store.GovernanceStore(str(tmp_path))  # The silo restarted.
+  for old in ((10, 1), (10, 0), (9, 7)):
+    with pytest.raises(governance_store.GovernanceError, match='not newer than round 10 attempt 1'):
+      store.claim_secure_round('s1', *old, ['a', 'b'], 'coordinator')
+  store.claim_secure_round('s1', 11, 0, ['a', 'b'], 'coordinator')
+  keyed = [e for e in store.audit(study_id='s1') if e.event == 'secure_round_keyed']
+  assert [(e.detail['round'], e.detail['attempt']) for e in keyed] == [(10, 0), (10, 1), (11, 0)]
+  assert keyed[0].detail['roster'] == ['a', 'b']
+  assert store.verify() == []
