@@ -33,6 +33,7 @@ from benchmarks import (
   preprocess_throughput,
   privacy_utility,
   round_cost,
+  secure_aggregation,
 )
 
 BENCHMARKS = {
@@ -42,6 +43,7 @@ BENCHMARKS = {
   'privacy_utility': privacy_utility,
   'flower': flower_peer,
   'cross_silo': cross_silo_overhead,
+  'secure_aggregation': secure_aggregation,
 }
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Smaller sizes and fewer repetitions (minutes).')

@@ -414,6 +414,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
     self._timeout = round_timeout_s
     self._min_silos = min_silos_per_round
     self._forms: dict[int, tuple[Any, Any]] = {}
+    self._secure_function: tuple[int, Any] | None = None  # (id(comp), its serialized silo half)
     self._loop = asyncio.new_event_loop()
     self._thread = threading.Thread(target=self._loop.run_forever, name='silo-routing', daemon=True)
     self._thread.start()
@@ -544,10 +545,19 @@ class SiloRoutingContext(tff.framework.SyncContext):
     except (SiloError, grpc.RpcError, silo_protocol.PayloadError, TimeoutError) as e:
       raise secure_round.SecureRoundError(name, _round_failure(e, self._timeout)) from e
 
+  def _dispose(self, name: str, executor_id: str) -> None:
+    try:
+      secure_round.dispose(self._silos[name].channel, executor_id, timeout_s=10)
+    except grpc.RpcError:
+      pass  # The silo forgets executors it no longer tracks.
+
   async def _invoke_secure(self, form, parts, assignment, after_merge_arg):
     """A secure-aggregation round (`secure_round`); a failed attempt is rerun without the
     failed silo (fresh keys, fresh noise) if `on_failure` allows, else the run stops."""
-    study = self._secure[0]
+    study, comp_id = self._secure
+    if self._secure_function is None or self._secure_function[0] != comp_id:
+      self._secure_function = (comp_id, secure_round.serialize_function(form.up_to_merge))
+    function = self._secure_function[1]
     self._secure_round += 1
     names = sorted(parts)
     fewest = max(self._min_silos, study.terms.max_colluding + 1, 2)
@@ -565,6 +575,7 @@ class SiloRoutingContext(tff.framework.SyncContext):
                 form.up_to_merge,
                 parts[name],
                 timeout_s=self._timeout,
+                function=function,
               ),
             )
             for name in names
@@ -611,11 +622,12 @@ class SiloRoutingContext(tff.framework.SyncContext):
         names.remove(name)
         attempt += 1
       finally:
-        for name, call in prepared.items():
-          try:
-            secure_round.dispose(self._silos[name].channel, call.executor_id, timeout_s=10)
-          except grpc.RpcError:
-            pass  # The silo forgets executors it no longer tracks.
+        await asyncio.gather(
+          *(
+            asyncio.to_thread(self._dispose, name, call.executor_id)
+            for name, call in prepared.items()
+          )
+        )
     merged = secure_round.pack(decoded, form.merge.type_signature.result)
     if after_merge_arg is None:
       arg = merged

@@ -52,8 +52,24 @@ class _Prepared:
   value_ref: str
 
 
-def prepare_call(channel, comp, arg, *, timeout_s: float) -> _Prepared:
-  """Sends `comp` and `arg` to a silo's executor service and makes the call, without computing it."""
+def serialize_function(comp) -> executor_pb2.Value:
+  """`comp` as `prepare_call` sends it (compiling it takes most of a second: do it once)."""
+  function, _ = tff.framework.serialize_value(execution_context.wire_computation(comp))
+  return function
+
+
+def prepare_call(
+  channel, comp, arg, *, timeout_s: float, function: executor_pb2.Value | None = None
+) -> _Prepared:
+  """Sends `comp` and `arg` to a silo's executor service and makes the call, without computing it.
+
+  Args:
+    channel: The silo's channel.
+    comp: The computation (the round's silo half).
+    arg: Its argument.
+    timeout_s: Per-RPC timeout.
+    function: `serialize_function(comp)`, if already made.
+  """
   stub = executor_pb2_grpc.ExecutorGroupStub(channel)
   param_type = comp.type_signature.parameter
   clients = _count_clients(arg, param_type)
@@ -67,7 +83,8 @@ def prepare_call(channel, comp, arg, *, timeout_s: float) -> _Prepared:
     ),
     timeout=timeout_s,
   ).executor
-  function, _ = tff.framework.serialize_value(execution_context.wire_computation(comp))
+  if function is None:
+    function = serialize_function(comp)
   argument, _ = tff.framework.serialize_value(arg, param_type)
   function_ref = stub.CreateValue(
     executor_pb2.CreateValueRequest(executor=executor, value=function), timeout=timeout_s

@@ -182,7 +182,9 @@ class SecureRounds:
     with self._lock:  # One release per round's keys, whatever follows.
       if self._rounds.pop((request.study_id, request.round, request.attempt), None) is None:
         raise self._error('this round was already released')
-    if self._gate.training_study_of(request.executor_id, request.value_ref) != request.study_id:
+    if not self._gate.claim_training_result(
+      request.executor_id, request.value_ref, request.study_id
+    ):
       raise self._error(
         f'value {request.value_ref} does not carry a training result of study {request.study_id}'
       )

@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -322,6 +322,10 @@ class GovernanceGate:
           'track (disposed or evicted); start a new executor',
         )
       if computes:  # What the released value carries, fixed before it runs.
+        if not getattr(self._releasing_masked, 'active', False):
+          # The same computation may be approved in a secure and a central
+          # study: a plain release goes to the oldest central one with rounds left.
+          self._retarget(info, lambda study_id: self.secure_terms(study_id) is None)
         masked_only = self._masked_only_study(info)
         if masked_only is not None and not getattr(self._releasing_masked, 'active', False):
           return self._refuse(
@@ -435,11 +439,45 @@ class GovernanceGate:
     """How many clients this silo holds (the most a round can use here)."""
     return len(self._client_ids)
 
-  def training_study_of(self, executor_id: str, value_ref: str) -> str | None:
-    """The secure study whose training result the value `value_ref` carries, if any."""
+  def claim_training_result(self, executor_id: str, value_ref: str, study_id: str) -> bool:
+    """Whether the value `value_ref` carries a training result of the secure study
+    `study_id` (and of no other secure study), once its uncharged training calls
+    are charged to that study where it holds their computation.
+
+    The computation of a round can be approved in several studies; the call
+    was reserved against the oldest with rounds left. A SecureRelease for
+    `study_id` names the study it is for.
+    """
     with self._lock:
       info = self._values.get(executor_id, {}).get(value_ref)
-    return None if info is None else self._masked_only_study(info)
+    if info is None or self.secure_terms(study_id) is None:
+      return False
+    self._retarget(info, lambda candidate: candidate == study_id)
+    studies = self._training_studies(info)
+    return studies == {study_id}
+
+  def _retarget(self, info: _ValueInfo, wanted: Callable[[str], bool]) -> None:
+    """Moves the uncharged training reservations behind `info` to the oldest approved
+    study that holds their computation, is `wanted` and has rounds left."""
+    with self._lock:
+      due = [
+        r
+        for k in info.pending
+        if (r := self._reservations.get(k)) is not None
+        and not r.charged
+        and r.role == governance_store.ROLE_TRAIN
+      ]
+    for r in due:
+      if wanted(r.study_id):
+        continue
+      for study_id, role in self.store.approved_computations(r.caller).get(r.fingerprint, []):
+        if role != governance_store.ROLE_TRAIN or not wanted(study_id):
+          continue
+        study = self.store.get(study_id)
+        if study is not None and study.rounds_remaining > 0:
+          with self._lock:
+            r.study_id = study_id
+          break
 
   def secure_terms(self, study_id: str) -> secure_terms.SecureAggregationTerms | None:
     """The approved secure-aggregation terms of a study (as stored at submission).

@@ -354,6 +354,15 @@ def test_a_silo_that_requires_secure_aggregation_never_releases_an_unmasked_sum(
     if e['study'] == request.study_id
   ]
   assert charged == []
+  # The same computation in a newer secure study: its rounds are that study's,
+  # although the silos reserve a call against the oldest study holding it.
+  study = _approve(running, train_round, noise_multiplier=0.0)
+  decoded, _, truth = _round(running, counts, train_round, study, 1)
+  assert int(decoded[0]) == sum(truth.values())
+  for name in SILOS:
+    events = log_events(running.log_path(name), 'call_charged')
+    assert [e['study'] for e in events].count(study.study_id) == 1
+    assert [e['study'] for e in events].count(request.study_id) == 0
 
 
 def test_plain_compute_of_a_secure_round_is_refused(federation):
