@@ -5,8 +5,8 @@ computations per client (build the dataset, then train on it), and the C++
 executor pays a per-call cost for each, which adds up over a round's clients
 (benchmarks/RESULTS.md compares fedpipe's round with plain TFF's on in-memory
 datasets). This client work takes client ids and does both inside one
-computation, reusing TFF's own local training loop (`model_delta_client_work`
-/ `proximal_client_work`).
+computation, reusing TFF's own local training loop (`model_delta_client_work`; FedProx
+through `proximal_optimizer`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from fedpipe.computations import proximal_optimizer
 
 DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
 
@@ -57,6 +59,11 @@ def build_client_work_over_ids(
   Returns:
     A `ClientWorkOverIds` (TFF's `ClientWorkProcess` insists on datasets).
   """
+  if proximal_strength > 0:
+    # TFF's own proximal client work pushes away from the global model
+    # (`proximal_optimizer`'s docstring): FedProx is the optimizer here.
+    optimizer = proximal_optimizer.ProximalOptimizer(optimizer, proximal_strength)
+
   with tf.Graph().as_default():
     model = model_fn()
     metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
@@ -81,27 +88,13 @@ def build_client_work_over_ids(
 
   @tff.tensorflow.computation(state_type, weights_type, np.str_)
   def client_update(optimizer_hparams, initial_weights, client_id):
-    if proximal_strength > 0:
-      update = (
-        tff.learning.templates.proximal_client_work.build_model_delta_update_with_tff_optimizer(
-          model_fn=model_fn,
-          weighting=client_weighting,
-          delta_l2_regularizer=proximal_strength,
-          loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
-        )
+    update = (
+      tff.learning.templates.model_delta_client_work.build_model_delta_update_with_tff_optimizer(
+        model_fn=model_fn,
+        weighting=client_weighting,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
       )
-      # TFF's proximal update takes no hyperparameters: it initializes the
-      # optimizer with those it was built with, which are the state's until
-      # something sets others (nothing in fedpipe does).
-      return update(optimizer, initial_weights, dataset_fn(client_id))
-    else:
-      update = (
-        tff.learning.templates.model_delta_client_work.build_model_delta_update_with_tff_optimizer(
-          model_fn=model_fn,
-          weighting=client_weighting,
-          loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
-        )
-      )
+    )
     return update(optimizer, initial_weights, dataset_fn(client_id), optimizer_hparams)
 
   @tff.federated_computation(

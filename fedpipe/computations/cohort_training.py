@@ -13,15 +13,16 @@ sum of capped-weight, clipped updates, never the individual updates:
     update_sum = Σ_k w_k · clip(Δ_k, S)      weight_sum = Σ_k w_k
 
 The math is TFF's per-client engine's (`model_delta_client_work` and
-`proximal_client_work` with `build_sgdm`, as `client_work` runs them, then
+`proximal_optimizer` with `build_sgdm`, as `client_work` runs them, then
 `dp_aggregator.CappedWeightSumQuery`):
 
 - a batch's loss is the model's loss averaged over its real examples (a last
   partial batch is a smaller batch); padded examples and padded steps leave a
   client's weights, optimizer state and metrics exactly unchanged;
 - n_k counts the examples processed, epochs included;
-- FedProx adds `proximal_strength * (initial − current)` to each gradient,
-  exactly as TFF 0.87 does;
+- FedProx adds `proximal_strength * (current − initial)` to each gradient,
+  as `proximal_optimizer.ProximalOptimizer` does (TFF 0.87's own proximal
+  client work has the opposite sign);
 - a client whose update has a non-finite value contributes a zero update and
   weight 0 (and, without FedProx, no metrics);
 - the clip is joint over all trainable tensors (`tf.clip_by_global_norm`), and
@@ -429,9 +430,9 @@ def train_cohort(
       loss = weighted * (width / tf.maximum(n, 1.0))
     gradients = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     if mu > 0:
-      # TFF 0.87's proximal client work adds μ · (initial − current).
+      # FedProx's pull towards the round's model, as `proximal_optimizer` adds it.
       gradients = tuple(
-        g + mu * (w0 - w) for g, w0, w in zip(gradients, initial_trainable, weights)
+        g + mu * (w - w0) for g, w0, w in zip(gradients, initial_trainable, weights)
       )
     if use_momentum:
       accumulators = tuple(momentum_t * a + g for a, g in zip(accumulators, gradients))
@@ -501,11 +502,11 @@ def train_cohort(
     finite &= tf.reduce_all(tf.math.is_finite(tf.reshape(d, [num_clients, -1])), axis=1)
   deltas = [tf.where(_expand_to(finite, d.shape.rank), d, tf.zeros_like(d)) for d in deltas]
   client_weights = tf.where(finite, tf.cast(examples, tf.float32), 0.0)
-  if mu == 0:  # Model-delta client work resets a non-finite client's metrics; FedProx's does not.
-    loss_sum = tf.where(finite, loss_sum, 0.0)
-    correct_sum = tf.where(finite, correct_sum, 0.0)
-    examples = tf.where(finite, examples, 0)
-    batches = tf.where(finite, batches, 0)
+  # Model-delta client work resets a non-finite client's metrics.
+  loss_sum = tf.where(finite, loss_sum, 0.0)
+  correct_sum = tf.where(finite, correct_sum, 0.0)
+  examples = tf.where(finite, examples, 0)
+  batches = tf.where(finite, batches, 0)
 
   squared = tf.add_n([tf.reduce_sum(tf.reshape(d * d, [num_clients, -1]), axis=1) for d in deltas])
   norms = tf.sqrt(squared)

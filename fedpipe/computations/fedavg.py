@@ -22,7 +22,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedpipe.computations import client_work
+from fedpipe.computations import client_work, proximal_optimizer
 from fedpipe.errors import FedpipeError
 
 
@@ -96,13 +96,9 @@ def build_fedavg_process(
       model_aggregator=model_aggregator,
     )
   if proximal_strength > 0:
-    return tff.learning.algorithms.build_weighted_fed_prox(
-      model_fn,
-      proximal_strength=proximal_strength,
-      client_optimizer_fn=client_optimizer,
-      server_optimizer_fn=server_optimizer,
-      model_aggregator=model_aggregator,
-    )
+    # Not TFF's build_weighted_fed_prox: its proximal term has the wrong sign
+    # (`proximal_optimizer`).
+    client_optimizer = proximal_optimizer.ProximalOptimizer(client_optimizer, proximal_strength)
   return tff.learning.algorithms.build_weighted_fed_avg(
     model_fn,
     client_optimizer_fn=client_optimizer,

@@ -377,7 +377,7 @@ def test_a_missing_config_file_is_one_line_with_nothing_at_exit(tmp_path):
 
 
 def test_fedprox_with_fedadam_trains(client_data, tmp_path):
-  """FedProx's client update (TFF's proximal one) with Adam on the server."""
+  """FedProx's client update (`proximal_optimizer`) with Adam on the server."""
   result = _run(
     _command(
       client_data,

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
-from fedpipe.computations import cohort_training, dp_aggregator, keras_model
+from fedpipe.computations import cohort_training, dp_aggregator, keras_model, proximal_optimizer
 
 NUM_CLASSES = 3
 BATCH_SIZE = 4
@@ -61,7 +61,7 @@ class _Reference:
   """TFF's local update of one client, in a graph, as a TFF computation runs it.
 
   The update is the function fedpipe's `client_work` calls
-  (`model_delta_client_work` or, with FedProx, `proximal_client_work`), on a
+  (`model_delta_client_work`, with FedProx's `proximal_optimizer`), on a
   client dataset batched as `client_data` batches (repeat, then batch).
   """
 
@@ -80,21 +80,13 @@ class _Reference:
         return created[-1]
 
       if proximal_strength > 0:
-        update = tff.learning.templates.proximal_client_work
-        update = update.build_model_delta_update_with_tff_optimizer(
-          model_fn=model_fn,
-          weighting=weighting,
-          delta_l2_regularizer=proximal_strength,
-          loop_implementation=loop,
-        )
-        update = functools.partial(update, optimizer)
-      else:
-        update = tff.learning.templates.model_delta_client_work
-        update = update.build_model_delta_update_with_tff_optimizer(
-          model_fn=model_fn, weighting=weighting, loop_implementation=loop
-        )
-        hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec([], tf.float32)))
-        update = functools.partial(update, optimizer, optimizer_hparams=hparams)
+        optimizer = proximal_optimizer.ProximalOptimizer(optimizer, proximal_strength)
+      update = tff.learning.templates.model_delta_client_work
+      update = update.build_model_delta_update_with_tff_optimizer(
+        model_fn=model_fn, weighting=weighting, loop_implementation=loop
+      )
+      hparams = optimizer.get_hparams(optimizer.initialize(tf.TensorSpec([], tf.float32)))
+      update = functools.partial(update, optimizer, optimizer_hparams=hparams)
       tff_model = created[0]
       assert [v.shape for v in tff_model.trainable_variables] == [w.shape for w in trainable]
       weights = tff.learning.models.ModelWeights(
