@@ -121,6 +121,7 @@ class CappedWeightDPFactory(tff.aggregators.WeightedAggregationFactory):
     """Use `gaussian_fixed` or `gaussian_adaptive` instead."""
     self._weight_cap = _check_positive(weight_cap, 'weight_cap')
     self._expected_total_weight = _check_positive(expected_total_weight, 'expected_total_weight')
+    self._sum_query = query
     self._query = tfp.NormalizedQuery(
       CappedWeightSumQuery(query), denominator=self._expected_total_weight
     )
@@ -128,6 +129,16 @@ class CappedWeightDPFactory(tff.aggregators.WeightedAggregationFactory):
   @property
   def weight_cap(self) -> float:
     return self._weight_cap
+
+  @property
+  def query(self) -> tfp.DPQuery:
+    """The DP query: records `{update, weight}`, noised sum over `expected_total_weight`."""
+    return self._query
+
+  @property
+  def adaptive(self) -> bool:
+    """Whether the clip norm follows a private quantile (`gaussian_adaptive`)."""
+    return isinstance(self._sum_query, tfp.QuantileAdaptiveClipSumQuery)
 
   @property
   def expected_total_weight(self) -> float:

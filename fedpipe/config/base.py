@@ -131,6 +131,14 @@ def get_base_config() -> config_dict.ConfigDict:
   # for many small clients), 0 = two per CPU core (faster for large clients,
   # see fedpipe/runtime/isolated_worker.py), else the limit.
   runtime.max_concurrent_computation_calls = -1
+  # How a round's users are trained. per_client: each user is a TFF client
+  # (TFF's executor pays a fixed cost per client). cohort: the sampled users
+  # are grouped into cohorts, each trained in one vectorized TensorFlow call
+  # (fedpipe/computations/cohort_fedavg.py; DP-FedAvg, runtime.mode=local).
+  runtime.engine = 'per_client'  # per_client | cohort
+  # cohort: memory for one cohort's copies of the model (weights, gradients,
+  # update) per user; bounds the users in a cohort.
+  runtime.cohort_memory_mb = 256
   return config
 
 

@@ -359,6 +359,18 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.number('runtime.silo_round_timeout_s', low=0, low_open=True)
     c.number('runtime.silo_connect_timeout_s', low=0, low_open=True)
     c.integer('runtime.min_silos_per_round', 1)
+  if c.one_of('runtime.engine', ('per_client', 'cohort')) == 'cohort':
+    c.number('runtime.cohort_memory_mb', low=0, low_open=True)
+    for field, wanted, why in (
+      ('runtime.mode', 'local', 'silos still train their users one TFF client each'),
+      ('dp.enabled', True, 'the cohort engine trains DP-FedAvg'),
+      ('dp.placement', 'central', 'secure aggregation runs across silos'),
+    ):
+      if c.value(field) != wanted:
+        c.add(
+          f'config.{field}: runtime.engine=cohort needs {field}={wanted} ({why}); '
+          'or use runtime.engine=per_client'
+        )
   c.check('runtime.allow_exposed_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check('runtime.allow_unconfined_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +18,8 @@ from ml_collections import config_dict
 
 from fedpipe.computations import (
   client_data,
+  cohort_data,
+  cohort_fedavg,
   distributed_dp_accounting,
   dp_fedavg,
   dp_parameters,
@@ -87,6 +89,9 @@ class Experiment:
   num_features: int
   num_classes: int
   keras_model_builder: keras_model.KerasModelBuilder
+  # What `train_process.next` takes for a round's sampled users: the users
+  # themselves (per-client engine) or their cohorts (cohort engine).
+  round_input: Callable[[list[str]], list[str]] = list
 
 
 def keras_builder(
@@ -230,6 +235,27 @@ def _privacy_settings(
   )
 
 
+def _max_cohort_size(
+  config: config_dict.ConfigDict,
+  builder: keras_model.KerasModelBuilder,
+  manifest: manifest_lib.Manifest,
+  most_examples: int,
+) -> int:
+  """Users per cohort that fit `runtime.cohort_memory_mb`.
+
+  Per user: its copies of the trainable weights, their gradient and its
+  update (float32), and its stacked batches, padded to the largest user's
+  steps (features, label and mask).
+  """
+  training = config.training
+  steps = -(-most_examples * training.local_epochs // training.batch_size)
+  per_user = (
+    3 * 4 * _trainable_values(builder)
+    + 4 * (manifest.num_features + 2) * training.batch_size * steps
+  )
+  return max(1, int(config.runtime.cohort_memory_mb * 2**20 // per_user))
+
+
 def _trainable_values(builder: keras_model.KerasModelBuilder) -> int:
   """How many values the model's trainable weights hold (built in a scratch graph)."""
   with tf.Graph().as_default(), keras_model.reproducible_keras_build():
@@ -347,8 +373,33 @@ def build_experiment(
     proximal_strength=training.proximal_strength,
     dataset_fn=train_data,
   )
+  round_input: Callable[[list[str]], list[str]] = list
   if dp_params is None:
     train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
+  elif config.runtime.engine == 'cohort':
+    train_process = cohort_fedavg.build_cohort_dp_fedavg_process(
+      model_fn,
+      builder,
+      num_features=manifest.num_features,
+      aggregator=dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments()),
+      cohort_fn=cohort_data.make_cohort_fn(
+        split=manifest_lib.TRAIN_SPLIT,
+        num_features=manifest.num_features,
+        batch_size=training.batch_size,
+        epochs=training.local_epochs,
+      ),
+      client_learning_rate=training.client_learning_rate,
+      server_optimizer=process_arguments['server_optimizer'],
+      proximal_strength=training.proximal_strength,
+      seed=config.seed,
+    )
+    round_input = functools.partial(
+      cohort_fedavg.group_into_cohorts,
+      examples=dict(train_split.clients),
+      max_cohort_size=_max_cohort_size(
+        config, builder, manifest, max(train_split.clients.values())
+      ),
+    )
   else:
     dp_arguments = dp_params.dp_fedavg_arguments()
     if config.dp.placement == 'secure':
@@ -375,4 +426,5 @@ def build_experiment(
     num_features=manifest.num_features,
     num_classes=manifest.num_classes,
     keras_model_builder=builder,
+    round_input=round_input,
   )

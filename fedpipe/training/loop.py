@@ -195,7 +195,7 @@ async def train(
       seed=sampling_seed,
     )
     try:
-      output = process.next(state, clients)
+      output = process.next(state, experiment.round_input(clients))
     except Exception as e:
       raise RoundFailedError(
         f'round {round_num} failed ({len(clients)} clients): {describe_error(e)}. '

@@ -88,3 +88,25 @@ def test_secure_placement_names_each_setting_it_cannot_work_with():
   config.dp.placement = 'nowhere'
   with pytest.raises(validation.ConfigError, match='config.dp.placement'):
     validation.validate(config)
+
+
+def test_the_cohort_engine_names_each_setting_it_cannot_work_with():
+  config = base.get_base_config()
+  config.dp.noise_multiplier = 1.0
+  config.runtime.engine = 'cohort'
+  validation.validate(config)  # Local DP-FedAvg: fine.
+  config.runtime.mode = 'silos'
+  config.runtime.silos, config.runtime.tls_ca = 'a:1', 'ca.pem'
+  config.runtime.tls_cert, config.runtime.tls_key = 'c.pem', 'k.pem'
+  config.runtime.cohort_memory_mb = 0
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  message = str(error.value)
+  for expected in (
+    'config.runtime.mode: runtime.engine=cohort needs runtime.mode=local',
+    'config.runtime.cohort_memory_mb',
+  ):
+    assert expected in message, message
+  config.runtime.engine = 'turbo'
+  with pytest.raises(validation.ConfigError, match='config.runtime.engine'):
+    validation.validate(config)
