@@ -99,7 +99,9 @@ def _processes(clipping, epochs, proximal_strength):
 
 @pytest.mark.parametrize(
   ('clipping', 'epochs', 'proximal_strength'),
-  [('fixed', 1, 0.0), ('fixed', 3, 0.3), ('adaptive', 1, 0.0), ('adaptive', 3, 0.3)],
+  # The full matrix (models, sizes, epochs, FedProx) is test_cohort_training's,
+  # against the per-client update function; here the process around it.
+  [('fixed', 1, 0.0), ('adaptive', 3, 0.3)],
 )
 def test_a_cohort_round_equals_a_per_client_round(
   client_records, clipping, epochs, proximal_strength
