@@ -15,6 +15,10 @@ TARGET_VS_KERAS_SYNTHETIC_10 = 1.5
 # Where fedpipe with two clients per core at once is also measured (one
 # small-client and one large-client case, to keep `make bench` short).
 TWO_PER_CORE_CASES = (('digits', 100), ('synthetic', 10))
+# The cohort engine at 100 clients (issue 14): against plain TFF, and on
+# digits against one Keras epoch.
+TARGET_COHORT_VS_PLAIN = {'digits': 0.05, 'synthetic': 0.5}
+TARGET_COHORT_VS_KERAS_DIGITS_100 = 0.5
 
 
 def run(*, quick: bool = False) -> list[harness.Table]:
@@ -49,6 +53,10 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     )
     plain, fedpipe = r['median_s']['plain_tff'], r['median_s']['fedpipe']
     fedpipe_dp = r['median_s'].get('fedpipe_dp', '-')
+    cohort = r['median_s']['fedpipe_cohort_dp']
+    cohort_turns = r['turn_ratios']['fedpipe_cohort_dp']
+    cohort_vs_plain = harness.median(cohort_turns)
+    cohort_vs_keras = cohort / keras
     two_per_core, concurrency_gain = '-', '-'
     if 'fedpipe_two_per_core' in r['times']:
       two_per_core = r['median_s']['fedpipe_two_per_core']
@@ -81,6 +89,19 @@ def run(*, quick: bool = False) -> list[harness.Table]:
         ),
         two_per_core,
         concurrency_gain,
+        cohort,
+        f'{cohort_vs_plain:.3f}x'
+        + (
+          f' ({harness.verdict(cohort_vs_plain, TARGET_COHORT_VS_PLAIN[workload])})'
+          if clients == 100
+          else ''
+        ),
+        f'{cohort_vs_keras:.2f}x'
+        + (
+          f' ({harness.verdict(cohort_vs_keras, TARGET_COHORT_VS_KERAS_DIGITS_100)})'
+          if (workload, clients) == ('digits', 100)
+          else ''
+        ),
       ]
     )
   notes = [
@@ -95,7 +116,13 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     "fedpipe's worker runs every client of a round at once, as TFF does (the default); "
     '"fedpipe, two per core" is the same process on a second worker with '
     'runtime.max_concurrent_computation_calls=0 (two clients per CPU core at once), taking '
-    'turns with the others; the last column is the median per-turn ratio of the two.',
+    'turns with the others; "two per core / all at once" is the median per-turn ratio of the two.',
+    '"fedpipe cohort DP" is the cohort engine (runtime.engine=cohort: all of the round\'s '
+    'clients as one cohort, trained in one vectorized TensorFlow call) with the DP settings '
+    'of "fedpipe DP", taking turns with the others; its ratio to plain TFF is the median of '
+    f'its per-turn ratios. Targets at 100 clients: <= {TARGET_COHORT_VS_PLAIN["digits"]}x '
+    f'plain TFF and <= {TARGET_COHORT_VS_KERAS_DIGITS_100}x the Keras epoch on digits, '
+    f'<= {TARGET_COHORT_VS_PLAIN["synthetic"]}x plain TFF on synthetic.',
   ]
   return [
     harness.Table(
@@ -113,6 +140,9 @@ def run(*, quick: bool = False) -> list[harness.Table]:
         'fedpipe / Keras',
         'fedpipe, two per core s',
         'two per core / all at once',
+        'fedpipe cohort DP s',
+        'cohort DP / plain TFF',
+        'cohort DP / Keras',
       ],
       rows,
       notes,

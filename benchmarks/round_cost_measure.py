@@ -30,7 +30,15 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from benchmarks import harness, workloads
-from fedpipe.computations import client_data, dp_fedavg, dp_parameters, fedavg, keras_model
+from fedpipe.computations import (
+  client_data,
+  cohort_data,
+  cohort_fedavg,
+  dp_fedavg,
+  dp_parameters,
+  fedavg,
+  keras_model,
+)
 
 
 def _keras_builder(w: workloads.Workload):
@@ -100,6 +108,33 @@ def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
   return dp_fedavg.build_dp_fedavg_process(model_fn, **common, **params.dp_fedavg_arguments())
 
 
+def _fedpipe_cohort_dp(w: workloads.Workload, num_clients: int):
+  """The cohort engine's DP-FedAvg (`cohort_fedavg`) with `_fedpipe`'s DP settings, and
+  its round argument: all clients as one cohort."""
+  builder = _keras_builder(w)
+  model_fn = keras_model.build_model_fn(builder, num_features=w.num_features)
+  params = dp_parameters.derive_dp_parameters(
+    client_example_counts=workloads.client_example_counts(w, num_clients),
+    clients_per_round=num_clients,
+    sampling='fixed_size',
+    noise_multiplier=1.0,
+    clip_norm=1.0,
+  )
+  process = cohort_fedavg.build_cohort_dp_fedavg_process(
+    model_fn,
+    builder,
+    num_features=w.num_features,
+    aggregator=dp_fedavg.build_dp_aggregator(**params.dp_fedavg_arguments()),
+    cohort_fn=cohort_data.make_cohort_fn(
+      split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE, shuffle=False
+    ),
+    client_learning_rate=workloads.LEARNING_RATE,
+    server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
+  )
+  ids = [workloads.client_id(i) for i in range(num_clients)]
+  return process, [cohort_fedavg.cohort_string(ids)]
+
+
 def interleaved_rounds(
   w: workloads.Workload,
   num_clients: int,
@@ -140,6 +175,8 @@ def interleaved_rounds(
     entries['fedpipe'] = (fedpipe, ids, stack.current)
     if with_dp:
       entries['fedpipe_dp'] = (_fedpipe(w, num_clients, dp=True), ids, stack.current)
+    cohort_process, cohorts = _fedpipe_cohort_dp(w, num_clients)
+    entries['fedpipe_cohort_dp'] = (cohort_process, cohorts, stack.current)
     if with_two_per_core:
       entries['fedpipe_two_per_core'] = (fedpipe, ids, two_per_core_context)
 
