@@ -135,6 +135,9 @@ def _fedpipe_cohort_dp(w: workloads.Workload, num_clients: int):
   return process, [cohort_fedavg.cohort_string(ids)]
 
 
+_CORES = os.cpu_count() or 1
+
+
 def interleaved_rounds(
   w: workloads.Workload,
   num_clients: int,
@@ -177,6 +180,12 @@ def interleaved_rounds(
       entries['fedpipe_dp'] = (_fedpipe(w, num_clients, dp=True), ids, stack.current)
     cohort_process, cohorts = _fedpipe_cohort_dp(w, num_clients)
     entries['fedpipe_cohort_dp'] = (cohort_process, cohorts, stack.current)
+    if num_clients >= _CORES > 1:
+      # The same round as one cohort per core, which the worker runs in parallel.
+      per_core = cohort_fedavg.group_into_cohorts(
+        ids, {}, max_cohort_size=num_clients, min_cohorts=_CORES
+      )
+      entries['fedpipe_cohort_dp_per_core'] = (cohort_process, per_core, stack.current)
     if with_two_per_core:
       entries['fedpipe_two_per_core'] = (fedpipe, ids, two_per_core_context)
 

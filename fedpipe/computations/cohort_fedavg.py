@@ -52,7 +52,11 @@ def cohort_string(client_ids: Sequence[str]) -> str:
 
 
 def group_into_cohorts(
-  client_ids: Sequence[str], examples: dict[str, int], *, max_cohort_size: int
+  client_ids: Sequence[str],
+  examples: dict[str, int],
+  *,
+  max_cohort_size: int,
+  min_cohorts: int = 1,
 ) -> list[str]:
   """A round's sampled users as cohorts of at most `max_cohort_size`, similar sizes together.
 
@@ -64,19 +68,22 @@ def group_into_cohorts(
     examples: User id -> its number of training examples.
     max_cohort_size: Most users in one cohort (>= 1): bounds a cohort's memory
       (one copy of the weights and optimizer state per user).
+    min_cohorts: Fewest cohorts (while there are as many users): the worker
+      trains its cohorts in parallel, so one per core keeps every core busy.
 
   Returns:
-    Cohort strings (`cohort_string`), as even in size as the bound allows.
+    Cohort strings (`cohort_string`), as even in size as the bounds allow.
 
   Raises:
-    CohortProcessError: If `max_cohort_size` < 1.
+    CohortProcessError: If `max_cohort_size` or `min_cohorts` is < 1.
   """
-  if not isinstance(max_cohort_size, int) or max_cohort_size < 1:
-    raise CohortProcessError(f'max_cohort_size must be an integer >= 1, got {max_cohort_size!r}')
+  for name, value in (('max_cohort_size', max_cohort_size), ('min_cohorts', min_cohorts)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise CohortProcessError(f'{name} must be an integer >= 1, got {value!r}')
   ordered = sorted(client_ids, key=lambda c: (examples.get(c, 0), c))
   if not ordered:
     return []
-  count = -(-len(ordered) // max_cohort_size)
+  count = max(-(-len(ordered) // max_cohort_size), min(min_cohorts, len(ordered)))
   bounds = np.linspace(0, len(ordered), count + 1).round().astype(int)
   return [cohort_string(ordered[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 

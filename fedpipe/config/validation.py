@@ -359,18 +359,12 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.number('runtime.silo_round_timeout_s', low=0, low_open=True)
     c.number('runtime.silo_connect_timeout_s', low=0, low_open=True)
     c.integer('runtime.min_silos_per_round', 1)
-  if c.one_of('runtime.engine', ('per_client', 'cohort')) == 'cohort':
+  engine = c.one_of('runtime.engine', ENGINES)
+  if engine in ('cohort', 'auto'):
     c.number('runtime.cohort_memory_mb', low=0, low_open=True)
-    for field, wanted, why in (
-      ('runtime.mode', 'local', 'silos still train their users one TFF client each'),
-      ('dp.enabled', True, 'the cohort engine trains DP-FedAvg'),
-      ('dp.placement', 'central', 'secure aggregation runs across silos'),
-    ):
-      if c.value(field) != wanted:
-        c.add(
-          f'config.{field}: runtime.engine=cohort needs {field}={wanted} ({why}); '
-          'or use runtime.engine=per_client'
-        )
+  if engine == 'cohort':
+    for conflict in cohort_engine_conflicts(config):
+      c.add(f'config.{conflict}: change it, or set runtime.engine=per_client (or auto)')
   c.check('runtime.allow_exposed_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check('runtime.allow_unconfined_worker', lambda v: isinstance(v, bool), 'true or false')
   c.check(
@@ -381,3 +375,27 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   if c.problems:
     raise ConfigError(c.problems)
   return config
+
+
+ENGINES = ('auto', 'cohort', 'per_client')
+# What the cohort engine runs: (field, value it needs, why).
+_COHORT_ENGINE_NEEDS = (
+  ('runtime.mode', 'local', 'silos still train their users one TFF client each'),
+  ('dp.enabled', True, 'the cohort engine trains DP-FedAvg'),
+  ('dp.placement', 'central', 'secure aggregation runs across silos'),
+)
+
+
+def cohort_engine_conflicts(config: config_dict.ConfigDict) -> list[str]:
+  """The fields that keep `config` from the cohort engine, each with the value it needs and why.
+
+  Empty if the cohort engine can train it (`runtime.engine=auto` then picks it).
+  """
+  conflicts = []
+  for field, wanted, why in _COHORT_ENGINE_NEEDS:
+    node = config
+    for part in field.split('.'):
+      node = node[part]
+    if node != wanted:
+      conflicts.append(f'{field} is {node!r}; the cohort engine needs {wanted!r} ({why})')
+  return conflicts

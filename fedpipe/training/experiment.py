@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,7 +21,9 @@ from ml_collections import config_dict
 from fedpipe.computations import (
   client_data,
   cohort_data,
+  cohort_evaluation,
   cohort_fedavg,
+  cohort_training,
   distributed_dp_accounting,
   dp_fedavg,
   dp_parameters,
@@ -32,6 +36,14 @@ from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.governance import secure_terms as secure_terms_lib
+
+_log = logging.getLogger(__name__)
+
+PER_CLIENT_ENGINE = 'per_client'
+# The cohort engine runs where the coordinator runs (runtime.mode=local): one
+# cohort per core at least, which the worker trains in parallel.
+_WORKER_CORES = os.cpu_count() or 1
+COHORT_ENGINE = 'cohort'
 
 
 class ExperimentError(FedpipeError, ValueError):
@@ -90,8 +102,11 @@ class Experiment:
   num_classes: int
   keras_model_builder: keras_model.KerasModelBuilder
   # What `train_process.next` takes for a round's sampled users: the users
-  # themselves (per-client engine) or their cohorts (cohort engine).
+  # themselves (per-client engine) or their cohorts (cohort engine); and what
+  # `eval_process.next` takes for the evaluation users.
   round_input: Callable[[list[str]], list[str]] = list
+  eval_input: Callable[[list[str]], list[str]] = list
+  engine: str = PER_CLIENT_ENGINE
 
 
 def keras_builder(
@@ -237,21 +252,23 @@ def _privacy_settings(
 
 def _max_cohort_size(
   config: config_dict.ConfigDict,
-  builder: keras_model.KerasModelBuilder,
   manifest: manifest_lib.Manifest,
+  *,
+  weight_values: int,
   most_examples: int,
+  epochs: int,
+  batch_size: int,
 ) -> int:
   """Users per cohort that fit `runtime.cohort_memory_mb`.
 
-  Per user: its copies of the trainable weights, their gradient and its
-  update (float32), and its stacked batches, padded to the largest user's
-  steps (features, label and mask).
+  Per user: `weight_values` float32 values (training: its copies of the
+  trainable weights, their gradient and its update), and its stacked
+  batches, padded to the largest user's steps (features, label, mask and
+  the model's outputs).
   """
-  training = config.training
-  steps = -(-most_examples * training.local_epochs // training.batch_size)
+  steps = -(-most_examples * epochs // batch_size)
   per_user = (
-    3 * 4 * _trainable_values(builder)
-    + 4 * (manifest.num_features + 2) * training.batch_size * steps
+    4 * weight_values + 4 * (manifest.num_features + 2 + manifest.num_classes) * batch_size * steps
   )
   return max(1, int(config.runtime.cohort_memory_mb * 2**20 // per_user))
 
@@ -287,6 +304,103 @@ def epsilon_after(experiment: Experiment, rounds: int) -> float | None:
     delta=p.delta,
     accountant=p.accountant,
   )
+
+
+def _engine_for(config: config_dict.ConfigDict) -> str:
+  """The engine `runtime.engine` asks for; 'auto' is the cohort engine where it runs."""
+  requested = config.runtime.engine
+  if requested != 'auto':
+    return requested
+  unsupported = validation.cohort_engine_conflicts(config)
+  if unsupported:
+    _log.info('training with the per-client engine: %s', '; '.join(unsupported))
+    return PER_CLIENT_ENGINE
+  return COHORT_ENGINE
+
+
+def _cohort_processes(
+  config: config_dict.ConfigDict,
+  manifest: manifest_lib.Manifest,
+  model_fn: Callable[[], tff.learning.models.VariableModel],
+  builder: keras_model.KerasModelBuilder,
+  dp_params: dp_parameters.DPParameters,
+  server_optimizer: tff.learning.optimizers.Optimizer,
+) -> tuple[
+  tff.learning.templates.LearningProcess,
+  tff.learning.templates.LearningProcess,
+  Callable[[list[str]], list[str]],
+  Callable[[list[str]], list[str]],
+]:
+  """The cohort engine's training and evaluation processes and how each groups its users.
+
+  Raises:
+    cohort_training.CohortNotVectorizableError: If the model cannot be
+      trained as cohorts (the message names the layer).
+  """
+  training = config.training
+  train_split = manifest.split(manifest_lib.TRAIN_SPLIT)
+  eval_split = manifest.split(manifest_lib.EVAL_SPLIT)
+  weight_values = _trainable_values(builder)
+  train_process = cohort_fedavg.build_cohort_dp_fedavg_process(
+    model_fn,
+    builder,
+    num_features=manifest.num_features,
+    aggregator=dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments()),
+    cohort_fn=cohort_data.make_cohort_fn(
+      split=manifest_lib.TRAIN_SPLIT,
+      num_features=manifest.num_features,
+      batch_size=training.batch_size,
+      epochs=training.local_epochs,
+    ),
+    client_learning_rate=training.client_learning_rate,
+    server_optimizer=server_optimizer,
+    proximal_strength=training.proximal_strength,
+    seed=config.seed,
+  )
+  eval_batch_size = _eval_batch_size(training)
+  eval_process = cohort_evaluation.build_cohort_evaluation(
+    model_fn,
+    builder,
+    num_features=manifest.num_features,
+    cohort_fn=cohort_data.make_cohort_fn(
+      split=manifest_lib.EVAL_SPLIT,
+      num_features=manifest.num_features,
+      batch_size=eval_batch_size,
+      shuffle=False,
+    ),
+    seed=config.seed,
+  )
+  round_input = functools.partial(
+    cohort_fedavg.group_into_cohorts,
+    examples=dict(train_split.clients),
+    max_cohort_size=_max_cohort_size(
+      config,
+      manifest,
+      weight_values=3 * weight_values,
+      most_examples=max(train_split.clients.values()),
+      epochs=training.local_epochs,
+      batch_size=training.batch_size,
+    ),
+    min_cohorts=_WORKER_CORES,
+  )
+  eval_input = functools.partial(
+    cohort_fedavg.group_into_cohorts,
+    examples=dict(eval_split.clients),
+    max_cohort_size=_max_cohort_size(
+      config,
+      manifest,
+      weight_values=0,
+      most_examples=max(eval_split.clients.values()),
+      epochs=1,
+      batch_size=eval_batch_size,
+    ),
+    min_cohorts=_WORKER_CORES,
+  )
+  return train_process, eval_process, round_input, eval_input
+
+
+def _eval_batch_size(training: config_dict.ConfigDict) -> int:
+  return max(training.batch_size, 64)
 
 
 def build_experiment(
@@ -362,7 +476,7 @@ def build_experiment(
   eval_data = client_data.build_dataset_computation(
     split=manifest_lib.EVAL_SPLIT,
     num_features=manifest.num_features,
-    batch_size=max(training.batch_size, 64),
+    batch_size=_eval_batch_size(training),
     shuffle=False,
   )
   process_arguments = dict(
@@ -374,38 +488,32 @@ def build_experiment(
     dataset_fn=train_data,
   )
   round_input: Callable[[list[str]], list[str]] = list
-  if dp_params is None:
-    train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
-  elif config.runtime.engine == 'cohort':
-    train_process = cohort_fedavg.build_cohort_dp_fedavg_process(
-      model_fn,
-      builder,
-      num_features=manifest.num_features,
-      aggregator=dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments()),
-      cohort_fn=cohort_data.make_cohort_fn(
-        split=manifest_lib.TRAIN_SPLIT,
-        num_features=manifest.num_features,
-        batch_size=training.batch_size,
-        epochs=training.local_epochs,
-      ),
-      client_learning_rate=training.client_learning_rate,
-      server_optimizer=process_arguments['server_optimizer'],
-      proximal_strength=training.proximal_strength,
-      seed=config.seed,
-    )
-    round_input = functools.partial(
-      cohort_fedavg.group_into_cohorts,
-      examples=dict(train_split.clients),
-      max_cohort_size=_max_cohort_size(
-        config, builder, manifest, max(train_split.clients.values())
-      ),
-    )
+  eval_input: Callable[[list[str]], list[str]] = list
+  engine = _engine_for(config)
+  cohorts = None
+  if engine == COHORT_ENGINE:
+    try:
+      cohorts = _cohort_processes(
+        config, manifest, model_fn, builder, dp_params, process_arguments['server_optimizer']
+      )
+    except cohort_training.CohortNotVectorizableError as e:
+      if config.runtime.engine == COHORT_ENGINE:
+        raise
+      _log.warning('warning: training with the per-client engine: %s', e)
+      engine = PER_CLIENT_ENGINE
+  if cohorts is not None:
+    train_process, eval_process, round_input, eval_input = cohorts
   else:
-    dp_arguments = dp_params.dp_fedavg_arguments()
-    if config.dp.placement == 'secure':
-      dp_arguments['noise_multiplier'] = 0.0  # The silos add it, before masking.
-    train_process = dp_fedavg.build_dp_fedavg_process(model_fn, **process_arguments, **dp_arguments)
-  eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
+    if dp_params is None:
+      train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
+    else:
+      dp_arguments = dp_params.dp_fedavg_arguments()
+      if config.dp.placement == 'secure':
+        dp_arguments['noise_multiplier'] = 0.0  # The silos add it, before masking.
+      train_process = dp_fedavg.build_dp_fedavg_process(
+        model_fn, **process_arguments, **dp_arguments
+      )
+    eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
   return Experiment(
     train_process=train_process,
     eval_process=eval_process,
@@ -427,4 +535,6 @@ def build_experiment(
     num_classes=manifest.num_classes,
     keras_model_builder=builder,
     round_input=round_input,
+    eval_input=eval_input,
+    engine=engine,
   )

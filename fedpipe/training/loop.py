@@ -102,7 +102,9 @@ def evaluate(experiment: experiment_lib.Experiment, model_weights: Any) -> dict[
   """Federated evaluation of `model_weights` on every evaluation client."""
   process = experiment.eval_process
   state = process.set_model_weights(process.initialize(), model_weights)
-  return evaluation.metrics_of(process.next(state, experiment.eval_client_ids))
+  return evaluation.metrics_of(
+    process.next(state, experiment.eval_input(experiment.eval_client_ids))
+  )
 
 
 def _round_metrics(output: Any) -> dict[str, float]:

@@ -500,3 +500,9 @@ def _log_plan(experiment) -> None:
     )
   else:
     _log.info('FedAvg without differential privacy')
+  _log.info(
+    'engine: %s',
+    "cohort (a round's users trained as cohorts, one vectorized call each)"
+    if experiment.engine == 'cohort'
+    else 'per_client (one TFF client per user)',
+  )

@@ -132,7 +132,16 @@ def test_users_are_grouped_by_size_into_even_cohorts():
   examples = {f'u{i}': n for i, n in enumerate([50, 1, 7, 3, 40, 2, 9])}
   cohorts = cohort_fedavg.group_into_cohorts(sorted(examples), examples, max_cohort_size=3)
   assert cohorts == ['u1,u5', 'u3,u2,u6', 'u4,u0']  # Sizes 2, 3, 2: ascending examples.
+  # At least one cohort per core, while there are users enough.
+  assert cohort_fedavg.group_into_cohorts(
+    sorted(examples), examples, max_cohort_size=100, min_cohorts=2
+  ) == ['u1,u5,u3,u2', 'u6,u4,u0']
+  assert cohort_fedavg.group_into_cohorts(['a'], {'a': 1}, max_cohort_size=5, min_cohorts=2) == [
+    'a'
+  ]
   with pytest.raises(cohort_fedavg.CohortProcessError, match='max_cohort_size'):
     cohort_fedavg.group_into_cohorts(['a'], {'a': 1}, max_cohort_size=0)
+  with pytest.raises(cohort_fedavg.CohortProcessError, match='min_cohorts'):
+    cohort_fedavg.group_into_cohorts(['a'], {'a': 1}, max_cohort_size=1, min_cohorts=0)
   with pytest.raises(cohort_fedavg.CohortProcessError, match='contain'):
     cohort_fedavg.cohort_string(['a,b'])

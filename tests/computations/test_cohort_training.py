@@ -270,6 +270,33 @@ def test_padded_steps_and_examples_change_nothing():
     assert getattr(clean, field) == getattr(noisy, field), field
 
 
+def test_removing_one_user_moves_the_cohort_sum_by_at_most_the_clip():
+  """The one-user sensitivity, under the cohort engine: |sum(D) - sum(D without k)| <= clip.
+
+  Each user's summand is its clipped update times its capped weight (<= 1),
+  whatever the other users of its cohort are; an extreme user (features 30
+  times the others', many examples) reaches the bound.
+  """
+  clip = 0.5
+  clients = _clients([1, 3, 17, 40, 5, 60], 6, seed=8)
+  clients[5] = (clients[5][0] * 30.0, clients[5][1])
+  runner = _runner('mlp', 0.0, None)
+  weights = _functional('mlp').initial_weights
+
+  def cohort_sum(members):
+    cohort = cohort_training.stack_cohort(members, batch_size=BATCH_SIZE)
+    result = runner(weights, cohort, clip_norm=clip)
+    return np.concatenate([np.ravel(u) for u in result.update_sum])
+
+  full = cohort_sum(clients)
+  moves = [
+    float(np.linalg.norm(full - cohort_sum(clients[:k] + clients[k + 1 :])))
+    for k in range(len(clients))
+  ]
+  assert max(moves) <= clip * (1 + 1e-5), moves
+  assert moves[5] >= 0.99 * clip, moves  # The extreme user, above the cap, reaches it.
+
+
 def test_the_unvectorized_path_computes_the_same():
   clients = _clients(SIZES['skewed'], 6, seed=5)
   cohort = cohort_training.stack_cohort(clients, batch_size=BATCH_SIZE, epochs=2)

@@ -103,10 +103,17 @@ def test_the_cohort_engine_names_each_setting_it_cannot_work_with():
     validation.validate(config)
   message = str(error.value)
   for expected in (
-    'config.runtime.mode: runtime.engine=cohort needs runtime.mode=local',
+    "config.runtime.mode is 'silos'; the cohort engine needs 'local'",
     'config.runtime.cohort_memory_mb',
   ):
     assert expected in message, message
+  # auto trains such a config with the per-client engine, and says why.
+  config.runtime.engine, config.runtime.cohort_memory_mb = 'auto', 256
+  validation.validate(config)
+  assert validation.cohort_engine_conflicts(config) == [
+    "runtime.mode is 'silos'; the cohort engine needs 'local' (silos still train their users "
+    'one TFF client each)'
+  ]
   config.runtime.engine = 'turbo'
   with pytest.raises(validation.ConfigError, match='config.runtime.engine'):
     validation.validate(config)
