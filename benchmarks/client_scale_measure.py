@@ -62,7 +62,10 @@ def main(args: dict) -> None:
     client_optimizer=tff.learning.optimizers.build_sgdm(0.1),
     server_optimizer=tff.learning.optimizers.build_sgdm(1.0, momentum=0.5),
     dataset_fn=client_data.make_dataset_fn(
-      split='train', num_features=w.num_features, batch_size=16
+      split='train',
+      num_features=w.num_features,
+      batch_size=16,
+      storage=workloads.client_data_storage(w, population),
     ),
     **params.dp_fedavg_arguments(),
   )

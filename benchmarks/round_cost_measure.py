@@ -82,7 +82,7 @@ def _plain_tff(w: workloads.Workload, num_clients: int):
 
 
 def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
-  """fedpipe's process over client ids (data read by the worker from TFRecords).
+  """fedpipe's process over client ids (data read by the worker from its client data).
 
   With `dp`, DP-FedAvg (`dp_fedavg.build_dp_fedavg_process`) with every
   client every round, noise multiplier 1 and clip norm 1, its weight cap and
@@ -93,7 +93,11 @@ def _fedpipe(w: workloads.Workload, num_clients: int, *, dp: bool):
     client_optimizer=tff.learning.optimizers.build_sgdm(workloads.LEARNING_RATE),
     server_optimizer=tff.learning.optimizers.build_sgdm(1.0),
     dataset_fn=client_data.make_dataset_fn(
-      split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE, shuffle=False
+      split='train',
+      num_features=w.num_features,
+      batch_size=workloads.BATCH_SIZE,
+      shuffle=False,
+      storage=workloads.client_data_storage(w, num_clients),
     ),
   )
   if not dp:
@@ -126,7 +130,11 @@ def _fedpipe_cohort_dp(w: workloads.Workload, num_clients: int):
     num_features=w.num_features,
     aggregator=dp_fedavg.build_dp_aggregator(**params.dp_fedavg_arguments()),
     cohort_fn=cohort_data.make_cohort_fn(
-      split='train', num_features=w.num_features, batch_size=workloads.BATCH_SIZE, shuffle=False
+      split='train',
+      num_features=w.num_features,
+      batch_size=workloads.BATCH_SIZE,
+      shuffle=False,
+      storage=workloads.client_data_storage(w, num_clients),
     ),
     client_learning_rate=workloads.LEARNING_RATE,
     server_optimizer=tff.learning.optimizers.build_sgdm(1.0),

@@ -27,6 +27,7 @@ from absl import app, flags
 
 from benchmarks import (
   client_scale,
+  cohort_scale,
   cross_silo_overhead,
   flower_peer,
   harness,
@@ -39,6 +40,7 @@ from benchmarks import (
 BENCHMARKS = {
   'round_cost': round_cost,
   'client_scale': client_scale,
+  'cohort_scale': cohort_scale,
   'preprocess': preprocess_throughput,
   'privacy_utility': privacy_utility,
   'flower': flower_peer,

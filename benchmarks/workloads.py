@@ -3,8 +3,10 @@
 `digits`: scikit-learn's digits (1,797 examples, 64 features), the 64-64-10
 MLP. `synthetic`: 200,000 examples of 128 features labelled by a fixed random
 teacher network, a 128-256-256-10 MLP (101,642 parameters). Clients get
-near-equal shuffled shares. Per-client TFRecords (fedpipe's format, see
-fedpipe/data/manifest.py) are cached under benchmarks/.cache.
+near-equal shuffled shares. Their client data (fedpipe's format, one
+clients.sqlite per directory, written by `fedpipe.write_client_data`; see
+fedpipe/data/manifest.py) is cached under benchmarks/.cache; a cached
+directory in the older one-file-per-client layout is rewritten.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 
 import numpy as np
 
-from fedpipe.data import example_records
+from fedpipe.data import client_data_writer
 from fedpipe.data import manifest as manifest_lib
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.cache')
@@ -82,35 +84,26 @@ def client_id(i: int) -> str:
 
 
 def client_data_dir(workload: Workload, num_clients: int) -> str:
-  """Writes (once) the workload as per-client TFRecords + manifest; returns the dir."""
+  """Writes (once) the workload's clients as a client-data directory; returns the dir."""
   out = os.path.join(CACHE_DIR, f'{workload.name}-{len(workload.y)}-{num_clients}')
-  if os.path.exists(manifest_lib.manifest_path(out)):
+  path = manifest_lib.manifest_path(out)
+  if (
+    os.path.exists(path) and manifest_lib.read_manifest(out).storage == manifest_lib.STORAGE_SQLITE
+  ):
     return out
-  os.makedirs(os.path.join(out, manifest_lib.TRAIN_SPLIT), exist_ok=True)
-  os.makedirs(os.path.join(out, manifest_lib.EVAL_SPLIT), exist_ok=True)
-  encoder = example_records.ExampleEncoder()
-  counts = {}
-  for i, idx in enumerate(partition(len(workload.y), num_clients)):
-    cid = client_id(i)
-    counts[cid] = len(idx)
-    path = os.path.join(out, manifest_lib.client_file(manifest_lib.TRAIN_SPLIT, cid))
-    example_records.write_tfrecord_file(
-      path,
-      (encoder.encode(x, y) for x, y in zip(workload.x[idx].tolist(), workload.y[idx].tolist())),
-    )
-  manifest_lib.write_manifest(
-    out,
-    manifest_lib.Manifest(
-      feature_spec={'benchmark': workload.name},
-      splits={
-        manifest_lib.TRAIN_SPLIT: manifest_lib.SplitManifest(counts),
-        manifest_lib.EVAL_SPLIT: manifest_lib.SplitManifest({}),
-      },
-      num_features=workload.num_features,
-      num_classes=workload.num_classes,
-    ),
+  train = {
+    client_id(i): (workload.x[idx], workload.y[idx])
+    for i, idx in enumerate(partition(len(workload.y), num_clients))
+  }
+  client_data_writer.write_client_data(
+    out, train, num_classes=workload.num_classes, feature_spec={'benchmark': workload.name}
   )
   return out
+
+
+def client_data_storage(workload: Workload, num_clients: int) -> str:
+  """The layout of the workload's client data (the manifest's `storage`), for the readers."""
+  return manifest_lib.read_manifest(client_data_dir(workload, num_clients)).storage
 
 
 def client_example_counts(workload: Workload, num_clients: int) -> list[int]:

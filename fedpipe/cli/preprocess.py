@@ -1,4 +1,4 @@
-r"""Preprocesses raw client data into per-client TFRecords and a manifest (Beam).
+r"""Preprocesses raw client data into a client-data directory (clients.sqlite) and a manifest (Beam).
 
     fedpipe-preprocess --config=configs/digits_dp.py \
         [--config.data.processed_dir=...] [Beam pipeline options]
@@ -6,9 +6,11 @@ r"""Preprocesses raw client data into per-client TFRecords and a manifest (Beam)
 Reads `data.train_files` and `data.eval_files` (CSV or JSONL), validates
 their rows against `data.feature_spec`, and writes `data.processed_dir`
 (see fedpipe/data/manifest.py). Flags this program does not define are passed to
-Beam's `PipelineOptions` (e.g. `--runner=FlinkRunner --flink_master=...`); a
-flag that is neither is an error. The DirectRunner runs in its default
-`in_memory` mode, which was the fastest measured on 2 to 4 cores.
+Beam's `PipelineOptions` (e.g. `--runner=FlinkRunner --flink_master=...`;
+docs/beam_runners.md gives those of Flink, Spark and Dataflow, and Beam's
+DaskRunner is refused); a flag that is neither is an error. The DirectRunner
+runs in its default `in_memory` mode, which was the fastest measured on 2 to 4
+cores.
 
 Exit status: 0 on success; 2 with one line on stderr if the config, a flag,
 the inputs, the feature spec or the output directory is at fault, or too

@@ -5,8 +5,17 @@
 builds them in NumPy from arrays. `make_cohort_fn` builds the same tensors
 inside a TensorFlow computation (a `tff.tensorflow.computation` the worker
 runs at the data's site) from a 1-D string tensor of client ids, reading
-`<split>/<client_id>.tfrecord` relative to the worker's working directory as
-`client_data.make_dataset_fn` does for one client.
+relative to the worker's working directory, in the layout the manifest's
+`storage` names, as `client_data.make_dataset_fn` does for one client:
+
+* `sqlite`: one query of `clients.sqlite` for the whole cohort
+  (`client_id IN (...)`, see `fedpipe.data.client_store`), whose rows come
+  back ordered by client id; each row's client id is mapped to its position
+  k in the id tensor in the graph (`tf.unique` over ids and rows), so client
+  k's records are its rows in `seq` order, whatever the ids' order;
+* `tfrecord_per_client`: the K files `<split>/<client_id>.tfrecord`.
+
+Both give the same tensors for the same data.
 
 Each client's batches are the per-client engine's: its examples repeated
 `epochs` times, then batched, so a batch can span two epochs and a client of
@@ -28,7 +37,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from fedpipe.computations import client_data
-from fedpipe.data import manifest, record_schema
+from fedpipe.data import client_store, manifest, record_schema
 from fedpipe.errors import FedpipeError
 
 # Batched with this size, a dataset of records is one batch: all of it.
@@ -83,6 +92,38 @@ def _read_cohort(paths: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return everything.concatenate(nothing).take(1).get_single_element()
 
 
+def _read_cohort_store(ids: tf.Tensor, query: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The cohort's records from one query of `clients.sqlite`, as `_read_cohort` returns them.
+
+  The rows come ordered by (client id, seq). `tf.unique` over the ids
+  followed by the rows' ids numbers each distinct id by its first position
+  in `ids` and gives each row that number; a stable sort by it groups the
+  rows by client in the ids' order, each client's rows still in `seq` order.
+  An id that occurs twice gets its records twice, as it would read its
+  file twice.
+
+  Returns:
+    `(client_index [N], serialized [N], sizes [K])`: records grouped by
+    position k in `ids` (ascending), and each position's number of records.
+  """
+  everything = client_data.read_store_records(query, num_columns=2).batch(_ALL)
+  nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), tf.zeros([0], tf.string)))
+  row_ids, serialized = everything.concatenate(nothing).take(1).get_single_element()
+  num_clients = tf.size(ids, out_type=tf.int64)
+  _, group = tf.unique(tf.concat([ids, row_ids], 0), out_idx=tf.int64)
+  id_group, row_group = group[:num_clients], group[num_clients:]  # Groups < K: rows' ids are ids.
+  group_sizes = tf.math.unsorted_segment_sum(tf.ones_like(row_group), row_group, num_clients)
+  group_starts = tf.cumsum(group_sizes, exclusive=True)
+  by_group = tf.argsort(row_group, stable=True)
+  sizes = tf.gather(group_sizes, id_group)  # [K]
+  client_index = tf.repeat(tf.range(num_clients), sizes)
+  within = tf.range(tf.size(client_index, out_type=tf.int64)) - tf.gather(
+    tf.cumsum(sizes, exclusive=True), client_index
+  )
+  source = tf.gather(by_group, tf.gather(group_starts, tf.gather(id_group, client_index)) + within)
+  return client_index, tf.gather(serialized, source), sizes
+
+
 def _parse(serialized: tf.Tensor, num_features: int) -> tuple[tf.Tensor, tf.Tensor]:
   """The records' features `[N, num_features]` and labels `[N]`, in the record schema's dtypes."""
   description = {
@@ -116,6 +157,7 @@ def make_cohort_fn(
   batch_size: int,
   epochs: int = 1,
   shuffle: bool = True,
+  storage: str = manifest.LEGACY_STORAGE,
 ) -> Callable[[tf.Tensor], CohortBatches]:
   """A function from a cohort's client ids to its padded batches, for use inside TFF computations.
 
@@ -126,10 +168,13 @@ def make_cohort_fn(
   client. Client k's step s, slot b holds its example at position
   `p = s * B + b` of its epochs' concatenated example order, and is real
   (mask 1) if `p < n_k * epochs`. At run time it fails, before reading any
-  file, if an id is not a valid client id (`manifest.CLIENT_ID_PATTERN`:
-  `InvalidArgumentError` 'invalid client id') or there is no id; a missing
-  file fails naming it (`NotFoundError`), a record of another width fails to
-  parse (`InvalidArgumentError`).
+  file or building the query, if an id is not a valid client id
+  (`manifest.CLIENT_ID_PATTERN`: `InvalidArgumentError` 'invalid client id')
+  or there is no id; in `clients.sqlite` an id without records fails naming
+  it (`InvalidArgumentError` 'no records'), in the per-client layout a
+  missing file fails naming it (`NotFoundError`); a record of another width
+  fails to parse (`InvalidArgumentError`). As for `make_dataset_fn`, a
+  missing `clients.sqlite` crashes the worker (see there).
 
   Args:
     split: `manifest.TRAIN_SPLIT` or `manifest.EVAL_SPLIT`.
@@ -140,18 +185,26 @@ def make_cohort_fn(
       `client_data.make_dataset_fn(shuffle=False)`; True: a fresh random
       permutation of the client's examples for each epoch (see the module
       docstring).
+    storage: The data directory's layout: pass its manifest's `storage`,
+      `manifest.STORAGE_SQLITE` or `manifest.STORAGE_TFRECORD_PER_CLIENT`
+      (the default, as for `client_data.make_dataset_fn`, which says why).
 
   Returns:
     The function, which builds graph ops (call it while tracing a
     `tff.tensorflow.computation`, or in a `tf.function`, or eagerly).
 
   Raises:
-    CohortDataError: For an unknown split or a size that is not a positive
-      integer; the function raises it for ids that are not a 1-D tensor or a
-      statically empty one.
+    CohortDataError: For an unknown split or storage, or a size that is not
+      a positive integer; the function raises it for ids that are not a 1-D
+      tensor or a statically empty one.
   """
   if split not in manifest.SPLITS:
     raise CohortDataError(f'split must be one of {manifest.SPLITS}, got {split!r}')
+  if storage not in manifest.STORAGES:
+    raise CohortDataError(
+      f"storage must be one of {manifest.STORAGES} (the manifest's storage field: pass "
+      f'storage=manifest.storage), got {storage!r}'
+    )
   num_features = _positive_int('num_features', num_features)
   batch_size = _positive_int('batch_size', batch_size)
   epochs = _positive_int('epochs', epochs)
@@ -171,14 +224,29 @@ def make_cohort_fn(
       ),
       tf.debugging.Assert(tf.size(ids) > 0, ['a cohort needs at least one client id']),
     ]
-    with tf.control_dependencies(checks):
-      paths = tf.strings.join([split, '/', ids, manifest.RECORD_EXTENSION])
     num_clients = tf.size(ids, out_type=tf.int64)
-
-    client_index, serialized = _read_cohort(paths)
+    if storage == manifest.STORAGE_SQLITE:
+      before, between, after = client_store.cohort_query(split)
+      with tf.control_dependencies(checks):
+        query = tf.strings.join([before, tf.strings.reduce_join(ids, separator=between), after])
+      client_index, serialized, sizes = _read_cohort_store(ids, query)
+      missing = tf.equal(sizes, 0)
+      found = tf.debugging.Assert(
+        ~tf.reduce_any(missing),
+        [
+          f'no records in {manifest.STORE_FILENAME} (split {split}) for client id(s):',
+          tf.boolean_mask(ids, missing),
+        ],
+      )
+      with tf.control_dependencies([found]):
+        serialized, sizes = tf.identity(serialized), tf.identity(sizes)
+    else:
+      with tf.control_dependencies(checks):
+        paths = tf.strings.join([split, '/', ids, manifest.RECORD_EXTENSION])
+      client_index, serialized = _read_cohort(paths)
+      sizes = tf.math.unsorted_segment_sum(tf.ones_like(client_index), client_index, num_clients)
     features, labels = _parse(serialized, num_features)
     num_records = tf.size(client_index, out_type=tf.int64)
-    sizes = tf.math.unsorted_segment_sum(tf.ones_like(client_index), client_index, num_clients)
     starts = tf.cumsum(sizes, exclusive=True)
     totals = sizes * epochs  # [K]
     steps = tf.reduce_max((totals + batch_size - 1) // batch_size)

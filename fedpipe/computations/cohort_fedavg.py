@@ -1,4 +1,4 @@
-"""DP-FedAvg whose TFF clients are cohorts of users, each cohort trained in one vectorized call.
+"""(DP-)FedAvg whose TFF clients are cohorts of users, each cohort trained in one vectorized call.
 
 The per-client engine (`dp_fedavg.build_dp_fedavg_process`) makes every user
 a TFF client, and TFF's executor charges a fixed cost per client. Here each
@@ -28,9 +28,11 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import cohort_data, cohort_training, dp_aggregator, keras_model
+from fedpipe.data import client_ids as client_ids_lib
 from fedpipe.errors import FedpipeError
 
-SEPARATOR = ','
+# Between a cohort's user ids; a silo's governance gate splits on the same.
+SEPARATOR = client_ids_lib.COHORT_SEPARATOR
 
 
 class CohortProcessError(FedpipeError, ValueError):
@@ -88,12 +90,65 @@ def group_into_cohorts(
   return [cohort_string(ordered[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def group_into_silo_cohorts(
+  client_ids: Sequence[str],
+  examples: dict[str, int],
+  *,
+  max_cohort_size: int,
+  min_cohorts: int = 1,
+) -> list[str]:
+  """A round's sampled users across silos as cohorts, none spanning two silos.
+
+  Each silo's users are grouped as `group_into_cohorts` groups them, and
+  each cohort is sent as '<silo>/<id>,<id>,...': the silo's name once, then
+  its users' own ids. The coordinator's routing (`cross_silo`) sends the
+  whole cohort to that silo, whose worker gets '<id>,<id>,...' and whose
+  governance gate counts (and checks) each user in it.
+
+  Args:
+    client_ids: The users sampled for the round, as '<silo>/<client id>'.
+    examples: Such an id -> its number of examples.
+    max_cohort_size: Most users in one cohort (>= 1), as for `group_into_cohorts`.
+    min_cohorts: Fewest cohorts of each silo (while it has as many sampled
+      users): its worker trains them in parallel.
+
+  Returns:
+    The cohorts, one silo's after another's in the order of the silos' names.
+
+  Raises:
+    CohortProcessError: If an id is not '<silo>/<client id>', or
+      `max_cohort_size` or `min_cohorts` is < 1.
+  """
+  # Checks the bounds, whether or not any user was sampled.
+  group_into_cohorts((), {}, max_cohort_size=max_cohort_size, min_cohorts=min_cohorts)
+  silo_separator = client_ids_lib.SILO_SEPARATOR
+  by_silo: dict[str, list[str]] = {}
+  for global_id in client_ids:
+    silo, separator, local = global_id.partition(silo_separator)
+    if not (silo and separator and local) or silo_separator in local:
+      raise CohortProcessError(
+        f'client id {global_id!r} is not <silo>{silo_separator}<client id>; across silos '
+        "every id carries its silo's name (cross_silo.union_manifest)"
+      )
+    by_silo.setdefault(silo, []).append(local)
+  cohorts = []
+  for silo, local_ids in sorted(by_silo.items()):
+    local_examples = {c: examples.get(f'{silo}{silo_separator}{c}', 0) for c in local_ids}
+    cohorts += [
+      f'{silo}{silo_separator}{cohort}'
+      for cohort in group_into_cohorts(
+        local_ids, local_examples, max_cohort_size=max_cohort_size, min_cohorts=min_cohorts
+      )
+    ]
+  return cohorts
+
+
 def build_cohort_dp_fedavg_process(
   model_fn: Callable[[], tff.learning.models.VariableModel],
   keras_model_builder: keras_model.KerasModelBuilder,
   *,
   num_features: int,
-  aggregator: dp_aggregator.CappedWeightDPFactory,
+  aggregator: dp_aggregator.CappedWeightDPFactory | None,
   cohort_fn: Callable[[tf.Tensor], cohort_data.CohortBatches],
   client_learning_rate: float,
   server_optimizer: tff.learning.optimizers.Optimizer,
@@ -112,7 +167,9 @@ def build_cohort_dp_fedavg_process(
       trains the cohorts.
     num_features: Input width.
     aggregator: The DP aggregation (fixed or adaptive clipping, noise, capped
-      weights, fixed denominator), as the per-client engine is given it.
+      weights, fixed denominator), as the per-client engine is given it; None
+      for FedAvg without DP: the mean of the users' updates weighted by their
+      examples processed, as `fedavg.build_fedavg_process` aggregates.
     cohort_fn: Reads and stacks a cohort's users' data from a tensor of ids
       (`cohort_data.make_cohort_fn`), run where the data is.
     client_learning_rate: Users' local SGD learning rate.
@@ -134,9 +191,10 @@ def build_cohort_dp_fedavg_process(
     model = model_fn()
     metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
     metric_names = list(model.report_local_unfinalized_metrics().keys())
-  query = aggregator.query
-  adaptive = aggregator.adaptive
-  weight_cap = aggregator.weight_cap
+  dp = aggregator is not None
+  query = aggregator.query if dp else None
+  adaptive = dp and aggregator.adaptive
+  weight_cap = aggregator.weight_cap if dp else None
   learning_rate = float(client_learning_rate)
   mu = float(proximal_strength)
 
@@ -148,13 +206,14 @@ def build_cohort_dp_fedavg_process(
 
   @tff.tensorflow.computation()
   def initial_query_state_fn():
-    return query.initial_global_state()
+    # Without DP the aggregator keeps no state: an empty structure.
+    return query.initial_global_state() if dp else collections.OrderedDict()
 
   query_state_type = initial_query_state_fn.type_signature.result
 
   @tff.tensorflow.computation(query_state_type)
   def sample_params_fn(state):
-    return query.derive_sample_params(state)
+    return query.derive_sample_params(state) if dp else np.float32(0.0)
 
   params_type = sample_params_fn.type_signature.result
 
@@ -162,7 +221,7 @@ def build_cohort_dp_fedavg_process(
   def train_cohort_fn(weights, params, cohort):
     ids = tf.strings.split(cohort, SEPARATOR)
     batches = cohort_fn(ids)
-    clip = params.sum_params if adaptive else params
+    clip = (params.sum_params if adaptive else params) if dp else None
     result = cohort_training.train_cohort(
       functional,
       (tuple(weights.trainable), tuple(weights.non_trainable)),
@@ -175,7 +234,10 @@ def build_cohort_dp_fedavg_process(
       weight_cap=weight_cap,
     )
     update_sum = list(result.update_sum)
-    if adaptive:
+    if not dp:
+      # Σ n_k Δ_k and Σ n_k: the server divides.
+      sample = collections.OrderedDict(update_sum=update_sum, weight_sum=result.weight_sum)
+    elif adaptive:
       # The quantile estimator's record is (unclipped norm <= clip) - 0.5 per user.
       below = tf.cast(result.below_clip_count, tf.float32) - 0.5 * tf.cast(
         result.num_clients, tf.float32
@@ -190,6 +252,12 @@ def build_cohort_dp_fedavg_process(
 
   @tff.tensorflow.computation(sample_type, query_state_type)
   def noised_mean_fn(sample, state):
+    if not dp:
+      total = sample['weight_sum']
+      # No example processed (or every update non-finite): no change, as TFF's mean.
+      scale = tf.math.divide_no_nan(1.0, total)
+      mean = [u * scale for u in sample['update_sum']]
+      return mean, state, collections.OrderedDict()
     if adaptive:
       template = {'update': [tf.TensorSpec(t.shape, t.dtype) for t in weights_type.trainable]}
       sample = query.initial_sample_state(template)._replace(

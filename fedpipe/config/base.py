@@ -134,10 +134,12 @@ def get_base_config() -> config_dict.ConfigDict:
   # How a round's users are trained. per_client: each user is a TFF client
   # (TFF's executor pays a fixed cost per client). cohort: the sampled users
   # are grouped into cohorts, each trained in one vectorized TensorFlow call
-  # (fedpipe/computations/cohort_fedavg.py; DP-FedAvg, runtime.mode=local).
+  # (fedpipe/computations/cohort_fedavg.py; DP-FedAvg, locally or across
+  # silos, where a cohort holds one silo's users).
   # auto: the cohort engine (a round's users trained as cohorts, one
-  # vectorized call each) where it runs (local DP-FedAvg with central noise
-  # and a model it can vectorize), else per_client (one TFF client per user).
+  # vectorized call each) where it runs (DP-FedAvg with central noise, local
+  # or across silos, and a model it can vectorize), else per_client (one TFF
+  # client per user).
   runtime.engine = 'auto'  # auto | cohort | per_client
   # cohort: memory for one cohort's copies of the model (weights, gradients,
   # update) per user; bounds the users in a cohort.

@@ -378,11 +378,14 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 ENGINES = ('auto', 'cohort', 'per_client')
-# What the cohort engine runs: (field, value it needs, why).
+# What the cohort engine runs: (field, value it needs, why). It runs locally
+# and across silos (each silo trains its own sampled users as cohorts).
 _COHORT_ENGINE_NEEDS = (
-  ('runtime.mode', 'local', 'silos still train their users one TFF client each'),
-  ('dp.enabled', True, 'the cohort engine trains DP-FedAvg'),
-  ('dp.placement', 'central', 'secure aggregation runs across silos'),
+  (
+    'dp.placement',
+    'central',
+    "the silos' secure-aggregation encoding is built on the per-client engine's aggregate",
+  ),
 )
 
 
@@ -393,6 +396,8 @@ def cohort_engine_conflicts(config: config_dict.ConfigDict) -> list[str]:
   """
   conflicts = []
   for field, wanted, why in _COHORT_ENGINE_NEEDS:
+    if field.startswith('dp.') and not config.dp.enabled:
+      continue
     node = config
     for part in field.split('.'):
       node = node[part]

@@ -1,18 +1,24 @@
 """Client data from in-memory arrays, in the layout the preprocessing pipeline writes.
 
 The Beam pipeline (`fedpipe-preprocess`) turns a data owner's raw CSV/JSONL
-files into per-client TFRecords and a manifest. Data that is already arrays
-(a NumPy experiment, a simulation, a partition made in a notebook) can skip
-it: `write_client_data` writes the same directory
+files into a client-data directory. Data that is already arrays (a NumPy
+experiment, a simulation, a partition made in a notebook) can skip it:
+`write_client_data` writes the same directory
 
     manifest.json
-    train/<client_id>.tfrecord
-    eval/<client_id>.tfrecord      (with `eval`)
+    clients.sqlite                 every client's records (`client_store`)
 
 with the same records (`tf.train.Example`s: `x` a float list of
 `num_features` values, `y` one int64 label; see `fedpipe.data.manifest`), so
 training, a silo server (`fedpipe-silo --data_dir=...`) and the readers in
 `fedpipe.computations.client_data` take it as they take the pipeline's.
+With `storage='tfrecord_per_client'` it writes the older layout instead,
+`train/<client_id>.tfrecord` and `eval/<client_id>.tfrecord`, one file per
+client (for readers of that layout; both give the same batches).
+
+For 100,000 clients of 10 examples, the rows go into SQLite in one
+transaction (`client_store.write_store`), in key order, so the file is
+written sequentially.
 
 The values are written as given: the pipeline's feature-spec validation and
 normalization are not applied, so normalize `x` beforehand. Like this whole
@@ -25,6 +31,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -32,7 +39,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedpipe.data import atomic_files, example_records
+from fedpipe.data import atomic_files, client_store, example_records
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 
@@ -66,6 +73,7 @@ def write_client_data(
   *,
   num_classes: int | None = None,
   feature_spec: Mapping[str, Any] | None = None,
+  storage: str = manifest_lib.STORAGE_SQLITE,
 ) -> manifest_lib.Manifest:
   """Writes per-client arrays as a client-data directory, exactly as preprocessing does.
 
@@ -93,6 +101,10 @@ def write_client_data(
       of `fedpipe.pipelines.feature_spec.FeatureSpec`); default: features
       named `x0`, `x1`, ... and label `y`. Silos of one federation must
       record the same spec.
+    storage: The layout, `manifest.STORAGE_SQLITE` (one `clients.sqlite`,
+      the default, what preprocessing writes) or
+      `manifest.STORAGE_TFRECORD_PER_CLIENT` (one TFRecord file per client,
+      the older layout); recorded in the manifest, which the readers follow.
 
   Returns:
     The manifest written to `<output_dir>/manifest.json`.
@@ -101,8 +113,8 @@ def write_client_data(
     ClientDataError: If a client id is invalid, a client's arrays have the
       wrong shape or type, hold NaN or infinite values or labels out of
       range, clients disagree on the number of features, a split is empty,
-      or the feature spec disagrees with the data; the message names the
-      split and client.
+      or the feature spec disagrees with the data, or the storage is
+      unknown; the message names the split and client.
     ClientDataDirError: If `output_dir` is a file, a non-empty directory
       that is not client data, or cannot be written.
 
@@ -118,6 +130,11 @@ def write_client_data(
     100
   """
   output_dir = _output_path(output_dir)
+  if storage not in manifest_lib.STORAGES:
+    raise ClientDataError(
+      f'storage must be one of {manifest_lib.STORAGES}, got {storage!r}; leave it out for '
+      f'{manifest_lib.STORAGE_SQLITE!r}.'
+    )
   splits = {manifest_lib.TRAIN_SPLIT: _validate_split(manifest_lib.TRAIN_SPLIT, train)}
   if eval is not None:
     splits[manifest_lib.EVAL_SPLIT] = _validate_split(manifest_lib.EVAL_SPLIT, eval)
@@ -135,6 +152,7 @@ def write_client_data(
     num_classes=num_classes,
     dead_letter={'files': {}, 'total': 0, 'by_reason': {}, 'by_split': {s: {} for s in splits}},
     extra={'written_by': WRITER_NAME},
+    storage=storage,
   )
   _check_output_dir(output_dir)
   _write_atomically(output_dir, splits, manifest)
@@ -186,7 +204,10 @@ def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
     raise ClientDataError(f'{where}: expected a pair (x, y), got {type(data).__name__}.')
   x_in, y_in = data
   try:
-    x = np.asarray(x_in, dtype=np.float64)
+    x = np.asarray(x_in)
+    # float32 needs no range check; anything else is checked as float64 first.
+    if x.dtype != np.float32:
+      x = np.asarray(x, dtype=np.float64)
   except (TypeError, ValueError) as e:
     raise ClientDataError(
       f'{where}: x is not a numeric array of shape [n, num_features] ({e}).'
@@ -214,19 +235,21 @@ def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
       f'{where}: y has dtype {y.dtype}; labels must be integers (class indices); convert '
       'them, e.g. y.astype(int) for whole-number floats.'
     )
-  bad_rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-  if len(bad_rows):
+  # One reduction on the common path; the rows are found only for the message.
+  if not np.isfinite(x).all():
+    bad_rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
     raise ClientDataError(
       f'{where}: x holds NaN or infinite values in {len(bad_rows)} row(s) (first: row '
       f'{bad_rows[0]}); drop or impute them first.'
     )
-  bad_rows = np.flatnonzero((np.abs(x) > np.finfo(np.float32).max).any(axis=1))
-  if len(bad_rows):
+  limit = np.finfo(np.float32).max
+  if x.dtype != np.float32 and (x.max() > limit or x.min() < -limit):
+    bad_rows = np.flatnonzero((np.abs(x) > limit).any(axis=1))
     raise ClientDataError(
       f'{where}: x holds values beyond float32 range in {len(bad_rows)} row(s) (first: row '
       f'{bad_rows[0]}); records store float32, so scale the features.'
     )
-  return _Client(x=x.astype(np.float32), y=y.astype(np.int64))
+  return _Client(x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False))
 
 
 def _num_features(splits: Mapping[str, Mapping[str, _Client]]) -> int:
@@ -352,10 +375,18 @@ def _check_output_dir(output_dir: str) -> None:
     )
 
 
-def _serialize(data: _Client) -> Iterator[bytes]:
-  encoder = example_records.ExampleEncoder()
-  for row, label in zip(data.x.tolist(), data.y.tolist()):
-    yield encoder.encode(row, label)
+def _serialize(data: _Client, encoder: example_records.ExampleEncoder) -> list[bytes]:
+  return encoder.encode_rows(data.x, data.y)
+
+
+def _rows(
+  splits: Mapping[str, Mapping[str, _Client]], encoder: example_records.ExampleEncoder
+) -> Iterator[client_store.Row]:
+  """Every record as a `clients.sqlite` row, in key order (split, client id, seq)."""
+  for split in sorted(splits):
+    for client_id, data in sorted(splits[split].items()):
+      for seq, record in enumerate(_serialize(data, encoder)):
+        yield split, client_id, seq, record
 
 
 def _write_atomically(
@@ -374,16 +405,21 @@ def _write_atomically(
       'its parent directory is writable.'
     ) from e
   done = False
+  encoder = example_records.ExampleEncoder()
   try:
-    for split, clients in splits.items():
-      os.mkdir(os.path.join(staging, split))
-      for client_id, data in sorted(clients.items()):
-        path = os.path.join(staging, manifest_lib.client_file(split, client_id))
-        example_records.write_tfrecord_file(path, _serialize(data))
+    if manifest.storage == manifest_lib.STORAGE_SQLITE:
+      store = os.path.join(staging, manifest_lib.STORE_FILENAME)
+      client_store.write_store(store, _rows(splits, encoder))
+    else:
+      for split, clients in splits.items():
+        os.mkdir(os.path.join(staging, split))
+        for client_id, data in sorted(clients.items()):
+          path = os.path.join(staging, manifest_lib.client_file(split, client_id))
+          example_records.write_tfrecord_file(path, _serialize(data, encoder))
     manifest_lib.write_manifest(staging, manifest)
     atomic_files.replace_directory(staging, output_dir)
     done = True
-  except OSError as e:
+  except (OSError, sqlite3.Error) as e:
     raise ClientDataDirError(
       f'cannot write client data to output_dir={output_dir!r}: {e}; nothing was replaced.'
     ) from e

@@ -8,6 +8,12 @@ deterministic, so every split and every rerun names a client the same way.
 
 Note that the id is not a secret: a kept key is the key itself, and a hashed
 low-entropy key (a phone number) can be recovered by trying them all.
+
+Where ids travel (`COHORT_SEPARATOR`, `SILO_SEPARATOR`): the cohort engine
+sends a cohort of users as one value, their ids joined by ','; across silos
+an id or a cohort is prefixed with its silo's name and '/'. Both the
+computations that build such values and the silo's governance gate that
+checks them read the separators here.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ from fedpipe.data import manifest
 
 HASHED_ID_PREFIX = 'k'
 HASHED_ID_HEX_DIGITS = 20
+
+# The cohort engine's CLIENTS value names several users: their ids joined by
+# this separator, which no client id contains (`manifest.CLIENT_ID_PATTERN`).
+COHORT_SEPARATOR = ','
+# Across silos a client is '<silo>/<client id>' and a cohort of one silo's
+# users '<silo>/<id>,<id>,...': silo names contain no '/' either.
+SILO_SEPARATOR = '/'
 
 
 def client_id_for_key(client_key: str) -> str:
@@ -40,3 +53,16 @@ def client_id_for_key(client_key: str) -> str:
     return client_key
   digest = hashlib.sha256(client_key.encode('utf-8', 'surrogatepass')).hexdigest()
   return HASHED_ID_PREFIX + digest[:HASHED_ID_HEX_DIGITS]
+
+
+def cohort_members(value: str) -> list[str]:
+  """The client ids one CLIENTS value names: a client id names itself, a cohort each of its users.
+
+  Args:
+    value: A client id, or a cohort: client ids joined by `COHORT_SEPARATOR`.
+
+  Returns:
+    The ids in order, repeats and empty ones ('' for 'a,,b' or a trailing
+    separator) included, so that a caller checking them sees what was sent.
+  """
+  return value.split(COHORT_SEPARATOR)

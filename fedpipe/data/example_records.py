@@ -8,15 +8,17 @@ preprocessing runs. This module declares the Example messages
 in a private protobuf descriptor pool (the same fields and numbers as
 tensorflow/core/example/{example,feature}.proto, so the bytes are the same as
 `tf.train.Example.SerializeToString()`), encodes examples in the record
-schema (`ExampleEncoder`, see `record_schema`) and writes TFRecord files with
+schema (`ExampleEncoder`, see `record_schema`; `encode_rows` for whole arrays
+at a time, byte for byte the same) and writes and reads TFRecord files with
 Beam's TFRecord coder (CRC32C from google-crc32c): `write_tfrecord_file`,
-the one TFRecord writer of fedpipe's client data.
+the one TFRecord writer of fedpipe's client data, and `read_tfrecord_file`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 from apache_beam.io import tfrecordio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -92,12 +94,76 @@ class ExampleEncoder:
     feature = self._example.features.feature
     self._x = getattr(feature[record_schema.FEATURES.key], record_schema.FEATURES.list_field).value
     self._y = getattr(feature[record_schema.LABEL.key], record_schema.LABEL.list_field).value
+    # (num_features, label) -> the bytes before and after the values (`encode_rows`).
+    self._frames: dict[tuple[int, int], tuple[bytes, bytes]] = {}
 
   def encode(self, x: Sequence[float], y: int) -> bytes:
     """The serialized Example of features `x` and label `y`."""
     self._x[:] = x
     self._y[:] = [y]
     return self._example.SerializeToString()
+
+  def encode_rows(self, x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """The serialized Examples of the rows of `x` `[n, num_features]` and labels `y` `[n]`.
+
+    The same bytes as `encode(row, label)` for each row, about 20 times
+    faster: every record of one width has the same framing around its
+    float32 values except for the label's varint, so the framing is built
+    once per width and label (and kept) and the values are copied in as they
+    are in memory.
+
+    Args:
+      x: Features, float32 (other float dtypes are converted), 2-D.
+      y: Integer labels, one per row.
+
+    Returns:
+      One serialized `tf.train.Example` per row, in order.
+    """
+    x = np.ascontiguousarray(x, dtype='<f4')
+    y = np.asarray(y)
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+      raise ValueError(f'x must be [n, num_features] and y [n], got {x.shape} and {y.shape}')
+    width = x.shape[1]
+    if width == 0:  # An empty packed list is left out altogether: the general path.
+      return [self.encode([], label) for label in y.tolist()]
+    values = x.tobytes()
+    row_bytes = 4 * width
+    out = []
+    for i, label in enumerate(y.tolist()):
+      frame = self._frames.get((width, label))
+      if frame is None:
+        frame = self._frames[width, label] = _frame(width, label)
+      out.append(b''.join((frame[0], values[i * row_bytes : (i + 1) * row_bytes], frame[1])))
+    return out
+
+
+def _frame(width: int, label: int) -> tuple[bytes, bytes]:
+  """The bytes of an Example before and after its `width` float32 values, for `label`.
+
+  The map entries in the order the protobuf runtime writes them (`x`, then
+  `y`); `encode_rows`'s equality with `encode` is tested.
+  """
+  row_bytes = 4 * width
+  x_entry = _field(1, _field(1, b'x') + _field(2, _field(2, _field(1, bytes(row_bytes)))))
+  y_entry = _field(1, _field(1, b'y') + _field(2, _field(3, _field(1, _varint(label)))))
+  head = b'\x0a' + _varint(len(x_entry) + len(y_entry)) + x_entry[: len(x_entry) - row_bytes]
+  return head, y_entry
+
+
+def _varint(value: int) -> bytes:
+  """`value` as a protobuf varint (negative int64 as its 64-bit two's complement)."""
+  value &= (1 << 64) - 1
+  out = bytearray()
+  while value > 0x7F:
+    out.append((value & 0x7F) | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  """A length-delimited field: its tag, the payload's length, the payload."""
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def write_tfrecord_file(path: str, records: Iterable[bytes]) -> int:
@@ -129,3 +195,19 @@ def write_tfrecord_file(path: str, records: Iterable[bytes]) -> int:
       FileSystems.delete([tmp])
     raise
   return count
+
+
+def read_tfrecord_file(path: str) -> Iterator[bytes]:
+  """The records of an uncompressed TFRecord file (any Beam filesystem), in order.
+
+  Each record's length and data checksums are verified.
+
+  Raises:
+    ValueError: If the file is not a valid TFRecord file (truncated, or a
+      checksum does not match).
+  """
+  with FileSystems.open(
+    path, mime_type='application/octet-stream', compression_type=CompressionTypes.UNCOMPRESSED
+  ) as f:
+    while (record := tfrecordio._TFRecordUtil.read_record(f)) is not None:
+      yield record

@@ -1,15 +1,24 @@
 """The manifest of a preprocessed client-data directory: what exists, never what it holds.
 
-The Beam preprocessing pipeline writes, under its output directory,
+The Beam preprocessing pipeline (and `write_client_data`) writes, under its
+output directory,
 
     manifest.json
-    train/<client_id>.tfrecord     one file per training client
-    eval/<client_id>.tfrecord      one file per evaluation client
+    clients.sqlite                 every client's records (storage 'sqlite')
     dead_letter/...                rejected raw records, with reasons
 
-Each TFRecord holds `tf.train.Example`s in the record schema
-(`record_schema`): `x`, `num_features` normalized float32 values, and `y`,
-one int64 class label.
+`clients.sqlite` is one SQLite table of `(split, client_id, seq, record)`
+(see `client_store`). Directories written before it, whose manifest has no
+`storage` field (storage 'tfrecord_per_client'), hold instead
+
+    train/<client_id>.tfrecord     one file per training client
+    eval/<client_id>.tfrecord      one file per evaluation client
+
+and keep loading and training as they did. Either way each record is a
+`tf.train.Example` in the record schema (`record_schema`): `x`,
+`num_features` normalized float32 values, and `y`, one int64 class label.
+The manifest's `storage` says which layout a directory has; readers take it
+from there (`storage=manifest.storage`).
 
 The manifest lists client ids and example counts per split plus the feature
 spec. A silo publishes it to the coordinator; it never contains records.
@@ -34,6 +43,16 @@ EVAL_SPLIT = 'eval'
 SPLITS = (TRAIN_SPLIT, EVAL_SPLIT)
 RECORD_EXTENSION = '.tfrecord'
 
+# How a directory stores its clients' records (the manifest's `storage`).
+STORAGE_FIELD = 'storage'
+STORAGE_SQLITE = 'sqlite'
+STORAGE_TFRECORD_PER_CLIENT = 'tfrecord_per_client'
+STORAGES = (STORAGE_SQLITE, STORAGE_TFRECORD_PER_CLIENT)
+# What a manifest without the field means: the layout written before the field existed.
+LEGACY_STORAGE = STORAGE_TFRECORD_PER_CLIENT
+# The one file of storage 'sqlite', next to manifest.json.
+STORE_FILENAME = 'clients.sqlite'
+
 # Client ids are file names at the silo: no separators, no leading dot.
 CLIENT_ID_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,127}'
 _CLIENT_ID_RE = re.compile(CLIENT_ID_PATTERN)
@@ -45,6 +64,22 @@ class ManifestError(FedpipeError, ValueError):
 
 def is_valid_client_id(client_id: str) -> bool:
   return _CLIENT_ID_RE.fullmatch(client_id) is not None
+
+
+def check_storage(storage: object, *, source: str = 'manifest') -> str:
+  """Returns `storage` if it is a layout this code reads.
+
+  Raises:
+    ManifestError: Naming the field and the fix, if it is not.
+  """
+  if not isinstance(storage, str) or storage not in STORAGES:
+    raise ManifestError(
+      f'{source}: field {STORAGE_FIELD!r} is {storage!r}, a client-data layout this fedpipe '
+      f'does not read (it reads {", ".join(repr(s) for s in STORAGES)}); re-run '
+      'fedpipe-preprocess --config=... (or write_client_data) with this fedpipe version to '
+      'rewrite the directory.'
+    )
+  return storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +112,12 @@ class Manifest:
   num_classes: int
   dead_letter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # How the records are stored: `STORAGE_SQLITE` (what writers write) or
+  # `STORAGE_TFRECORD_PER_CLIENT` (a manifest without the field).
+  storage: str = LEGACY_STORAGE
+
+  def __post_init__(self):
+    check_storage(self.storage)
 
   def split(self, name: str) -> SplitManifest:
     if name not in self.splits:
@@ -95,6 +136,7 @@ class Manifest:
       'feature_spec': dict(self.feature_spec),
       'splits': {k: v.to_json() for k, v in sorted(self.splits.items())},
       'dead_letter': dict(self.dead_letter),
+      STORAGE_FIELD: self.storage,
       **dict(self.extra),
     }
 
@@ -133,7 +175,9 @@ class Manifest:
         'feature_spec',
         'splits',
         'dead_letter',
+        STORAGE_FIELD,
       }
+      storage = check_storage(data.get(STORAGE_FIELD, LEGACY_STORAGE), source=source)
       return cls(
         feature_spec=dict(data['feature_spec']),
         splits=splits,
@@ -141,6 +185,7 @@ class Manifest:
         num_classes=int(data['num_classes']),
         dead_letter=dict(data.get('dead_letter', {})),
         extra={k: v for k, v in data.items() if k not in known},
+        storage=storage,
       )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
       if isinstance(e, ManifestError):
@@ -153,7 +198,7 @@ def manifest_path(data_dir: str) -> str:
 
 
 def client_file(split: str, client_id: str) -> str:
-  """The path of a client's records relative to the data directory."""
+  """The path of a client's records relative to the data directory (storage 'tfrecord_per_client')."""
   return f'{split}/{client_id}{RECORD_EXTENSION}'
 
 
@@ -166,7 +211,9 @@ def read_manifest(data_dir: str) -> Manifest:
   """Reads and validates the manifest of a client-data directory.
 
   Raises:
-    ManifestError: If the directory or its manifest is missing or malformed.
+    ManifestError: If the directory or its manifest is missing or malformed,
+      its storage is not one this code reads, or (storage 'sqlite') its
+      `clients.sqlite` is missing.
   """
   path = manifest_path(data_dir)
   if not os.path.isdir(data_dir):
@@ -184,4 +231,13 @@ def read_manifest(data_dir: str) -> Manifest:
     ) from e
   except (OSError, json.JSONDecodeError) as e:
     raise ManifestError(f'cannot read {path}: {e}') from e
-  return Manifest.from_json(data, source=path)
+  manifest = Manifest.from_json(data, source=path)
+  if manifest.storage == STORAGE_SQLITE:
+    store = os.path.join(data_dir, STORE_FILENAME)
+    if not os.path.isfile(store):
+      raise ManifestError(
+        f'{path} says {STORAGE_FIELD} {STORAGE_SQLITE!r} but {store} is missing: the '
+        'client-data directory is incomplete (copy it whole); re-run fedpipe-preprocess '
+        '--config=... to rewrite it.'
+      )
+  return manifest

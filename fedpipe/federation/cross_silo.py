@@ -18,7 +18,10 @@ A silo that fails or times out during a round is named in a `SiloRoundError`
 allows it, dropped from that round: the round completes with the others, the
 drop is logged and counted, and the silo is reconnected for the next round.
 
-Clients are identified across the federation as `<silo>/<client id>`.
+Clients are identified across the federation as `<silo>/<client id>`, and
+the cohort engine's cohorts as `<silo>/<id>,<id>,...` (one silo's users
+only): each goes whole to its silo. What a silo's share of a round counts
+(the clients a failure names, `dropped_clients`) is users, not cohorts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any
 import grpc
 import tensorflow_federated as tff
 
+from fedpipe.data import client_ids as client_ids_lib
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import secure_round, silo_protocol
@@ -49,7 +53,7 @@ from fedpipe.runtime import execution_context, isolated_worker, rpc_errors
 
 LOG = logging.getLogger('fedpipe.coordinator')
 
-SEPARATOR = '/'
+SEPARATOR = client_ids_lib.SILO_SEPARATOR
 ON_FAILURE = ('fail', 'drop')
 # Detects a silo that vanished without closing its connection; the silo
 # server accepts pings this often (silo_server.GRPC_OPTIONS).
@@ -332,10 +336,21 @@ def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.
   """One manifest over all silos, with `<silo>/<client>` ids.
 
   Raises:
-    FederationError: If the silos' feature specs differ.
+    FederationError: If the silos' feature specs differ, or their data are
+      stored in different layouts (`storage`: one computation reads them all).
   """
   names = sorted(manifests)
   first = manifests[names[0]]
+  storages = {name: manifests[name].storage for name in names}
+  if len(set(storages.values())) > 1:
+    old = [n for n in names if storages[n] != manifest_lib.STORAGE_SQLITE]
+    raise FederationError(
+      'silos hold their client data in different layouts ('
+      + ', '.join(f'{n}: {storages[n]}' for n in names)
+      + '); one computation reads every silo, so they must match: re-run fedpipe-preprocess '
+      f'at silo(s) {", ".join(old)} to rewrite their data as {manifest_lib.STORAGE_SQLITE!r}, '
+      'then restart them'
+    )
   for name in names[1:]:
     other = manifests[name]
     if (dict(other.feature_spec), other.num_features, other.num_classes) != (
@@ -364,6 +379,7 @@ def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.
     extra={
       'silos': {n: {s: len(m.splits[s].clients) for s in m.splits} for n, m in manifests.items()}
     },
+    storage=first.storage,
   )
 
 
@@ -474,7 +490,10 @@ class SiloRoutingContext(tff.framework.SyncContext):
 
     def collect(ids):
       for silo, local in self._split_by_silo(ids).items():
-        assignment.setdefault(silo, []).extend(local)
+        # The users (a cohort names several), for messages and drop counts.
+        assignment.setdefault(silo, []).extend(
+          user for value in local for user in client_ids_lib.cohort_members(value)
+        )
       return ids
 
     _route_clients(arg, param_type, collect)

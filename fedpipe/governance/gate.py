@@ -7,8 +7,10 @@ checks, in order:
 * every computation sent (`CreateValue`) has the fingerprint of a
   computation in a study approved for this caller, so nothing unapproved is
   ever loaded by the worker, let alone run on data;
-* client ids sent are ids this silo holds, at least
-  `min_clients_per_aggregate` of them at once;
+* client ids sent are ids this silo holds, each at most once and at least
+  `min_clients_per_aggregate` of them at once, counted in users: a CLIENTS
+  value of the cohort engine names several users ('u1,u2,u3',
+  `client_ids.COHORT_SEPARATOR`), and each of them is checked and counted;
 * a clipping norm sent in the server state does not exceed `max_clip_norm`;
 * every call (`CreateCall`) of an approved computation, whatever the
   coordinator calls it, is refused when its study's budget for the
@@ -45,6 +47,7 @@ import numpy as np
 from tensorflow_federated.proto.v0 import executor_pb2
 
 from fedpipe.computations import privacy_accounting
+from fedpipe.data import client_ids as client_ids_lib
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger, secure_terms, study_request
@@ -575,24 +578,11 @@ class GovernanceGate:
           return self._refuse(caller, self._unapproved_reason(fp, caller), fingerprint=fp)
         info = dataclasses.replace(info, fingerprint=fp)
       elif kind == 'client_ids':
-        unknown = sorted(set(payload) - self._client_ids)
-        if unknown:
-          return self._refuse(
-            caller,
-            f'{len(unknown)} client id(s) are not held by silo '
-            f'{self._silo}: {", ".join(unknown[:5])}',
-          )
-        if len(set(payload)) != len(payload):
-          return self._refuse(
-            caller, 'client ids repeat within one aggregate: each client counts once'
-          )
-        if len(payload) < self.policy.min_clients_per_aggregate:
-          return self._refuse(
-            caller,
-            f"{len(payload)} client(s) in one aggregate; this silo's policy needs at "
-            f'least min_clients_per_aggregate={self.policy.min_clients_per_aggregate}',
-          )
-        info = dataclasses.replace(info, clients=info.clients | frozenset(payload))
+        users = [u for value in payload for u in client_ids_lib.cohort_members(value)]
+        refusal = self._users_refusal(payload, users)
+        if refusal is not None:
+          return self._refuse(caller, refusal)
+        info = dataclasses.replace(info, clients=info.clients | frozenset(users))
       elif kind == 'clip_norm' and payload > self.policy.max_clip_norm * (1 + 1e-6):
         return self._refuse(
           caller,
@@ -600,6 +590,42 @@ class GovernanceGate:
           f'max_clip_norm {self.policy.max_clip_norm:g}',
         )
     self._stage(request, info)
+    return None
+
+  def _users_refusal(self, values: list[str], users: list[str]) -> str | None:
+    """Why the users one aggregate's CLIENTS values name may not be aggregated, or None.
+
+    A value is a client id or a cohort of them ('u1,u2,u3'); `users` are the
+    ids they name (`client_ids.cohort_members`), and what the policy counts.
+    The coordinator is not trusted to group them honestly: every user must
+    be one of this silo's, named once in all the aggregate's cohorts, and
+    there must be at least `min_clients_per_aggregate` of them.
+    """
+    empty = [v for v in values if '' in client_ids_lib.cohort_members(v)]
+    if empty:
+      return (
+        f'{len(empty)} client value(s) name an empty client id (a cohort is client ids '
+        f'joined by {client_ids_lib.COHORT_SEPARATOR!r}, none empty): '
+        + ', '.join(repr(_cut(v)) for v in empty[:5])
+      )
+    unknown = sorted(set(users) - self._client_ids)
+    if unknown:
+      return (
+        f'{len(unknown)} client id(s) are not held by silo '
+        f'{self._silo}: {", ".join(_cut(u) for u in unknown[:5])}'
+      )
+    repeated = sorted(u for u, n in collections.Counter(users).items() if n > 1)
+    if repeated:
+      return (
+        'client ids repeat within one aggregate (within or across its cohorts: '
+        f'{", ".join(repeated[:5])}): each client counts once'
+      )
+    if len(users) < self.policy.min_clients_per_aggregate:
+      cohorts = f' (in {len(values)} cohorts)' if len(values) != len(users) else ''
+      return (
+        f"{len(users)} client(s){cohorts} in one aggregate; this silo's policy needs at "
+        f'least min_clients_per_aggregate={self.policy.min_clients_per_aggregate}'
+      )
     return None
 
   def _check_call(self, request, caller: str) -> str | None:
@@ -792,6 +818,11 @@ class GovernanceGate:
         f'no study {study_id} was submitted by {caller!r}; submit it first (SubmitStudy)'
       )
     return study
+
+
+def _cut(text: str, limit: int = 80) -> str:
+  """`text` cut to `limit` characters for a message (a hostile caller chooses it)."""
+  return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 class _LifetimeExceededError(RuntimeError):

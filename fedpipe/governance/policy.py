@@ -14,7 +14,7 @@
     max_rounds = 500
     min_clients_per_round = 20
     max_clients_per_round = 1000
-    min_clients_per_aggregate = 5   # fewest of this silo's clients in one partial aggregate
+    min_clients_per_aggregate = 5   # fewest of this silo's clients (users) in one partial aggregate
 
     [evaluation]                  # optional section
     allow_unnoised_metrics = true # federated evaluation releases exact metrics

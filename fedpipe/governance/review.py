@@ -198,11 +198,13 @@ ALLOWED_OPS = frozenset(
     'StatelessRandomGetKeyCounter',
     'StatelessRandomGetKeyCounterAlg',
     'StatelessRandomUniformIntV2',
-    # The client-data reader: TFRecords named from the client id, parsed in batches.
+    # The client-data reader: TFRecords named from the client id, or a query of
+    # clients.sqlite built around it (data/client_store), parsed in batches.
     'StaticRegexFullMatch',
     'StringJoin',
     'TFRecordDataset',
     'TFRecordDatasetV2',
+    'SqlDataset',
     'ParseExampleDatasetV2',
     # tf.data plumbing over those records.
     'BatchDatasetV2',
@@ -225,6 +227,19 @@ ALLOWED_OPS = frozenset(
     'TensorSliceDataset',
     'UnbatchDataset',
     'ZipDataset',
+    # The cohort engine (computations/cohort_data, cohort_training): a cohort's
+    # ids split from its one string, its users' records read in one pass and
+    # stacked per user (unique ids, segment sums, counts), none touching files.
+    'Bincount',
+    'ConcatenateDataset',
+    'DatasetToSingleElement',
+    'ParseExampleV2',
+    'RangeDataset',
+    'ReduceJoin',
+    'StringSplitV2',
+    'Unique',
+    'UnsortedSegmentSum',
+    'Where',
   }
 )
 
@@ -320,7 +335,7 @@ class Description:
       'intrinsics': list(self.intrinsics),
       'io_ops': sorted(
         set(self.tensorflow_ops) & set(REFUSED_OPS)
-        | ({'TFRecordDataset'} & set(self.tensorflow_ops))
+        | ({'TFRecordDataset', 'SqlDataset'} & set(self.tensorflow_ops))
       ),
       'output_numbers': None if math.isinf(self.output_numbers) else int(self.output_numbers),
       'problems': list(self.problems),

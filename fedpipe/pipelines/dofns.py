@@ -1,9 +1,13 @@
-"""The Beam DoFns of preprocessing: read and validate raw files, write client files.
+"""The Beam DoFns of preprocessing: read and validate raw files, keep or exclude each client.
 
 They run in Beam's workers, so this module does not import TensorFlow: each
 worker process would spend seconds importing it (see `example_records`).
 Examples are encoded with `example_records.ExampleEncoder`, wire-compatible
 with `tf.train.Example`; the pipeline around them is in `preprocess_pipeline`.
+
+A kept client leaves the pipeline as one element of its TFRecord shards
+(`client_element`: the client's split, id and records, in order); the
+launcher builds `clients.sqlite` from the shards (`read_client_element`).
 """
 
 import csv
@@ -18,7 +22,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from fedpipe.data import client_ids, example_records
-from fedpipe.data import manifest as manifest_lib
 from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 CSV_FORMAT = 'csv'
@@ -269,18 +272,59 @@ class ReadAndValidateFn(beam.DoFn):
       yield lines.line_number, record, raw, None, record.keys() - self._columns
 
 
-class WriteClientFileFn(beam.DoFn):
-  """Writes one client's examples to `<split>/<client_id>.tfrecord`, or excludes the client.
+# The features of a client element (an Example: split, client id, records).
+_SPLIT_KEY = 'split'
+_CLIENT_ID_KEY = 'client_id'
+_RECORDS_KEY = 'records'
 
-  The file is written under a temporary name and renamed into place
-  (`example_records.write_tfrecord_file`), so a retried bundle rewrites the
-  same file. Examples are written in input order
-  (file, line), so reruns write identical files. Output: one JSON line with
-  the client's count and whether it was written.
+
+def client_element(split: str, client_id: str, records: Sequence[bytes]) -> bytes:
+  """One client's records as one shard element: a serialized Example.
+
+  Features `split` and `client_id` (one bytes value each) and `records`
+  (the client's serialized Examples, in order), so the element reads back
+  with `read_client_element` or TensorFlow's Example parser.
+  """
+  element = example_records.Example()
+  feature = element.features.feature
+  feature[_SPLIT_KEY].bytes_list.value.append(split.encode('utf-8'))
+  feature[_CLIENT_ID_KEY].bytes_list.value.append(client_id.encode('utf-8'))
+  feature[_RECORDS_KEY].bytes_list.value.extend(records)
+  return element.SerializeToString()
+
+
+def read_client_element(data: bytes) -> tuple[str, str, list[bytes]]:
+  """`(split, client_id, records)` of a `client_element`.
+
+  Raises:
+    ValueError: If `data` is not a client element.
+  """
+  try:
+    feature = example_records.Example.FromString(data).features.feature
+    (split,) = feature[_SPLIT_KEY].bytes_list.value
+    (client_id,) = feature[_CLIENT_ID_KEY].bytes_list.value
+    return (
+      split.decode('utf-8'),
+      client_id.decode('utf-8'),
+      list(feature[_RECORDS_KEY].bytes_list.value),
+    )
+  except Exception as e:  # DecodeError, ValueError (unpacking), UnicodeDecodeError.
+    raise ValueError(f'not a client element ({type(e).__name__}: {e})') from e
+
+
+class KeepClientFn(beam.DoFn):
+  """Keeps a client with at least `min_examples` examples as one shard element, or excludes it.
+
+  Input: `(split/client_id, chunks)` after GroupByKey. Main output: one
+  JSON line with the client's count and whether it was kept (`written`).
+  Tagged output `clients`: the kept client's `client_element`, its examples
+  in input order (file, line), so reruns and other runners give the same
+  records in the same order.
   """
 
-  def __init__(self, output_dir: str, min_examples: int):
-    self._output_dir = output_dir
+  CLIENTS = 'clients'
+
+  def __init__(self, min_examples: int):
     self._min_examples = min_examples
 
   def setup(self):
@@ -288,7 +332,7 @@ class WriteClientFileFn(beam.DoFn):
     self._excluded = Metrics.counter(METRICS_NAMESPACE, 'clients_excluded')
     self._examples = Metrics.counter(METRICS_NAMESPACE, 'examples_written')
 
-  def process(self, element: tuple[str, Any]) -> Iterator[str]:
+  def process(self, element: tuple[str, Any]) -> Iterator[Any]:
     key, chunks = element
     split, client_id = key.split('/', 1)
     examples = sorted(
@@ -296,8 +340,8 @@ class WriteClientFileFn(beam.DoFn):
     )
     written = len(examples) >= self._min_examples
     if written:
-      path = join_path(self._output_dir, manifest_lib.client_file(split, client_id))
-      example_records.write_tfrecord_file(path, (example for _, _, example in examples))
+      records = [example for _, _, example in examples]
+      yield beam.pvalue.TaggedOutput(self.CLIENTS, client_element(split, client_id, records))
       self._written.inc()
       self._examples.inc(len(examples))
     else:

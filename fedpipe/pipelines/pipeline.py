@@ -1,19 +1,30 @@
-"""The Beam pipeline that turns raw rows into per-client TFRecords and a manifest.
+"""The Beam pipeline that turns raw rows into one client-data SQLite file and a manifest.
 
     raw files (CSV/JSONL)                       <output_dir>/
-      -> ReadAndValidate (one file at a time)     train/<client_id>.tfrecord
-           -> valid: (split/client_id, example)   eval/<client_id>.tfrecord
-           -> dead letters (reason, raw row)      dead_letter/<split>-*.jsonl
-      -> GroupByKey per client                    manifest.json
-      -> WriteClientFile (temp name, rename)
+      -> ReadAndValidate (one file at a time)     clients.sqlite
+           -> valid: (split/client_id, example)   dead_letter/<split>-*.jsonl
+           -> dead letters (reason, raw row)      manifest.json
+      -> GroupByKey per client
+      -> KeepClient (>= min_examples_per_client)
+           -> one element per kept client: TFRecord shards in the staging dir
 
 `run_preprocessing` checks everything that can be checked before the pipeline
 runs (input files exist and are readable, CSV headers hold the spec's columns,
-the output directory is ours to replace), builds the output in a staging
-directory next to `output_dir`, and swaps it into place only if the pipeline
-succeeded and few enough rows were malformed. A failed run leaves an existing
-output untouched; the dead letters of a rejected run are kept in
-`<output_dir>.rejected/`.
+the output directory is ours to replace), runs it into a staging directory
+next to `output_dir`, then builds `clients.sqlite` (`fedpipe.data.client_store`)
+from the client shards in one sequential pass, sorted by split and client, so
+the same input gives the same file byte for byte whatever the runner, and
+deletes the shards. It swaps the staging directory into place only if the
+pipeline succeeded and few enough rows were malformed. A failed run leaves an
+existing output untouched; the dead letters of a rejected run are kept in
+`<output_dir>.rejected/`. The pipeline itself writes only through Beam's
+sinks, so it runs on any runner, and the launcher reads and writes through
+Beam's filesystems (building the SQLite file in a local temporary directory
+and copying it when the output is remote, e.g. on GCS).
+
+Directories written before `clients.sqlite` (one TFRecord file per client,
+manifest without `storage`) keep loading and training; this pipeline writes
+the new layout.
 
 Each CSV or JSONL file is read by one worker (to number its lines for the dead
 letter); shard large inputs into several files to read them in parallel.
@@ -31,9 +42,11 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
+import sqlite3
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -42,6 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
+from fedpipe.data import client_store, example_records
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.pipelines import dofns as preprocess_dofns
@@ -57,6 +71,9 @@ _FORMAT_BY_EXTENSION = {
 }
 DEAD_LETTER_DIR = 'dead_letter'
 _STATS_DIR = '_stats'
+# The pipeline's client shards, in the staging dir until clients.sqlite is built.
+_CLIENTS_DIR = '_clients'
+_SHARD_SUFFIX = '.tfrecord'
 STAGING_SUFFIX = '.staging'
 PREVIOUS_SUFFIX = '.previous'
 REJECTED_SUFFIX = '.rejected'
@@ -65,6 +82,9 @@ _join = preprocess_dofns.join_path
 # The runner when none is given (see `resolve_pipeline_options`).
 DEFAULT_RUNNER = 'FnApiRunner'
 _LOCAL_RUNNERS = ('DirectRunner', 'direct', 'FnApiRunner', 'SwitchingDirectRunner')
+# Runners refused because they lose or repeat elements (see `resolve_pipeline_options`):
+# a runner's class name, or the last part of its dotted path, in lower case.
+_REFUSED_RUNNERS = ('daskrunner', 'dask')
 
 
 class PreprocessError(FedpipeError):
@@ -117,8 +137,8 @@ class PreprocessSummary:
     rows_read: Split -> rows read (blank lines are not rows).
     rows_valid: Split -> rows that passed validation.
     malformed: Split -> reason -> rows sent to the dead letter.
-    clients_written: Split -> number of client files written.
-    examples_written: Split -> examples in the written client files.
+    clients_written: Split -> number of clients written.
+    examples_written: Split -> examples of the written clients.
     excluded_clients: Split -> client id -> examples, for clients below
       `min_examples_per_client`.
     min_examples_per_client: The threshold used.
@@ -304,6 +324,13 @@ def resolve_pipeline_options(options: PipelineOptions) -> PipelineOptions:
   elements at GroupByKey when a DoFn runs long bundles (measured here: up to
   a few hundred of 50,000 rows), so that mode is refused.
 
+  Beam 2.77's DaskRunner (`apache_beam.runners.dask.dask_runner.DaskRunner`)
+  translates only Create, ParDo, GroupByKey and Flatten, silently skips every
+  other transform and computes only the last branch; on a dask cluster it
+  left WriteToText shards empty and doubled the elements of Partition +
+  Flatten. It is refused, by class name or dotted path, whatever the case.
+  docs/beam_runners.md gives the options of the runners to use instead.
+
   Args:
     options: The pipeline options; updated in place.
 
@@ -311,11 +338,23 @@ def resolve_pipeline_options(options: PipelineOptions) -> PipelineOptions:
     `options`.
 
   Raises:
-    PipelineOptionsError: If the local runner is set to multi_threading.
+    PipelineOptionsError: If the local runner is set to multi_threading, or
+      the runner is the DaskRunner.
   """
   standard = options.view_as(StandardOptions)
   if standard.runner is None:
     standard.runner = DEFAULT_RUNNER
+  runner = standard.runner
+  name = runner if isinstance(runner, str) else type(runner).__name__
+  if name.rsplit('.', 1)[-1].lower() in _REFUSED_RUNNERS:
+    raise PipelineOptionsError(
+      f"--runner={name} is refused: Beam 2.77's DaskRunner runs only Create, ParDo, "
+      'GroupByKey and Flatten and skips the rest, so it loses and duplicates data (here '
+      'WriteToText left empty shards, Partition+Flatten doubled elements, only the last '
+      'branch ran). Leave --runner unset for the local runner, or use PortableRunner (Flink '
+      'or Spark job server), FlinkRunner, SparkRunner or DataflowRunner: see '
+      'docs/beam_runners.md.'
+    )
   mode = options.view_as(DirectOptions).direct_running_mode
   if standard.runner in _LOCAL_RUNNERS and mode == 'multi_threading':
     raise PipelineOptionsError(
@@ -339,12 +378,14 @@ def build_pipeline(
     pipeline: The pipeline to extend.
     inputs: Split name -> its input files.
     spec: The feature spec.
-    output_dir: Where to write (the staging directory): client files, dead
-      letters, and run statistics under `_stats/`.
+    output_dir: Where to write (the staging directory): the kept clients
+      as TFRecord shards under `_clients/` (one `dofns.client_element` per
+      client), dead letters, and run statistics under `_stats/`.
     min_examples_per_client: Clients with fewer valid rows are not written.
   """
-  stats = []
+  stats, clients = [], []
   read_fn = preprocess_dofns.ReadAndValidateFn
+  keep_fn = preprocess_dofns.KeepClientFn
   for split, files in inputs.items():
     read = (
       pipeline
@@ -358,13 +399,22 @@ def build_pipeline(
     _ = read[read_fn.DEAD_LETTER] | f'{split}/WriteDeadLetter' >> beam.io.WriteToText(
       _join(output_dir, DEAD_LETTER_DIR, split), file_name_suffix='.jsonl'
     )
-    clients = (
+    kept = (
       read.valid
       | f'{split}/GroupByClient' >> beam.GroupByKey()
-      | f'{split}/WriteClientFiles'
-      >> beam.ParDo(preprocess_dofns.WriteClientFileFn(output_dir, min_examples_per_client))
+      | f'{split}/KeepClients'
+      >> beam.ParDo(keep_fn(min_examples_per_client)).with_outputs(keep_fn.CLIENTS, main='stats')
     )
-    stats.extend([read[read_fn.STATS], clients])
+    stats.extend([read[read_fn.STATS], kept.stats])
+    clients.append(kept[keep_fn.CLIENTS])
+  _ = (
+    clients
+    | 'FlattenClients' >> beam.Flatten()
+    | 'WriteClientShards'
+    >> beam.io.WriteToTFRecord(
+      _join(output_dir, _CLIENTS_DIR, 'clients'), file_name_suffix=_SHARD_SUFFIX
+    )
+  )
   _ = (
     stats
     | 'FlattenStats' >> beam.Flatten()
@@ -454,8 +504,7 @@ def run_preprocessing(
   try:
     if gfile.exists(staging):
       gfile.rmtree(staging)
-    for split in inputs:
-      gfile.makedirs(_join(staging, split))
+    gfile.makedirs(staging)
   except Exception as e:  # tf.errors.OpError and OSError.
     raise OutputDirError(
       f'cannot create the staging directory {staging!r} next to '
@@ -487,7 +536,7 @@ def run_preprocessing(
       bad = stats.malformed[split]
       if sum(bad.values()) > max_malformed_fraction * stats.rows_read[split]:
         rejected = output_dir + REJECTED_SUFFIX
-        _keep_rejected(staging, rejected, inputs)
+        _keep_rejected(staging, rejected)
         moved = True
         reasons = ', '.join(f'{r}={n}' for r, n in sorted(bad.items()))
         raise TooManyMalformedRecordsError(
@@ -513,6 +562,7 @@ def run_preprocessing(
           'data.min_examples_per_client.'
         )
 
+    _build_client_store(staging, stats)
     manifest = _make_manifest(stats, feature_spec, min_examples_per_client)
     _write_manifest(staging, manifest)
     gfile.rmtree(_join(staging, _STATS_DIR))
@@ -593,6 +643,79 @@ def _read_stats(staging: str, inputs: Mapping[str, Sequence[InputFile]]) -> _Sta
   return stats
 
 
+def _client_elements(staging: str) -> Iterator[tuple[str, str, list[bytes]]]:
+  """The kept clients of the pipeline's shards: `(split, client_id, records)`."""
+  pattern = _join(staging, _CLIENTS_DIR, f'clients-*{_SHARD_SUFFIX}')
+  for meta in sorted(FileSystems.match([pattern])[0].metadata_list, key=lambda m: m.path):
+    for data in example_records.read_tfrecord_file(meta.path):
+      yield preprocess_dofns.read_client_element(data)
+
+
+def _build_client_store(staging: str, stats: _Stats) -> None:
+  """Builds `<staging>/clients.sqlite` from the client shards, checks it, deletes the shards.
+
+  The file is built in a local directory (inside `staging` when it is local,
+  so it is renamed into place; a temporary one otherwise, then copied
+  through Beam's filesystems), in one sequential pass over the shards; rows
+  go in sorted by split, client and order (`client_store`), so the file's
+  bytes depend only on the rows.
+
+  Raises:
+    RowAccountingError: If a client comes twice, or the clients and counts
+      differ from the pipeline's statistics (the runner lost or repeated
+      elements).
+    OutputDirError: If the file cannot be built or copied.
+  """
+  target = _join(staging, manifest_lib.STORE_FILENAME)
+  local = '://' not in staging
+  build_dir = tempfile.mkdtemp(prefix='.build-', dir=staging if local else None)
+  try:
+    built = os.path.join(build_dir, manifest_lib.STORE_FILENAME)
+    try:
+      counts = client_store.write_store_from_clients(built, _client_elements(staging))
+    except client_store.ClientStoreError as e:
+      raise RowAccountingError(
+        f"the pipeline's client shards do not add up: {e} (a runner that repeats elements "
+        'does this); nothing was written. Rerun, or use another runner.'
+      ) from e
+    except (OSError, ValueError, sqlite3.Error) as e:
+      raise OutputDirError(
+        f'cannot build {manifest_lib.STORE_FILENAME} from the client shards in {staging!r}: '
+        f'{type(e).__name__}: {e}'
+      ) from e
+    expected = {split: clients for split, clients in stats.clients.items() if clients}
+    if counts != expected:
+      keys = {(s, c) for found in (counts, expected) for s in found for c in found[s]}
+      differ = sorted(
+        f'{s}/{c}' for s, c in keys if counts.get(s, {}).get(c) != expected.get(s, {}).get(c)
+      )
+      raise RowAccountingError(
+        f"the client shards and the pipeline's statistics disagree on {len(differ)} client(s) "
+        f'(first: {differ[:5]}): the runner lost or repeated elements; nothing was written. '
+        'Rerun, or use another runner.'
+      )
+    try:
+      if local:
+        os.replace(built, target)
+      else:
+        with (
+          open(built, 'rb') as source,
+          FileSystems.create(
+            target,
+            mime_type='application/octet-stream',
+            compression_type=CompressionTypes.UNCOMPRESSED,
+          ) as sink,
+        ):
+          shutil.copyfileobj(source, sink, 1 << 20)
+    except OSError as e:
+      raise OutputDirError(f'cannot write {target!r}: {e}') from e
+  finally:
+    shutil.rmtree(build_dir, ignore_errors=True)
+  shards = _join(staging, _CLIENTS_DIR)
+  if tf.io.gfile.exists(shards):
+    tf.io.gfile.rmtree(shards)
+
+
 def _make_manifest(
   stats: _Stats, spec: feature_spec_lib.FeatureSpec, min_examples: int
 ) -> manifest_lib.Manifest:
@@ -622,6 +745,7 @@ def _make_manifest(
         'min_examples_per_client': min_examples,
       }
     },
+    storage=manifest_lib.STORAGE_SQLITE,
   )
 
 
@@ -652,12 +776,12 @@ def _swap_into_place(staging: str, output_dir: str) -> None:
     gfile.rmtree(previous)
 
 
-def _keep_rejected(staging: str, rejected: str, inputs: Mapping[str, Any]) -> None:
+def _keep_rejected(staging: str, rejected: str) -> None:
   """Moves a rejected run's staging dir aside, keeping only its dead letters."""
   gfile = tf.io.gfile
   if gfile.exists(rejected):
     gfile.rmtree(rejected)
-  for sub in (*inputs, _STATS_DIR):
+  for sub in (_CLIENTS_DIR, _STATS_DIR):
     if gfile.exists(_join(staging, sub)):
       gfile.rmtree(_join(staging, sub))
   gfile.rename(staging, rejected)

@@ -40,9 +40,16 @@ from fedpipe.governance import secure_terms as secure_terms_lib
 _log = logging.getLogger(__name__)
 
 PER_CLIENT_ENGINE = 'per_client'
-# The cohort engine runs where the coordinator runs (runtime.mode=local): one
-# cohort per core at least, which the worker trains in parallel.
+# Locally the cohort engine's worker runs on this machine: one cohort per
+# core at least, which the worker trains in parallel.
 _WORKER_CORES = os.cpu_count() or 1
+# Across silos each silo's sampled users are grouped on their own (a cohort
+# never spans silos), at least two cohorts per silo: the coordinator does not
+# know a silo's cores, and two keep a second one busy (and sort the silo's
+# users into two buckets of similar sizes, less padding) for one more TFF
+# client per silo, whose fixed cost is what cohorts save. A silo with one
+# sampled user gets one cohort; the governance gate counts users either way.
+_SILO_MIN_COHORTS = 2
 COHORT_ENGINE = 'cohort'
 
 
@@ -323,7 +330,7 @@ def _cohort_processes(
   manifest: manifest_lib.Manifest,
   model_fn: Callable[[], tff.learning.models.VariableModel],
   builder: keras_model.KerasModelBuilder,
-  dp_params: dp_parameters.DPParameters,
+  dp_params: dp_parameters.DPParameters | None,
   server_optimizer: tff.learning.optimizers.Optimizer,
 ) -> tuple[
   tff.learning.templates.LearningProcess,
@@ -345,12 +352,17 @@ def _cohort_processes(
     model_fn,
     builder,
     num_features=manifest.num_features,
-    aggregator=dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments()),
+    aggregator=(
+      dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments())
+      if dp_params is not None
+      else None
+    ),
     cohort_fn=cohort_data.make_cohort_fn(
       split=manifest_lib.TRAIN_SPLIT,
       num_features=manifest.num_features,
       batch_size=training.batch_size,
       epochs=training.local_epochs,
+      storage=manifest.storage,
     ),
     client_learning_rate=training.client_learning_rate,
     server_optimizer=server_optimizer,
@@ -367,11 +379,16 @@ def _cohort_processes(
       num_features=manifest.num_features,
       batch_size=eval_batch_size,
       shuffle=False,
+      storage=manifest.storage,
     ),
     seed=config.seed,
   )
+  if config.runtime.mode == 'silos':  # Ids are '<silo>/<client id>'.
+    group, min_cohorts = cohort_fedavg.group_into_silo_cohorts, _SILO_MIN_COHORTS
+  else:
+    group, min_cohorts = cohort_fedavg.group_into_cohorts, _WORKER_CORES
   round_input = functools.partial(
-    cohort_fedavg.group_into_cohorts,
+    group,
     examples=dict(train_split.clients),
     max_cohort_size=_max_cohort_size(
       config,
@@ -381,10 +398,10 @@ def _cohort_processes(
       epochs=training.local_epochs,
       batch_size=training.batch_size,
     ),
-    min_cohorts=_WORKER_CORES,
+    min_cohorts=min_cohorts,
   )
   eval_input = functools.partial(
-    cohort_fedavg.group_into_cohorts,
+    group,
     examples=dict(eval_split.clients),
     max_cohort_size=_max_cohort_size(
       config,
@@ -394,7 +411,7 @@ def _cohort_processes(
       epochs=1,
       batch_size=eval_batch_size,
     ),
-    min_cohorts=_WORKER_CORES,
+    min_cohorts=min_cohorts,
   )
   return train_process, eval_process, round_input, eval_input
 
@@ -472,12 +489,14 @@ def build_experiment(
     num_features=manifest.num_features,
     batch_size=training.batch_size,
     epochs=training.local_epochs,
+    storage=manifest.storage,
   )
   eval_data = client_data.build_dataset_computation(
     split=manifest_lib.EVAL_SPLIT,
     num_features=manifest.num_features,
     batch_size=_eval_batch_size(training),
     shuffle=False,
+    storage=manifest.storage,
   )
   process_arguments = dict(
     client_optimizer=tff.learning.optimizers.build_sgdm(

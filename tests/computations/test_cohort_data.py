@@ -1,8 +1,9 @@
 """Tests of fedpipe.computations.cohort_data: a cohort's padded batches read by client id.
 
 The computations run in the session's isolated TFF worker, which reads the
-client files relative to its working directory, as at a silo; the
-per-client engine they are compared with reads the same files.
+client data relative to its working directory, as at a silo, in both layouts
+(`clients.sqlite` and one TFRecord file per client); the per-client engine
+they are compared with reads the same data.
 """
 
 import functools
@@ -18,11 +19,14 @@ import tensorflow_federated as tff
 from fedpipe.computations import client_data, cohort_data, cohort_training
 from fedpipe.data import client_data_writer, manifest
 
+_BATCH_FIELDS = cohort_data.CohortBatches._fields
+
 NUM_FEATURES = 3
 BATCH_SIZE = 4
 # Skewed sizes: less than a batch, a partial batch, several batches.
 SIZES = {'cohort-a': 1, 'cohort-b': 3, 'cohort-c': 17}
 COHORT = ['cohort-c', 'cohort-a', 'cohort-b']
+STORAGES = [manifest.STORAGE_SQLITE, manifest.STORAGE_TFRECORD_PER_CLIENT]
 
 
 @pytest.fixture(scope='module')
@@ -36,24 +40,30 @@ def clients(worker_dir, tmp_path_factory):
     )
     for client_id, n in SIZES.items()
   }
-  written = tmp_path_factory.mktemp('cohort') / 'clients'
-  client_data_writer.write_client_data(written, data, num_classes=5)
-  # The worker's directory holds other tests' clients: copy in this split's files.
+  root = tmp_path_factory.mktemp('cohort')
+  for storage in STORAGES:
+    client_data_writer.write_client_data(root / storage, data, num_classes=5, storage=storage)
+  # The worker's directory holds other tests' per-client files: copy in these
+  # clients' files, and the SQLite file (which only this module writes there).
+  legacy = root / manifest.STORAGE_TFRECORD_PER_CLIENT
   os.makedirs(os.path.join(worker_dir, manifest.TRAIN_SPLIT), exist_ok=True)
   for client_id in SIZES:
     relative = manifest.client_file(manifest.TRAIN_SPLIT, client_id)
-    shutil.copy(os.path.join(written, relative), os.path.join(worker_dir, relative))
+    shutil.copy(os.path.join(legacy, relative), os.path.join(worker_dir, relative))
+  store = root / manifest.STORAGE_SQLITE / manifest.STORE_FILENAME
+  shutil.copy(store, os.path.join(worker_dir, manifest.STORE_FILENAME))
   return data
 
 
 @functools.cache
-def _computation(epochs: int, shuffle: bool) -> tff.Computation:
+def _computation(epochs: int, shuffle: bool, storage: str) -> tff.Computation:
   cohort_fn = cohort_data.make_cohort_fn(
     split=manifest.TRAIN_SPLIT,
     num_features=NUM_FEATURES,
     batch_size=BATCH_SIZE,
     epochs=epochs,
     shuffle=shuffle,
+    storage=storage,
   )
 
   @tff.tensorflow.computation(tff.TensorType(np.str_, [None]))
@@ -63,7 +73,7 @@ def _computation(epochs: int, shuffle: bool) -> tff.Computation:
   return cohort
 
 
-def _per_client_batches(worker_dir, client_id, epochs):
+def _per_client_batches(worker_dir, client_id, epochs, storage):
   """The per-client engine's (x, y) batches of a client, unshuffled."""
   dataset_fn = client_data.make_dataset_fn(
     split=manifest.TRAIN_SPLIT,
@@ -71,6 +81,7 @@ def _per_client_batches(worker_dir, client_id, epochs):
     batch_size=BATCH_SIZE,
     epochs=epochs,
     shuffle=False,
+    storage=storage,
   )
   cwd = os.getcwd()
   os.chdir(worker_dir)  # Read as the worker reads: relative to its directory.
@@ -81,11 +92,14 @@ def _per_client_batches(worker_dir, client_id, epochs):
 
 
 @pytest.mark.usefixtures('tff_worker')
+@pytest.mark.parametrize('storage', STORAGES)
 @pytest.mark.parametrize('epochs', [1, 3])
-def test_unshuffled_cohort_holds_the_per_client_engines_batches(clients, worker_dir, epochs):
-  result = _computation(epochs, False)(COHORT)
+def test_unshuffled_cohort_holds_the_per_client_engines_batches(
+  clients, worker_dir, epochs, storage
+):
+  result = _computation(epochs, False, storage)(COHORT)
 
-  per_client = [_per_client_batches(worker_dir, c, epochs) for c in COHORT]
+  per_client = [_per_client_batches(worker_dir, c, epochs, storage) for c in COHORT]
   steps = max(len(batches) for batches in per_client)
   assert steps == -(-max(SIZES.values()) * epochs // BATCH_SIZE)
   assert result.x.shape == (len(COHORT), steps, BATCH_SIZE, NUM_FEATURES)
@@ -112,9 +126,26 @@ def test_unshuffled_cohort_holds_the_per_client_engines_batches(clients, worker_
 
 
 @pytest.mark.usefixtures('tff_worker')
-def test_shuffled_cohort_permutes_each_epoch_afresh(clients):
+@pytest.mark.parametrize(
+  'cohort', [COHORT, ['cohort-b', 'cohort-c', 'cohort-b', 'cohort-a'], ['cohort-a']]
+)
+def test_both_layouts_give_byte_identical_cohorts_in_the_ids_order(clients, cohort):
+  del clients
+  results = [_computation(2, False, storage)(cohort) for storage in STORAGES]
+  for name in _BATCH_FIELDS:
+    sqlite, legacy = (getattr(r, name) for r in results)
+    assert sqlite.dtype == legacy.dtype and sqlite.shape == legacy.shape
+    assert sqlite.tobytes() == legacy.tobytes(), name
+  # An id given twice gets its records twice (as reading its file twice does).
+  expected = [SIZES[c] * 2 for c in cohort]
+  np.testing.assert_array_equal(results[0].num_examples, expected)
+
+
+@pytest.mark.usefixtures('tff_worker')
+@pytest.mark.parametrize('storage', STORAGES)
+def test_shuffled_cohort_permutes_each_epoch_afresh(clients, storage):
   epochs = 3
-  computation = _computation(epochs, True)
+  computation = _computation(epochs, True, storage)
   assert str(computation.type_signature) == (
     '(str[?] -> <x=float32[?,?,4,3],y=int64[?,?,4],mask=float32[?,?,4],num_examples=int64[?]>)'
   )
@@ -147,11 +178,43 @@ def test_shuffled_cohort_permutes_each_epoch_afresh(clients):
 
 
 @pytest.mark.usefixtures('tff_worker')
-def test_an_id_with_a_path_fails_with_the_id_pattern_error(clients):
+@pytest.mark.parametrize('storage', STORAGES)
+@pytest.mark.parametrize(
+  'bad_id, shown',
+  [
+    ('../train/cohort-b', r'\.\./train/cohort-b'),
+    ("a' OR '1'='1", r"a\\' OR \\'1\\'=\\'1"),  # Quotes escaped in the message.
+  ],
+)
+def test_an_id_with_a_path_or_a_quote_fails_with_the_id_pattern_error(
+  clients, storage, bad_id, shown
+):
   del clients
   # Refused at the worker by the id pattern check, naming only the bad id.
-  with pytest.raises(grpc.RpcError, match=r'invalid client id:\] \[\.\./train/cohort-b\]'):
-    _computation(1, False)(['cohort-a', '../train/cohort-b'])
+  with pytest.raises(grpc.RpcError, match=rf'invalid client id:\] \[{shown}\]'):
+    _computation(1, False, storage)(['cohort-a', bad_id])
+
+
+@pytest.mark.parametrize('bad_id', ["a' OR '1'='1", "x') OR 1=1 --", '../clients'])
+def test_a_hostile_id_is_refused_before_any_query(clients, tmp_path, monkeypatch, bad_id):
+  client_data_writer.write_client_data(tmp_path / 'd', clients, num_classes=5)
+  # Any query would now fail with 'file is not a database': refusing with the
+  # id error shows that no query ran.
+  (tmp_path / 'd' / manifest.STORE_FILENAME).write_bytes(b'not a database ' * 20)
+  monkeypatch.chdir(tmp_path / 'd')
+  cohort_fn = cohort_data.make_cohort_fn(
+    split=manifest.TRAIN_SPLIT,
+    num_features=NUM_FEATURES,
+    batch_size=BATCH_SIZE,
+    storage=manifest.STORAGE_SQLITE,
+  )
+  traced = tf.function(cohort_fn)
+  for run in (cohort_fn, traced):
+    with pytest.raises(tf.errors.InvalidArgumentError, match='invalid client id') as error:
+      run(tf.constant(['cohort-a', bad_id]))
+    assert 'not a database' not in str(error.value)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='not a database'):
+    cohort_fn(tf.constant(['cohort-a']))
 
 
 @pytest.fixture
@@ -160,9 +223,14 @@ def in_worker_dir(clients, worker_dir, monkeypatch):
   return clients
 
 
-def test_a_statically_known_cohort_keeps_its_size_and_runs_eagerly(in_worker_dir):
+@pytest.mark.parametrize('storage', STORAGES)
+def test_a_statically_known_cohort_keeps_its_size_and_runs_eagerly(in_worker_dir, storage):
   cohort_fn = cohort_data.make_cohort_fn(
-    split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE, shuffle=False
+    split=manifest.TRAIN_SPLIT,
+    num_features=NUM_FEATURES,
+    batch_size=BATCH_SIZE,
+    shuffle=False,
+    storage=storage,
   )
   traced = tf.function(cohort_fn).get_concrete_function(tf.TensorSpec([2], tf.string))
   assert traced.structured_outputs.x.shape.as_list() == [2, None, BATCH_SIZE, NUM_FEATURES]
@@ -177,10 +245,58 @@ def test_a_statically_known_cohort_keeps_its_size_and_runs_eagerly(in_worker_dir
 
 def test_a_missing_client_file_names_the_file(in_worker_dir):
   cohort_fn = cohort_data.make_cohort_fn(
-    split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE
+    split=manifest.TRAIN_SPLIT,
+    num_features=NUM_FEATURES,
+    batch_size=BATCH_SIZE,
+    storage=manifest.STORAGE_TFRECORD_PER_CLIENT,
   )
   with pytest.raises(tf.errors.NotFoundError, match='train/nobody.tfrecord'):
     cohort_fn(tf.constant(['cohort-a', 'nobody']))
+
+
+def test_an_id_without_rows_in_the_sqlite_file_is_named(in_worker_dir):
+  sqlite = manifest.STORAGE_SQLITE
+  cohort_fn = cohort_data.make_cohort_fn(
+    split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE, storage=sqlite
+  )
+  with pytest.raises(
+    tf.errors.InvalidArgumentError,
+    match=r'(?s)no records in clients.sqlite \(split train\).*nobody',
+  ):
+    cohort_fn(tf.constant(['cohort-a', 'nobody']))
+  # The eval split is another set of clients: none of these.
+  eval_fn = cohort_data.make_cohort_fn(
+    split=manifest.EVAL_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE, storage=sqlite
+  )
+  with pytest.raises(tf.errors.InvalidArgumentError, match='no records'):
+    eval_fn(tf.constant(['cohort-a']))
+
+
+def test_a_large_cohort_is_one_query_in_the_ids_order(tmp_path, monkeypatch):
+  # 3,000 ids of 128 characters: a query of about 400 kB.
+  ids = [f'{i:04d}'.ljust(128, 'x') for i in range(3000)]
+  rng = np.random.default_rng(2)
+  sizes = rng.integers(1, 4, size=len(ids))
+  data = {
+    c: (np.full((n, NUM_FEATURES), i, np.float32), np.arange(n) % 5)
+    for i, (c, n) in enumerate(zip(ids, sizes))
+  }
+  client_data_writer.write_client_data(tmp_path / 'd', data, num_classes=5)
+  monkeypatch.chdir(tmp_path / 'd')
+  order = rng.permutation(len(ids))
+  cohort_fn = cohort_data.make_cohort_fn(
+    split=manifest.TRAIN_SPLIT,
+    num_features=NUM_FEATURES,
+    batch_size=BATCH_SIZE,
+    shuffle=False,
+    storage=manifest.STORAGE_SQLITE,
+  )
+
+  result = cohort_fn(tf.constant([ids[k] for k in order]))
+
+  np.testing.assert_array_equal(result.num_examples, sizes[order])
+  # Client k's examples are those of the k-th id given.
+  np.testing.assert_array_equal(result.x[:, 0, 0, 0], order.astype(np.float32))
 
 
 @pytest.mark.parametrize(
@@ -190,6 +306,7 @@ def test_a_missing_client_file_names_the_file(in_worker_dir):
     ({'batch_size': 0}, 'batch_size must be a positive integer'),
     ({'epochs': 1.5}, 'epochs must be a positive integer'),
     ({'num_features': True}, 'num_features must be a positive integer'),
+    ({'storage': 'csv'}, r"storage must be one of .*got 'csv'"),
   ],
 )
 def test_bad_arguments_say_which(kwargs, message):

@@ -19,6 +19,7 @@ from fedpipe.computations import (
   cohort_fedavg,
   dp_fedavg,
   dp_parameters,
+  fedavg,
   keras_model,
 )
 from fedpipe.data import example_records, manifest
@@ -75,6 +76,7 @@ def _processes(clipping, epochs, proximal_strength):
     batch_size=BATCH_SIZE,
     epochs=epochs,
     shuffle=False,
+    storage=manifest.STORAGE_TFRECORD_PER_CLIENT,  # The files written above.
   )
   per_client = dp_fedavg.build_dp_fedavg_process(
     model_fn,
@@ -145,3 +147,73 @@ def test_users_are_grouped_by_size_into_even_cohorts():
     cohort_fedavg.group_into_cohorts(['a'], {'a': 1}, max_cohort_size=1, min_cohorts=0)
   with pytest.raises(cohort_fedavg.CohortProcessError, match='contain'):
     cohort_fedavg.cohort_string(['a,b'])
+
+
+def test_across_silos_a_cohort_holds_one_silos_users_and_is_routed_to_it_whole():
+  from fedpipe.federation import cross_silo
+
+  sizes = {'a': [5, 1, 3, 2, 4], 'b': [7], 'c': [2, 9, 1]}
+  examples = {f'silo-{s}/u{i}': n for s, ns in sizes.items() for i, n in enumerate(ns)}
+  sampled = sorted(examples, reverse=True)  # The order they come in does not matter.
+  cohorts = cohort_fedavg.group_into_silo_cohorts(
+    sampled, examples, max_cohort_size=2, min_cohorts=2
+  )
+  # Per silo as group_into_cohorts groups its users (ascending examples, at
+  # most 2 each, at least 2 while there are users enough), silo name once.
+  assert cohorts == [
+    'silo-a/u1,u3',
+    'silo-a/u2',
+    'silo-a/u4,u0',
+    'silo-b/u0',
+    'silo-c/u2,u0',
+    'silo-c/u1',
+  ]
+  routing = cross_silo.SiloRoutingContext({f'silo-{s}': None for s in sizes}, None)
+  try:
+    assert routing._split_by_silo(cohorts) == {
+      'silo-a': ['u1,u3', 'u2', 'u4,u0'],
+      'silo-b': ['u0'],
+      'silo-c': ['u2,u0', 'u1'],
+    }
+  finally:
+    routing.close()
+  assert cohort_fedavg.group_into_silo_cohorts([], examples, max_cohort_size=2) == []
+  for bad in ('u1', '/u1', 'silo-a/', 'silo-a/x/u1'):
+    with pytest.raises(cohort_fedavg.CohortProcessError, match='is not <silo>/<client id>'):
+      cohort_fedavg.group_into_silo_cohorts([bad], {}, max_cohort_size=2)
+  with pytest.raises(cohort_fedavg.CohortProcessError, match='max_cohort_size'):
+    cohort_fedavg.group_into_silo_cohorts([], {}, max_cohort_size=0)
+
+
+def test_without_dp_a_cohort_round_equals_example_weighted_fedavg(client_records):
+  """No aggregator: the cohort process is FedAvg, the mean of updates weighted by examples."""
+  model_fn = keras_model.build_model_fn(_builder, num_features=NUM_FEATURES)
+  server = tff.learning.optimizers.build_sgdm(learning_rate=1.0, momentum=0.9)
+  data = dict(split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE)
+  per_client = fedavg.build_fedavg_process(
+    model_fn,
+    client_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=0.5),
+    server_optimizer=server,
+    dataset_fn=client_data.make_dataset_fn(**data, epochs=2, shuffle=False),
+  )
+  cohort = cohort_fedavg.build_cohort_dp_fedavg_process(
+    model_fn,
+    _builder,
+    num_features=NUM_FEATURES,
+    aggregator=None,
+    cohort_fn=cohort_data.make_cohort_fn(**data, epochs=2, shuffle=False),
+    client_learning_rate=0.5,
+    server_optimizer=server,
+  )
+  cohorts = cohort_fedavg.group_into_cohorts(client_records, dict(CLIENT_SIZES), max_cohort_size=4)
+  expected = per_client.next(per_client.initialize(), client_records)
+  actual = cohort.next(cohort.initialize(), cohorts)
+  for a, e in zip(
+    cohort.get_model_weights(actual.state).trainable,
+    per_client.get_model_weights(expected.state).trainable,
+  ):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  train_a = actual.metrics['client_work']['train']
+  train_e = expected.metrics['client_work']['train']
+  for name in ('loss', 'accuracy', 'num_examples'):
+    assert float(train_a[name]) == pytest.approx(float(train_e[name]), rel=1e-5), name

@@ -34,7 +34,10 @@ def _model_fn():
 
 def _dataset_fn():
   return client_data.make_dataset_fn(
-    split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=4
+    split=manifest.TRAIN_SPLIT,
+    num_features=NUM_FEATURES,
+    batch_size=4,
+    storage=manifest.STORAGE_TFRECORD_PER_CLIENT,  # The per-client files the tests write.
   )
 
 

@@ -82,7 +82,11 @@ def _fedpipe_round(aggregator):
     server_optimizer=opt['server'],
     model_aggregator=aggregator,
     dataset_fn=client_data.make_dataset_fn(
-      split=manifest.TRAIN_SPLIT, num_features=NUM_FEATURES, batch_size=BATCH_SIZE, shuffle=False
+      split=manifest.TRAIN_SPLIT,
+      num_features=NUM_FEATURES,
+      batch_size=BATCH_SIZE,
+      shuffle=False,
+      storage=manifest.STORAGE_TFRECORD_PER_CLIENT,  # The files written above.
     ),
   )
   state = process.initialize()

@@ -98,22 +98,25 @@ def test_the_cohort_engine_names_each_setting_it_cannot_work_with():
   config.runtime.mode = 'silos'
   config.runtime.silos, config.runtime.tls_ca = 'a:1', 'ca.pem'
   config.runtime.tls_cert, config.runtime.tls_key = 'c.pem', 'k.pem'
+  validation.validate(config)  # Across silos with central noise: fine too.
+  assert validation.cohort_engine_conflicts(config) == []
+  config.dp.placement = 'secure'
+  config.training.sampling = 'poisson'
   config.runtime.cohort_memory_mb = 0
   with pytest.raises(validation.ConfigError) as error:
     validation.validate(config)
   message = str(error.value)
   for expected in (
-    "config.runtime.mode is 'silos'; the cohort engine needs 'local'",
+    "config.dp.placement is 'secure'; the cohort engine needs 'central'",
     'config.runtime.cohort_memory_mb',
   ):
     assert expected in message, message
+  assert 'runtime.mode' not in message, message
   # auto trains such a config with the per-client engine, and says why.
   config.runtime.engine, config.runtime.cohort_memory_mb = 'auto', 256
   validation.validate(config)
-  assert validation.cohort_engine_conflicts(config) == [
-    "runtime.mode is 'silos'; the cohort engine needs 'local' (silos still train their users "
-    'one TFF client each)'
-  ]
+  (conflict,) = validation.cohort_engine_conflicts(config)
+  assert conflict.startswith("dp.placement is 'secure'; the cohort engine needs 'central' (")
   config.runtime.engine = 'turbo'
   with pytest.raises(validation.ConfigError, match='config.runtime.engine'):
     validation.validate(config)

@@ -1,5 +1,6 @@
 """write_client_data: arrays in, the preprocessing pipeline's layout and manifest out."""
 
+import hashlib
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from fedpipe.computations import client_data
+from fedpipe.data import client_store
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.data.client_data_writer import (
   ClientDataDirError,
@@ -30,17 +32,25 @@ def _clients(sizes, *, seed=0, num_classes=4):
   }
 
 
-def _read_with_tf(path):
+def _parse_with_tf(records):
   description = {
     'x': tf.io.FixedLenFeature([NUM_FEATURES], tf.float32),
     'y': tf.io.FixedLenFeature([], tf.int64),
   }
   xs, ys = [], []
-  for record in tf.data.TFRecordDataset(path):
+  for record in records:
     parsed = tf.io.parse_single_example(record, description)
     xs.append(parsed['x'].numpy())
     ys.append(int(parsed['y']))
   return np.array(xs), np.array(ys)
+
+
+def _tfrecords(path):
+  return [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+
+
+def _store(directory):
+  return str(directory / manifest_lib.STORE_FILENAME)
 
 
 def test_round_trip_through_tensorflow_and_the_client_data_reader(tmp_path, monkeypatch):
@@ -49,13 +59,17 @@ def test_round_trip_through_tensorflow_and_the_client_data_reader(tmp_path, monk
   out = tmp_path / 'clients'
   written = write_client_data(out, train, eval_, num_classes=4)
 
-  assert sorted(os.listdir(out)) == ['eval', 'manifest.json', 'train']
-  assert sorted(os.listdir(out / 'train')) == ['alice.tfrecord', 'bob.tfrecord', 'c-3.x_y.tfrecord']
-  assert sorted(os.listdir(out / 'eval')) == ['alice.tfrecord', 'dora.tfrecord']
+  # One SQLite file for every client, whatever their number.
+  assert sorted(os.listdir(out)) == ['clients.sqlite', 'manifest.json']
   # Nothing left beside it (staging directories are renamed away).
   assert os.listdir(tmp_path) == ['clients']
+  assert client_store.client_counts(_store(out)) == {
+    'train': {'alice': 5, 'bob': 1, 'c-3.x_y': 17},
+    'eval': {'alice': 2, 'dora': 4},
+  }
 
   manifest = manifest_lib.read_manifest(str(out))
+  assert manifest.storage == manifest_lib.STORAGE_SQLITE
   assert manifest.to_json() == written.to_json()
   assert manifest.num_features == NUM_FEATURES
   assert manifest.num_classes == 4
@@ -66,15 +80,14 @@ def test_round_trip_through_tensorflow_and_the_client_data_reader(tmp_path, monk
 
   for split, clients in (('train', train), ('eval', eval_)):
     for client_id, (x, y) in clients.items():
-      path = str(out / manifest_lib.client_file(split, client_id))
-      got_x, got_y = _read_with_tf(path)
+      got_x, got_y = _parse_with_tf(client_store.read_client(_store(out), split, client_id))
       np.testing.assert_array_equal(got_x, x.astype(np.float32))
       np.testing.assert_array_equal(got_y, y)
 
   # The reader training uses, relative to the worker's working directory.
   monkeypatch.chdir(out)
   dataset_fn = client_data.make_dataset_fn(
-    split='train', num_features=NUM_FEATURES, batch_size=4, shuffle=False
+    split='train', num_features=NUM_FEATURES, batch_size=4, shuffle=False, storage=manifest.storage
   )
   batches = list(dataset_fn(tf.constant('c-3.x_y')))
   x, y = train['c-3.x_y']
@@ -82,10 +95,59 @@ def test_round_trip_through_tensorflow_and_the_client_data_reader(tmp_path, monk
   np.testing.assert_array_equal(np.concatenate([b['y'] for b in batches]), y)
 
 
+def test_the_per_client_layout_on_request_holds_the_same_records(tmp_path, monkeypatch):
+  train = _clients({'alice': 5, 'bob': 1, 'c-3.x_y': 17})
+  eval_ = _clients({'alice': 2, 'dora': 4}, seed=1)
+  old, new = tmp_path / 'old', tmp_path / 'new'
+  legacy = write_client_data(
+    old, train, eval_, num_classes=4, storage=manifest_lib.STORAGE_TFRECORD_PER_CLIENT
+  )
+  write_client_data(new, train, eval_, num_classes=4)
+
+  assert sorted(os.listdir(old)) == ['eval', 'manifest.json', 'train']
+  assert sorted(os.listdir(old / 'train')) == ['alice.tfrecord', 'bob.tfrecord', 'c-3.x_y.tfrecord']
+  assert sorted(os.listdir(old / 'eval')) == ['alice.tfrecord', 'dora.tfrecord']
+  assert legacy.storage == manifest_lib.read_manifest(str(old)).storage == 'tfrecord_per_client'
+  for split, clients in (('train', train), ('eval', eval_)):
+    for client_id in clients:
+      # Byte for byte the records of the SQLite layout, in the same order.
+      assert _tfrecords(old / manifest_lib.client_file(split, client_id)) == (
+        client_store.read_client(_store(new), split, client_id)
+      )
+
+  monkeypatch.chdir(old)
+  dataset_fn = client_data.make_dataset_fn(
+    split='eval',
+    num_features=NUM_FEATURES,
+    batch_size=4,
+    shuffle=False,
+    storage=legacy.storage,
+  )
+  (batch,) = list(dataset_fn(tf.constant('dora')))
+  np.testing.assert_array_equal(batch['x'], eval_['dora'][0].astype(np.float32))
+
+
+def test_the_same_data_writes_the_same_bytes(tmp_path):
+  def digest(directory):
+    return hashlib.sha256((directory / manifest_lib.STORE_FILENAME).read_bytes()).hexdigest()
+
+  train = _clients({f'user{i:03d}': 1 + i % 7 for i in range(300)})
+  write_client_data(tmp_path / 'a', train, num_classes=4)
+  reordered = dict(reversed(list(train.items())))
+  write_client_data(tmp_path / 'b', reordered, num_classes=4)
+  assert digest(tmp_path / 'a') == digest(tmp_path / 'b')
+
+
+def test_an_unknown_storage_is_refused(tmp_path):
+  with pytest.raises(ClientDataError, match=r"storage must be one of .*got 'parquet'"):
+    write_client_data(tmp_path / 'd', _clients({'a': 2}), num_classes=4, storage='parquet')
+  assert os.listdir(tmp_path) == []
+
+
 def test_records_are_tf_train_examples_with_the_pipelines_features(tmp_path):
   x = np.array([[0.5, -1.25, 3.0]], dtype=np.float32)
   write_client_data(tmp_path / 'd', {'u1': (x, [2])}, num_classes=3)
-  (record,) = list(tf.data.TFRecordDataset(str(tmp_path / 'd' / 'train' / 'u1.tfrecord')))
+  (record,) = client_store.read_client(_store(tmp_path / 'd'), 'train', 'u1')
   expected = tf.train.Example(
     features=tf.train.Features(
       feature={
@@ -94,7 +156,8 @@ def test_records_are_tf_train_examples_with_the_pipelines_features(tmp_path):
       }
     )
   )
-  assert tf.train.Example.FromString(record.numpy()) == expected
+  assert tf.train.Example.FromString(record) == expected
+  assert record == expected.SerializeToString()
 
 
 def test_manifest_has_the_pipelines_fields_and_no_eval_split_without_eval(tmp_path):
@@ -109,14 +172,16 @@ def test_manifest_has_the_pipelines_fields_and_no_eval_split_without_eval(tmp_pa
     'feature_spec',
     'splits',
     'dead_letter',
+    'storage',
   }
+  assert data['storage'] == 'sqlite'
   assert data['record_format'] == {
     'x': {'dtype': 'float32', 'shape': [NUM_FEATURES]},
     'y': {'dtype': 'int64', 'shape': []},
   }
   assert list(data['splits']) == ['train']
   assert data['splits']['train']['num_examples'] == 5
-  assert not os.path.exists(tmp_path / 'd' / 'eval')
+  assert list(client_store.client_counts(_store(tmp_path / 'd'))) == ['train']
 
 
 def test_num_classes_is_inferred_or_taken_from_the_feature_spec(tmp_path):
@@ -137,7 +202,7 @@ def test_an_existing_client_data_directory_is_replaced(tmp_path):
   out = tmp_path / 'd'
   write_client_data(out, _clients({'old1': 3, 'old2': 3}), num_classes=4)
   write_client_data(out, _clients({'new': 4}), num_classes=4)
-  assert os.listdir(out / 'train') == ['new.tfrecord']
+  assert client_store.client_counts(_store(out)) == {'train': {'new': 4}}
   assert dict(manifest_lib.read_manifest(str(out)).split('train').clients) == {'new': 4}
   assert os.listdir(tmp_path) == ['d']
 
@@ -225,5 +290,5 @@ def test_a_symlinked_output_dir_replaces_the_directory_it_points_to(tmp_path):
   (tmp_path / 'link').symlink_to(target)
   write_client_data(tmp_path / 'link', _clients({'new': 3}), num_classes=4)
   assert (tmp_path / 'link').is_symlink()
-  assert os.listdir(target / 'train') == ['new.tfrecord']
+  assert client_store.client_counts(_store(target)) == {'train': {'new': 3}}
   assert sorted(os.listdir(tmp_path)) == ['link', 'target']

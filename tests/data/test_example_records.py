@@ -79,7 +79,15 @@ def test_rewrite_replaces_the_file(tmp_path):
   assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b'c']
 
 
-@pytest.mark.parametrize('module', ['fedpipe.data.example_records', 'fedpipe.pipelines.dofns'])
+@pytest.mark.parametrize(
+  'module',
+  [
+    'fedpipe.data.example_records',
+    'fedpipe.pipelines.dofns',
+    'fedpipe.data.client_store',
+    'fedpipe.data.client_data_writer',
+  ],
+)
 def test_worker_side_modules_do_not_import_tensorflow(module):
   # Beam's worker processes import these; TensorFlow would add seconds to each.
   code = (
@@ -142,3 +150,46 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary_file(tmp_path):
     example_records.write_tfrecord_file(path, failing())
   assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b'old']
   assert [p.name for p in tmp_path.iterdir()] == ['c.tfrecord']
+
+
+@pytest.mark.parametrize('width', [1, 3, 31, 64, 784])
+def test_encode_rows_writes_the_bytes_of_encode_row_by_row(width):
+  rng = np.random.default_rng(width)
+  x = (rng.normal(size=(40, width)) * 10.0 ** rng.integers(-30, 30, size=(40, width))).astype(
+    np.float32
+  )
+  x[0, 0], x[1, 0] = -0.0, np.finfo(np.float32).tiny / 4  # Negative zero, a subnormal.
+  # Labels of 1, 2, 3 and 6 varint bytes, and one that is negative (10 bytes).
+  y = np.array([0, 1, 127, 128, 16383, 16384, 2**40, -1] * 5)
+  encoder = example_records.ExampleEncoder()
+  expected = [encoder.encode(row, label) for row, label in zip(x.tolist(), y.tolist())]
+  assert encoder.encode_rows(x, y) == expected
+  assert encoder.encode_rows(x, y) == expected  # Again, from the kept framing.
+  assert expected[0] == _tf_example(x[0].tolist(), [0]).SerializeToString()
+  # float64 values are written as float32, as `encode` does.
+  assert encoder.encode_rows(x.astype(np.float64), y) == expected
+
+
+def test_encode_rows_of_no_features_and_bad_shapes():
+  encoder = example_records.ExampleEncoder()
+  assert encoder.encode_rows(np.zeros((2, 0)), np.array([1, 2])) == [
+    encoder.encode([], 1),
+    encoder.encode([], 2),
+  ]
+  with pytest.raises(ValueError, match='x must be'):
+    encoder.encode_rows(np.zeros((2, 3)), np.array([1]))
+
+
+def test_read_tfrecord_file_reads_what_tf_wrote_and_checks_it(tmp_path):
+  path = str(tmp_path / 'r.tfrecord')
+  records = [b'', b'one', bytes(range(256)) * 40]
+  with tf.io.TFRecordWriter(path) as writer:
+    for r in records:
+      writer.write(r)
+  assert list(example_records.read_tfrecord_file(path)) == records
+  data = bytearray(open(path, 'rb').read())
+  data[-5] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+  with pytest.raises(ValueError, match='Not a valid TFRecord'):
+    list(example_records.read_tfrecord_file(path))

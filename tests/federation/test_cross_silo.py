@@ -110,7 +110,8 @@ EXACT = [
 
 def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running, tmp_path):
   """With every client in every round and no noise, both runtimes compute the
-  same DP-FedAvg (clipping, capped weights, fixed denominator) to float error."""
+  same DP-FedAvg (clipping, capped weights, fixed denominator) to float error,
+  both on the cohort engine (across silos, each silo's users as its own cohorts)."""
   local = subprocess.run(
     _train_command(fed, tmp_path / 'local', *EXACT),
     cwd=REPO_ROOT,
@@ -128,6 +129,8 @@ def test_three_silos_train_dp_fedavg_exactly_as_the_local_runtime(fed, running, 
   )
   assert crossed.returncode == 0, crossed.stderr[-2000:]
   assert 'silos: silo-a (10 clients), silo-b (10 clients), silo-c (10 clients)' in crossed.stdout
+  for run in (local, crossed):
+    assert 'engine: cohort' in run.stdout, run.stdout[-2000:]
   for a, b in zip(_metrics(tmp_path / 'local'), _metrics(tmp_path / 'silos'), strict=True):
     assert float(a['clients']) == float(b['clients']) == NUM_CLIENTS
     assert float(a['train_loss']) == pytest.approx(float(b['train_loss']), abs=1e-4)
@@ -408,11 +411,15 @@ def test_a_silo_killed_mid_round_fails_the_run_naming_it_and_a_governed_rerun_re
       finally:
         process.kill()
     assert process.returncode == 2
-    assert re.search(
-      r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with \d+ of its '
-      r'clients \(user_\d+',
+    failed = re.search(
+      r'silo silo-b \(127\.0\.0\.1:\d+\) failed during the round with (\d+) of its '
+      r'clients \((user_\d+(?:, user_\d+)*)(, \.\.\.)?\)',
       stderr,
-    ), stderr[-2000:]
+    )
+    assert failed, stderr[-2000:]
+    # Users, not the cohorts they were sent in ('user_1,user_4').
+    count, listed, more = int(failed.group(1)), failed.group(2).split(', '), failed.group(3)
+    assert (count > 5 and len(listed) == 5) if more else count == len(listed), failed.group(0)
     assert wait_until(lambda: not any(process_alive(p) for p in victim_tree)), 'silo processes left'
     completed = max(int(r['key']) for r in _metrics(tmp_path / 'run'))
     # Each silo charged exactly the rounds whose partial sum it released: those

@@ -45,7 +45,9 @@ def federation(tmp_path_factory):
       f'eval_{s}{c}': (rng.normal(size=(5, 4)).astype(np.float32), np.arange(5) % 2)
       for c in range(3)
     }
-    client_data_writer.write_client_data(data_dirs[silo], clients, held_out, num_classes=2)
+    client_data_writer.write_client_data(
+      data_dirs[silo], clients, held_out, num_classes=2, storage='tfrecord_per_client'
+    )  # The layout the computations below read.
     counts[silo] = {c: len(x) for c, (x, _) in clients.items()}
     features[silo] = {c: x for c, (x, _) in clients.items()}
   with local_federation.start_local_federation(

@@ -4,22 +4,33 @@ A data owner approves a study by its id, which hashes the fingerprints of
 its computations, the model and the privacy terms. If moving or refactoring
 fedpipe's modules changed what the coordinator sends for the same config, every
 approval in the field would silently stop matching; this test fails first.
-The values were computed before the code moved into the `fedpipe` package.
-If a change is meant to alter the computations, update them and say so in the
-change: silos must approve the new study.
+The study is the one `make demo-silos` submits: the demo config across three
+silos, trained and evaluated by the cohort engine (runtime.engine=auto) on
+client data stored in `clients.sqlite`. The values were last changed when
+the cohort engine began to run across silos; before, silos received the
+per-client engine's computations. If a change is meant to alter the
+computations, update them and say so in the change: silos must approve the
+new study.
+
+A rerun (a restarted coordinator) builds the study again in another process:
+it must find the same study, or every silo would be asked to approve it anew.
 """
 
+import functools
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from tests.conftest import REPO_ROOT
 
-DEMO_STUDY_ID = '5cb8738366e1da43'
+DEMO_STUDY_ID = 'ec08410fa172162d'
 DEMO_FINGERPRINTS = [
-  ['evaluate', 'sha256:55cf0d93cfdae063d5a4f8dda839ea911a5b6b1772719fef3e0fb6c42a6ce218'],
-  ['train_round', 'sha256:88afe58ab929293b938c1ced02641c37492635944ba4072276a70621b3018697'],
+  ['evaluate', 'sha256:7fa85e7260ccae410cdc06c7dcaeb60d9b1f8b51a2bb5a10d521b0d918074b05'],
+  ['train_round', 'sha256:98d18d584e893904c045c0b58fb127dca1041ceae8263bea14c9c7b1c61a836c'],
 ]
 
 
@@ -28,7 +39,12 @@ def _demo_config():
   spec = importlib.util.spec_from_file_location('digits_dp', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return validation.validate(module.get_config())
+  config = module.get_config()
+  # As `fedpipe-train --silos=... --tls_*` runs it (make demo-silos).
+  config.runtime.mode = 'silos'
+  config.runtime.silos = 'silo-a=127.0.0.1:1,silo-b=127.0.0.1:2,silo-c=127.0.0.1:3'
+  config.runtime.tls_ca, config.runtime.tls_cert, config.runtime.tls_key = 'ca', 'cert', 'key'
+  return validation.validate(config)
 
 
 def _three_silo_manifest() -> manifest_lib.Manifest:
@@ -43,11 +59,14 @@ def _three_silo_manifest() -> manifest_lib.Manifest:
     },
     num_features=64,
     num_classes=10,
+    storage=manifest_lib.STORAGE_SQLITE,
   )
 
 
-def test_the_demo_study_keeps_its_id_and_fingerprints():
+def _demo_study() -> dict:
+  """The demo study as the coordinator builds it: engine, id, fingerprints, review problems."""
   from fedpipe.federation import cross_silo
+  from fedpipe.governance import review
   from fedpipe.training import experiment as experiment_lib
   from fedpipe.training import study
 
@@ -65,6 +84,46 @@ def test_the_demo_study_keeps_its_id_and_fingerprints():
     )
   finally:
     routing.close()
+  return {
+    'engine': experiment.engine,
+    'study_id': request.study_id,
+    'fingerprints': sorted([c.role, c.fingerprint] for c in request.computations),
+    'problems': {c.role: list(review.describe(c.proto).problems) for c in request.computations},
+  }
 
-  assert sorted([c.role, c.fingerprint] for c in request.computations) == DEMO_FINGERPRINTS
-  assert request.study_id == DEMO_STUDY_ID
+
+@functools.cache
+def _built_here() -> dict:
+  return _demo_study()
+
+
+def test_the_demo_study_keeps_its_id_and_fingerprints():
+  built = _built_here()
+  assert built['engine'] == 'cohort'
+  # A governed silo's review finds nothing to refuse (every op on its allowlist).
+  assert built['problems'] == {'train_round': [], 'evaluate': []}
+  assert built['fingerprints'] == DEMO_FINGERPRINTS
+  assert built['study_id'] == DEMO_STUDY_ID
+
+
+def test_a_rerun_in_another_process_builds_the_same_study():
+  """Two processes (as a coordinator and its restart) give the same fingerprints,
+  whatever else either traced before (TF numbers traced functions per process)."""
+  script = (
+    'import json; from tests.governance import test_demo_study as t; '
+    'print(json.dumps(t._demo_study()))'
+  )
+  with subprocess.Popen(
+    [sys.executable, '-c', script],
+    cwd=REPO_ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  ) as other:
+    here = _built_here()  # Meanwhile, in this process (after other tests' tracing).
+    out, err = other.communicate(timeout=600)
+  assert other.returncode == 0, err[-3000:]
+  there = json.loads(out.strip().splitlines()[-1])
+  assert there['engine'] == here['engine'] == 'cohort'
+  assert there['fingerprints'] == here['fingerprints']
+  assert there['study_id'] == here['study_id']

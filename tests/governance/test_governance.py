@@ -137,6 +137,17 @@ def _error_text(error):
   return '\n'.join(parts)
 
 
+def _client_records(client_id):
+  """A training client's records in the silo's clients.sqlite, read as fedpipe reads them."""
+  import tensorflow as tf
+
+  from fedpipe.computations import client_data
+  from fedpipe.data import client_store
+
+  before, after = client_store.client_query('train')
+  return client_data.read_store_records(tf.strings.join([before, client_id, after]))
+
+
 def _computations():
   """Client-side computations like fedpipe's: read each client's records by id."""
   import numpy as np
@@ -146,7 +157,7 @@ def _computations():
   def count_total(extra_op):
     @tff.tensorflow.computation(np.str_)
     def count(client_id):
-      records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+      records = _client_records(client_id)
       n = records.reduce(np.int64(0), lambda n, _: n + 1)
       return tf.identity(n) if extra_op else n
 
@@ -162,7 +173,7 @@ def _computations():
 
   @tff.tensorflow.computation(np.str_)
   def spread(client_id):  # 100 numbers per client: model-sized, not metrics.
-    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    records = _client_records(client_id)
     return tf.fill([100], tf.cast(records.reduce(np.int64(0), lambda n, _: n + 1), tf.float32))
 
   @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
@@ -171,7 +182,7 @@ def _computations():
 
   @tff.tensorflow.computation(np.str_)
   def fail_on_data(client_id):  # Fails, or not, depending on the data: one bit a call.
-    records = tf.data.TFRecordDataset(tf.strings.join(['train/', client_id, '.tfrecord']))
+    records = _client_records(client_id)
     n = records.reduce(np.int64(0), lambda n, _: n + 1)
     with tf.control_dependencies([tf.debugging.Assert(n < 0, [n])]):
       return tf.identity(n)
@@ -362,7 +373,7 @@ def test_round_budget_and_one_op_change_are_enforced_across_restarts(env, tmp_pa
     assert f'study {request.study_id} is pending' in _error_text(e.value)
     shown = _governance(env, silo, 'show', request.study_id[:8])
     assert 'Policy' in shown.stdout and 'fits' in shown.stdout, shown.stderr
-    assert 'TFRecordDataset' in shown.stdout
+    assert 'SqlDataset' in shown.stdout
     approved = _governance(env, silo, 'approve', request.study_id)
     assert approved.returncode == 0, approved.stderr
     expected = _run_on(env, silo, comps['total'], ids)
@@ -469,6 +480,7 @@ def test_training_run_submits_its_study_fails_early_then_trains_once_approved(en
     done.stdout
   )
   assert re.search(r'test_accuracy=0\.\d+', done.stdout)
+  assert 'engine: cohort' in done.stdout  # The silo approved and ran the cohort engine's.
   with open(tmp_path / 'run' / 'metrics.csv') as f:
     assert len(f.read().strip().splitlines()) == 1 + 3
   entries = [a for a in _audit(silo) if a.study_id == study_id and a.event == 'executed']
@@ -708,6 +720,84 @@ def test_a_result_is_charged_when_it_leaves_the_silo_and_not_before(env, tmp_pat
     assert len(charged) == 2
   finally:
     silo.stop()
+
+
+def _cohort_examples(data_dir):
+  """A cohort-engine-shaped computation: each CLIENTS value is a cohort 'u1,u2,...', its
+  users' records read and stacked by fedpipe's cohort reader; releases their example count."""
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_federated as tff
+
+  from fedpipe.computations import cohort_data, cohort_fedavg
+  from fedpipe.data import manifest as manifest_lib
+
+  manifest = manifest_lib.read_manifest(data_dir)
+  cohort_fn = cohort_data.make_cohort_fn(
+    split='train',
+    num_features=manifest.num_features,
+    batch_size=16,
+    shuffle=False,
+    storage=manifest.storage,
+  )
+
+  @tff.tensorflow.computation(np.str_)
+  def examples(cohort):
+    return tf.reduce_sum(cohort_fn(tf.strings.split(cohort, cohort_fedavg.SEPARATOR)).num_examples)
+
+  @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))
+  def total(cohorts):
+    return tff.federated_sum(tff.federated_map(examples, cohorts))
+
+  return total
+
+
+def test_a_hostile_coordinator_cannot_pass_too_few_repeated_or_foreign_users_off_as_cohorts(
+  env, tmp_path
+):
+  """The gate counts and checks users, not CLIENTS values: a cohort 'u1,u2,u3' is three
+  users, each of which must be this silo's, named once in the whole aggregate."""
+  from fedpipe.data import manifest as manifest_lib
+
+  silo = _governed_silo(env, tmp_path, 'cohorts')
+  try:
+    comp = _cohort_examples(env['data'])
+    request = _request('cohorts', [('train_round', comp)], rounds=1)
+    assert _submit(env, silo, request).violations == ()
+    _approve(env, silo, request.study_id)
+    u1, u2, u3 = _client_ids(env, 3)
+    attacks = {
+      # Two real users in one cohort, or in two: the policy needs three.
+      f'{u1},{u2}': ([f'{u1},{u2}'], 'min_clients_per_aggregate=3'),
+      'two cohorts of one': ([u1, u2], 'min_clients_per_aggregate=3'),
+      # One user three times is one user, within a cohort or across cohorts.
+      f'{u1},{u1},{u1}': ([f'{u1},{u1},{u1}'], 'client ids repeat within one aggregate'),
+      'repeated across cohorts': (
+        [f'{u1},{u2}', f'{u3},{u1}'],
+        'client ids repeat within one aggregate',
+      ),
+      # Users this silo does not hold: another silo's, in either spelling.
+      'another silo': ([f'{u1},{u2},silo-b/{u3}'], 'not held by silo silo-a: silo-b/'),
+      'unknown user': ([f'{u1},{u2},user_9999'], 'not held by silo silo-a: user_9999'),
+      # Empty ids padding a cohort to look bigger.
+      'empty id': ([f'{u1},,{u2}'], 'name an empty client id'),
+      'trailing separator': ([f'{u1},{u2},{u3},'], 'name an empty client id'),
+      'empty cohort': ([f'{u1},{u2},{u3}', ''], 'name an empty client id'),
+    }
+    for name, (values, expected) in attacks.items():
+      with pytest.raises(Exception) as e:
+        _run_on(env, silo, comp, values)
+      assert expected in _error_text(e.value), (name, _error_text(e.value))
+    assert not [a for a in _audit(silo) if a.event == 'executed']
+    refused = [a for a in _audit(silo) if a.event == 'refused']
+    assert len(refused) >= len(attacks)
+    # Three users, in two cohorts: enough, and each counted.
+    counts = manifest_lib.read_manifest(env['data']).split('train').clients
+    assert _run_on(env, silo, comp, [f'{u1},{u2}', u3]) == sum(counts[u] for u in (u1, u2, u3))
+  finally:
+    silo.stop()
+  (executed,) = [a for a in _audit(silo) if a.event == 'executed']
+  assert executed.detail['clients'] == sorted([u1, u2, u3])
 
 
 def test_an_edited_budget_is_caught_by_the_silo_at_once_and_at_start(env, tmp_path):

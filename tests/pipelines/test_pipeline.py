@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from fedpipe.data import client_ids, manifest
+from fedpipe.data import client_ids, client_store, manifest
+from fedpipe.data.client_data_writer import write_client_data
 from fedpipe.datasets import bundled_data
 from fedpipe.pipelines import feature_spec as fs
 from fedpipe.pipelines import pipeline as pp
@@ -41,16 +42,22 @@ def _run(train, eval_files=None, *, spec, output_dir, min_examples=1, max_malfor
   )
 
 
-def _read_records(path, num_features):
+def _read_records(output_dir, split, client_id, num_features):
+  """A client's (x, y) examples in its clients.sqlite, in order, parsed by TensorFlow."""
   spec = {
     'x': tf.io.FixedLenFeature([num_features], tf.float32),
     'y': tf.io.FixedLenFeature([], tf.int64),
   }
   out = []
-  for record in tf.data.TFRecordDataset(path):
+  path = os.path.join(output_dir, manifest.STORE_FILENAME)
+  for record in client_store.read_client(path, split, client_id):
     example = tf.io.parse_single_example(record, spec)
     out.append((example['x'].numpy(), int(example['y'].numpy())))
   return out
+
+
+def _stored_clients(output_dir):
+  return client_store.client_counts(os.path.join(output_dir, manifest.STORE_FILENAME))
 
 
 def _snapshot(directory):
@@ -92,6 +99,9 @@ def digits(tmp_path_factory):
 def test_output_matches_manifest_and_raw_values(digits):
   raw, spec, output_dir, summary = digits
   m = manifest.read_manifest(str(output_dir))
+  assert m.storage == manifest.STORAGE_SQLITE
+  # One SQLite file holds every client: no per-client files, no shards left.
+  assert sorted(os.listdir(output_dir)) == ['clients.sqlite', 'dead_letter', 'manifest.json']
   assert m.num_features == spec.num_features == 64
   assert m.num_classes == spec.num_classes == 10
   assert m.feature_spec == spec.to_json()
@@ -108,11 +118,9 @@ def test_output_matches_manifest_and_raw_values(digits):
       expected.setdefault(row['client_id'], []).append((x, int(row['label'])))
     clients = m.split(split).clients
     assert clients == {k: len(v) for k, v in expected.items()}
-    assert sorted(os.listdir(output_dir / split)) == sorted(
-      os.path.basename(manifest.client_file(split, c)) for c in clients
-    )
+    assert _stored_clients(output_dir)[split] == clients
     for client_id, examples in expected.items():
-      records = _read_records(str(output_dir / manifest.client_file(split, client_id)), 64)
+      records = _read_records(output_dir, split, client_id, 64)
       assert [y for _, y in records] == [y for _, y in examples]
       np.testing.assert_allclose(
         np.stack([x for x, _ in records]), np.array([x for x, _ in examples], dtype=np.float32)
@@ -128,7 +136,9 @@ def test_output_matches_manifest_and_raw_values(digits):
 def test_rerun_writes_identical_files(digits, tmp_path):
   raw, spec, output_dir, _ = digits
   _run(raw.train_file, raw.test_file, spec=spec, output_dir=tmp_path / 'again')
+  # clients.sqlite included, byte for byte.
   assert _snapshot(tmp_path / 'again') == _snapshot(output_dir)
+  assert 'clients.sqlite' in _snapshot(output_dir)
 
 
 def test_malformed_rows_go_to_dead_letter_with_reasons(tmp_path):
@@ -181,7 +191,7 @@ def test_malformed_rows_go_to_dead_letter_with_reasons(tmp_path):
   assert m.dead_letter['total'] == 9
   hashed = client_ids.client_id_for_key('key, with\nnewline')
   assert m.split('train').clients == {'u1': 2, 'u3': 1, hashed: 1}
-  records = _read_records(str(output_dir / 'train' / 'u1.tfrecord'), 3)
+  records = _read_records(output_dir, 'train', 'u1', 3)
   np.testing.assert_allclose(records[0][0], [0.1, 0.0, 0.0])
   np.testing.assert_allclose(records[1][0], [0.2, 1.0, 1.0])
   assert [y for _, y in records] == [0, 1]
@@ -225,7 +235,7 @@ def test_jsonl_and_gzip_inputs(tmp_path):
   m = manifest.read_manifest(str(output_dir))
   assert m.split('train').clients == {'u1': 1, 'u2': 1}
   assert m.split('eval').clients == {'u1': 1, 'u2': 1}
-  records = _read_records(str(output_dir / 'eval' / 'u2.tfrecord'), 3)
+  records = _read_records(output_dir, 'eval', 'u2', 3)
   np.testing.assert_allclose(records[0][0], [0.2, 0.0, -1.0])
   assert records[0][1] == 2
   assert summary.ignored_columns == {'train': {}, 'eval': {'extra': 1}}
@@ -281,7 +291,7 @@ def test_clients_below_min_examples_are_excluded(tmp_path):
   m = manifest.read_manifest(str(output_dir))
   assert m.split('train').clients == {'u3': 3, 'u4': 5}
   assert m.split('train').excluded_clients == {'u1': 1, 'u2': 2}
-  assert sorted(os.listdir(output_dir / 'train')) == ['u3.tfrecord', 'u4.tfrecord']
+  assert _stored_clients(output_dir) == {'train': {'u3': 3, 'u4': 5}}
   assert summary.excluded_clients == {'train': {'u1': 1, 'u2': 2}}
   assert summary.rows_valid == {'train': 11} and summary.examples_written == {'train': 8}
   assert 'min_examples_per_client=3' in summary.format()
@@ -326,6 +336,7 @@ def test_too_many_malformed_keeps_output_then_fixed_rerun_succeeds(tmp_path):
   assert 'data.max_malformed_fraction' in message
   assert _snapshot(output_dir) == before
   assert len(_dead_letters(rejected, 'train')) == 5
+  assert os.listdir(rejected) == ['dead_letter']  # Only the dead letters are kept.
   assert _siblings(output_dir) == ['out', 'out.rejected']
 
   # Within the limit now: the run succeeds, replaces the output, drops the rejected run.
@@ -399,8 +410,8 @@ def test_argument_and_runner_checks(tmp_path):
 
 @pytest.mark.slow  # Starts Beam worker processes.
 def test_multi_processing_workers_write_the_same_files(digits, tmp_path):
-  # Worker processes run preprocess_dofns without TensorFlow; their files must
-  # be byte-identical to the in-process run's.
+  # Worker processes run preprocess_dofns without TensorFlow; the client data
+  # they give must be byte-identical to the in-process run's.
   raw, spec, output_dir, summary = digits
   again = _run(
     raw.train_file,
@@ -412,13 +423,52 @@ def test_multi_processing_workers_write_the_same_files(digits, tmp_path):
   assert again.clients_written == summary.clients_written
   assert again.examples_written == summary.examples_written
 
-  def client_files_and_manifest(d):
-    return {
-      k: v
-      for k, v in _snapshot(d).items()
-      if k.startswith(('train/', 'eval/')) or k == 'manifest.json'
-    }
+  def client_data_and_manifest(d):
+    return {k: v for k, v in _snapshot(d).items() if k in ('clients.sqlite', 'manifest.json')}
 
-  expected = client_files_and_manifest(output_dir)
-  assert len(expected) == 25
-  assert client_files_and_manifest(tmp_path / 'mp') == expected
+  expected = client_data_and_manifest(output_dir)
+  assert len(expected) == 2
+  assert client_data_and_manifest(tmp_path / 'mp') == expected
+
+
+def test_a_directory_in_the_per_client_layout_keeps_loading_and_is_replaced(digits, tmp_path):
+  """Client data written before clients.sqlite (no storage in its manifest) still loads, trains
+  and evaluates; preprocessing into it writes the new layout."""
+  import fedpipe
+
+  raw, spec, _, _ = digits
+  old = tmp_path / 'old'
+  rng = np.random.default_rng(0)
+  clients = {f'u{i}': (rng.random((12, 3)), rng.integers(0, 3, 12)) for i in range(6)}
+  write_client_data(old, clients, clients, num_classes=3, storage='tfrecord_per_client')
+  data = json.loads((old / 'manifest.json').read_text())
+  del data['storage']  # As the older fedpipe wrote it.
+  (old / 'manifest.json').write_text(json.dumps(data))
+  m = manifest.read_manifest(str(old))
+  assert m.storage == manifest.STORAGE_TFRECORD_PER_CLIENT
+  assert sorted(os.listdir(old)) == ['eval', 'manifest.json', 'train']
+
+  def model():
+    return tf.keras.Sequential([tf.keras.Input(shape=(3,)), tf.keras.layers.Dense(3)])
+
+  # DP-FedAvg trains as cohorts (engine auto), FedAvg without DP per client.
+  for name, dp in (
+    ('cohort', {'dp__noise_multiplier': 1.0}),
+    ('per_client', {'dp__enabled': False}),
+  ):
+    result = fedpipe.train(
+      model,
+      str(old),
+      output_dir=str(tmp_path / name),
+      progress=lambda p: None,
+      training__rounds=2,
+      training__clients_per_round=3,
+      **dp,
+    )
+    assert len(result.metrics) == 2
+    assert result.test_metrics['num_examples'] == 72, result.test_metrics
+
+  # Preprocessing into it replaces it with the new layout.
+  _run(raw.train_file, raw.test_file, spec=spec, output_dir=old)
+  assert manifest.read_manifest(str(old)).storage == manifest.STORAGE_SQLITE
+  assert sorted(os.listdir(old)) == ['clients.sqlite', 'dead_letter', 'manifest.json']

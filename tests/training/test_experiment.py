@@ -70,6 +70,45 @@ def test_auto_trains_local_dp_fedavg_as_cohorts(caplog):
     assert len(cohorts) == min(os.cpu_count(), len(users))
 
 
+def test_auto_trains_dp_fedavg_across_silos_as_cohorts_of_one_silo_each(caplog):
+  def split(prefix, n):
+    return manifest_lib.SplitManifest(
+      clients={f'silo-{s}/{prefix}{i}': 3 + i % 5 for s in 'ab' for i in range(n)}
+    )
+
+  manifest = manifest_lib.Manifest(
+    feature_spec={},
+    splits={manifest_lib.TRAIN_SPLIT: split('u', 20), manifest_lib.EVAL_SPLIT: split('e', 5)},
+    num_features=NUM_FEATURES,
+    num_classes=NUM_CLASSES,
+  )
+  config = _config(
+    runtime__mode='silos',
+    runtime__silos='silo-a=127.0.0.1:1,silo-b=127.0.0.1:2',
+    runtime__tls_ca='ca.pem',
+    runtime__tls_cert='c.pem',
+    runtime__tls_key='k.pem',
+  )
+  with caplog.at_level(logging.INFO, logger=experiment_lib.__name__):
+    experiment = experiment_lib.build_experiment(config, manifest)
+  assert experiment.engine == 'cohort'
+  assert not _lines(caplog, logging.INFO)  # Nothing to explain: no fallback.
+  # Each silo's users become its own cohorts (two at least: the coordinator
+  # does not know a silo's cores), the silo named once in each.
+  for group, users in (
+    (experiment.round_input, ['silo-a/u1', 'silo-b/u2', 'silo-a/u3', 'silo-a/u4', 'silo-b/u5']),
+    (experiment.eval_input, experiment.eval_client_ids),
+  ):
+    cohorts = group(users)
+    for silo in ('silo-a', 'silo-b'):
+      own = [c.split('/')[1] for c in cohorts if c.startswith(f'{silo}/')]
+      assert len(own) == 2
+      assert sorted(','.join(own).split(',')) == sorted(
+        u.split('/')[1] for u in users if u.startswith(f'{silo}/')
+      )
+    assert all(c.count('/') == 1 for c in cohorts)
+
+
 def test_auto_falls_back_to_the_per_client_engine_with_one_line_saying_why(caplog):
   with caplog.at_level(logging.INFO, logger=experiment_lib.__name__):
     experiment = experiment_lib.build_experiment(
@@ -81,12 +120,19 @@ def test_auto_falls_back_to_the_per_client_engine_with_one_line_saying_why(caplo
   assert len(warnings) == 1, warnings
   assert 'per-client engine' in warnings[0] and 'the_batch_norm' in warnings[0]
 
+  # A config the cohort engine cannot train: one line says which field and why.
+  config = _config()
+  config.dp.placement = 'secure'
   caplog.clear()
   with caplog.at_level(logging.INFO, logger=experiment_lib.__name__):
-    experiment = experiment_lib.build_experiment(_config(dp__enabled=False), _manifest())
-  assert experiment.engine == 'per_client'
+    assert experiment_lib._engine_for(config) == 'per_client'
   (line,) = _lines(caplog, logging.INFO)
-  assert 'dp.enabled is False; the cohort engine needs True' in line
+  assert "dp.placement is 'secure'; the cohort engine needs 'central'" in line
+
+
+def test_auto_trains_fedavg_without_dp_as_cohorts_too():
+  experiment = experiment_lib.build_experiment(_config(dp__enabled=False), _manifest())
+  assert experiment.engine == 'cohort' and experiment.privacy is None
 
 
 def test_an_explicit_cohort_engine_names_the_layer_it_cannot_vectorize():
