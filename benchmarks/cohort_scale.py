@@ -56,8 +56,8 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     "Cohorts: `runtime.cohort_memory_mb`=256's rule, at least one per core. Worker memory: "
     "resident set of the cohort engine's worker after building (idle) and its peak; the "
     'growth is what the rounds held, to set against the 256 MB budget.',
-    'The per-client engine and plain TFF are not run at 10,000 users a round (about 17 ms a '
-    'user: several minutes a round).',
+    'The per-client engine and plain TFF are not run at 10,000 users a round (their cost '
+    'grows with each user: minutes a round).',
   ]
   return [
     harness.Table(
