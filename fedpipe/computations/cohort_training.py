@@ -461,9 +461,15 @@ def train_cohort(
       weights, accumulators, x_steps[step], y_steps[step], mask_steps[step]
     )
     active = n > 0  # A padded step changes nothing.
-    weights = tuple(
-      tf.where(_expand_to(active, w.shape.rank), nw, w) for w, nw in zip(weights, new_weights)
-    )
+    if use_momentum or mu > 0:
+      weights = tuple(
+        tf.where(_expand_to(active, w.shape.rank), nw, w) for w, nw in zip(weights, new_weights)
+      )
+    else:
+      # Plain SGD: a padded step's loss and gradient are exactly zero, so its
+      # update leaves the weights bit for bit; skipping the select saves a
+      # pass over every client's weights per step (the bulk of a step's cost).
+      weights = new_weights
     accumulators = tuple(
       tf.where(_expand_to(active, a.shape.rank), na, a)
       for a, na in zip(accumulators, new_accumulators)
