@@ -27,10 +27,10 @@ from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from tests.conftest import REPO_ROOT
 
-DEMO_STUDY_ID = 'ec08410fa172162d'
+DEMO_STUDY_ID = '9f81855f762019fd'
 DEMO_FINGERPRINTS = [
   ['evaluate', 'sha256:7fa85e7260ccae410cdc06c7dcaeb60d9b1f8b51a2bb5a10d521b0d918074b05'],
-  ['train_round', 'sha256:98d18d584e893904c045c0b58fb127dca1041ceae8263bea14c9c7b1c61a836c'],
+  ['train_round', 'sha256:67d777f5a32bd280e8f2c0afb314389ef2fe3f06903f3721b8e52c0fe431b57b'],
 ]
 
 
