@@ -99,6 +99,19 @@ def _processes(clipping, epochs, proximal_strength):
   return per_client, cohort
 
 
+def _assert_same_round(cohort, actual, per_client, expected):
+  """The two processes' rounds agree: the new server models and the training metrics."""
+  for a, e in zip(
+    cohort.get_model_weights(actual.state).trainable,
+    per_client.get_model_weights(expected.state).trainable,
+  ):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+  train_a = actual.metrics['client_work']['train']
+  train_e = expected.metrics['client_work']['train']
+  for name in ('loss', 'accuracy', 'num_examples'):
+    assert float(train_a[name]) == pytest.approx(float(train_e[name]), rel=1e-5), name
+
+
 @pytest.mark.parametrize(
   ('clipping', 'epochs', 'proximal_strength'),
   # The full matrix (models, sizes, epochs, FedProx) is test_cohort_training's,
@@ -114,15 +127,7 @@ def test_a_cohort_round_equals_a_per_client_round(
   cohorts = cohort_fedavg.group_into_cohorts(client_records, examples, max_cohort_size=4)
   assert len(cohorts) == 2
   actual = cohort.next(cohort.initialize(), cohorts)
-  for a, e in zip(
-    cohort.get_model_weights(actual.state).trainable,
-    per_client.get_model_weights(expected.state).trainable,
-  ):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
-  train_a = actual.metrics['client_work']['train']
-  train_e = expected.metrics['client_work']['train']
-  for name in ('loss', 'accuracy', 'num_examples'):
-    assert float(train_a[name]) == pytest.approx(float(train_e[name]), rel=1e-5), name
+  _assert_same_round(cohort, actual, per_client, expected)
   clip_a = actual.metrics['aggregator']['dp_query_metrics'].get('clip')
   clip_e = expected.metrics['aggregator']['dp_query_metrics'].get('clip')
   if clipping == 'adaptive':
@@ -208,12 +213,4 @@ def test_without_dp_a_cohort_round_equals_example_weighted_fedavg(client_records
   cohorts = cohort_fedavg.group_into_cohorts(client_records, dict(CLIENT_SIZES), max_cohort_size=4)
   expected = per_client.next(per_client.initialize(), client_records)
   actual = cohort.next(cohort.initialize(), cohorts)
-  for a, e in zip(
-    cohort.get_model_weights(actual.state).trainable,
-    per_client.get_model_weights(expected.state).trainable,
-  ):
-    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
-  train_a = actual.metrics['client_work']['train']
-  train_e = expected.metrics['client_work']['train']
-  for name in ('loss', 'accuracy', 'num_examples'):
-    assert float(train_a[name]) == pytest.approx(float(train_e[name]), rel=1e-5), name
+  _assert_same_round(cohort, actual, per_client, expected)
