@@ -16,7 +16,10 @@ type. `approve` re-checks the policy (the lifetime ε over all studies
 included) and refuses a study that breaks it. `extend` adds rounds or
 evaluations to an approved study (after a failed round was charged, say),
 showing the new ε before asking to confirm. `budget` shows the lifetime ε
-spent and committed on this silo's data. `audit --verify` checks the log's
+spent and committed on this silo's data. A statistics study (`fedpipe-stats`,
+docs/federated_statistics.md) is reviewed, approved (`--rounds=N`: N
+releases) and extended the same way; `show` prints its columns, bounds,
+contribution limits, sensitivity, noise and thresholds. `audit --verify` checks the log's
 hash chain, its anchor file and every study's counts against the log. Study ids may be abbreviated. Works while the silo
 server runs (they share the SQLite database in --state_dir).
 """
@@ -35,6 +38,7 @@ from fedpipe.errors import FedpipeError
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger
 from fedpipe.governance import store as governance_store
+from fedpipe.statistics import query as statistics_query
 
 # show and approve read the submitted computations (TensorFlow Federated,
 # seconds to import); the other commands do not import it.
@@ -90,6 +94,8 @@ def _review(
   from fedpipe.governance import gate as governance_gate
   from fedpipe.governance import study_request
 
+  if statistics_query.is_statistics_request(study.request):
+    return governance_gate.review_statistics_study(_statistics_query(study), policy)
   try:
     request = study_request.StudyRequest.from_json(study.request)
   except study_request.StudyRequestError as e:
@@ -104,6 +110,22 @@ def _review(
   )
 
 
+def _statistics_query(study: governance_store.Study) -> statistics_query.StatisticsQuery:
+  try:
+    return statistics_query.StatisticsQuery.from_json(study.request)
+  except statistics_query.StatisticsQueryError as e:
+    raise governance_store.GovernanceError(
+      f'the stored query of statistics study {study.study_id} is malformed: {e}'
+    ) from e
+
+
+def _requested(study: governance_store.Study) -> int:
+  """Rounds requested; a statistics study's releases."""
+  if statistics_query.is_statistics_request(study.request):
+    return int(study.request['releases'])
+  return int(study.request['rounds'])
+
+
 def _lifetime(
   store: governance_store.GovernanceStore,
   policy: silo_policy.SiloPolicy,
@@ -112,8 +134,10 @@ def _lifetime(
   rounds: int,
   extension: bool = False,
 ):
+  if privacy_ledger.noise_free_test_study(privacy, policy):
+    return [], {}  # The lab's noise-free test mode: audited, not in the lifetime epsilon.
   return privacy_ledger.lifetime_violations(
-    store.ledger(),
+    [r for r in store.ledger() if not privacy_ledger.noise_free_test_study(r['privacy'], policy)],
     delta=policy.delta,
     max_lifetime_epsilon=policy.max_lifetime_epsilon,
     privacy=privacy,
@@ -135,17 +159,91 @@ def _list(store: governance_store.GovernanceStore) -> None:
       rounds = f'{s.rounds_used}/{s.rounds_approved}'
       evals = f'{s.evaluations_used}/{s.evaluations_approved}'
     else:
-      rounds, evals = f'-/{s.request.get("rounds")}', f'-/{s.request.get("evaluations", 0)}'
+      rounds, evals = f'-/{_requested(s)}', f'-/{s.request.get("evaluations", 0)}'
+    if statistics_query.is_statistics_request(s.request):
+      evals = 'stats'
     print(
       f'{s.study_id:<17} {s.status:<9} {rounds:>9} {evals:>7} {s.caller:<16} '
       f'{_when(s.submitted_at):<21} {s.name}'
     )
 
 
+def _show_statistics(
+  store: governance_store.GovernanceStore,
+  study: governance_store.Study,
+  policy: silo_policy.SiloPolicy,
+  review: dict,
+) -> None:
+  query = _statistics_query(study)
+  print(f'statistics study {study.study_id} "{study.name}"')
+  print(
+    f'  status: {study.status}'
+    + (f' ({study.reason})' if study.reason else '')
+    + f'; submitted by {study.caller} at {_when(study.submitted_at)}'
+    + (f'; decided at {_when(study.decided_at)}' if study.decided_at else '')
+  )
+  print(
+    f'  releases requested: {query.releases}; approved: {study.rounds_approved}; '
+    f'used: {study.rounds_used}'
+  )
+  print(
+    "\nWhat runs on this silo's raw data (--raw_data): the silo's own statistics pipeline; "
+    'only noised values leave'
+  )
+  print(
+    f'  client key {query.feature_spec.get("client_key")!r}; at most {query.max_rows_per_user} rows per user'
+  )
+  noise = review['noise_stddev']
+  for c in query.columns:
+    if c.kind == statistics_query.NUMERIC:
+      print(
+        f'  numeric {c.name}: clipped to [{c.min:g}, {c.max:g}], {c.bins} bins; noise std: '
+        f'sum {noise[f"sum/{c.name}"]:.4g}, sum of squares {noise[f"sum_of_squares/{c.name}"]:.4g}, '
+        f'each bin {noise[f"histogram/{c.name}"]:.4g}'
+      )
+    else:
+      print(
+        f'  categorical {c.name}: users per value, at most {c.max_values_per_user} value(s) per '
+        f'user; noise std {noise[f"categorical/{c.name}"]:.4g}; a value is released only if '
+        f'its noisy count exceeds {review["thresholds"][c.name]:.4g}'
+      )
+  print(f'  rows kept (noise std {noise["rows"]:.4g})')
+  print(
+    f'\nPrivacy (user-level DP, noise added by this silo): one Gaussian mechanism over '
+    f'{review["blocks"]} blocks, each scaled to L2 sensitivity 1 (total sqrt({review["blocks"]})),'
+    f' noise multiplier {query.noise_multiplier:g}; thresholding delta {query.threshold_delta:g} '
+    'per release'
+  )
+  eps = review['epsilon_at_policy_delta']
+  print(
+    f'  epsilon at the policy delta {policy.delta:g}: '
+    f'{"unbounded" if eps is None else f"{eps:.3f}"} for {query.releases} release(s) '
+    '(recomputed here with dp-accounting)'
+  )
+  violations = list(review['violations'])
+  if study.status == governance_store.PENDING:
+    lifetime, epsilons = _lifetime(store, policy, query.privacy, rounds=query.releases)
+    violations += lifetime
+    if epsilons:
+      print(
+        f"  lifetime epsilon on this silo's data if approved: {epsilons['committed']:.3f} "
+        f'committed (max_lifetime_epsilon {policy.max_lifetime_epsilon:g})'
+      )
+  if violations:
+    print(f'\nPolicy {policy.source}: does NOT fit')
+    for v in violations:
+      print(f'  - {v}')
+  else:
+    print(f'\nPolicy {policy.source}: fits')
+
+
 def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
   study = store.find(study_id)
   policy = _policy()
   review = _review(store, study, policy)
+  if statistics_query.is_statistics_request(study.request):
+    _show_statistics(store, study, policy, review)
+    return
   p = study.request['privacy']
   model = study.request['model']
   print(f'study {study.study_id} "{study.name}"')
@@ -214,14 +312,22 @@ def _decide(store: governance_store.GovernanceStore, study_id: str, approve: boo
   if approve:
     policy = _policy()
     review = _review(store, study, policy)
-    rounds = _ROUNDS.value if _ROUNDS.value is not None else int(study.request['rounds'])
+    statistics = statistics_query.is_statistics_request(study.request)
+    rounds = _ROUNDS.value if _ROUNDS.value is not None else _requested(study)
     evaluations = (
       _EVALUATIONS.value
       if _EVALUATIONS.value is not None
       else int(study.request.get('evaluations', 0))
     )
     violations = list(review['violations'])
-    if rounds > policy.max_rounds:
+    if statistics:
+      if evaluations:
+        violations.append('a statistics study makes no evaluations (--evaluations)')
+      if rounds > policy.max_statistics_releases:
+        violations.append(
+          f'releases {rounds} exceeds [statistics] max_releases {policy.max_statistics_releases}'
+        )
+    elif rounds > policy.max_rounds:
       violations.append(f'rounds {rounds} exceeds max_rounds {policy.max_rounds}')
     if rounds < 1 or evaluations < 0:
       violations.append('--rounds must be >= 1 and --evaluations >= 0')
@@ -234,6 +340,9 @@ def _decide(store: governance_store.GovernanceStore, study_id: str, approve: boo
         + '\n  - '.join(dict.fromkeys(violations))
       )
     study = store.decide(study.study_id, approve=True, rounds=rounds, evaluations=evaluations)
+    if statistics:
+      print(f'approved statistics study {study.study_id} for {study.rounds_approved} release(s)')
+      return
     print(
       f'approved study {study.study_id} for {study.rounds_approved} rounds and '
       f'{study.evaluations_approved} evaluations'
@@ -261,7 +370,24 @@ def _extend(store: governance_store.GovernanceStore, study_id: str) -> int:
   new_evaluations = study.evaluations_approved + evaluations
   epsilon_now = privacy_ledger.study_epsilon(privacy, study.rounds_approved, delta=policy.delta)
   epsilon_new = privacy_ledger.study_epsilon(privacy, new_rounds, delta=policy.delta)
-  violations = policy.violations(
+  if privacy_ledger.is_statistics(privacy):
+    violations = policy.statistics_violations(
+      epsilon=epsilon_new,
+      noise_multiplier=float(privacy['noise_multiplier']),
+      releases=new_rounds,
+    )
+    if evaluations:
+      violations.append('a statistics study makes no evaluations (--evaluations)')
+  else:
+    violations = _training_violations(policy, privacy, epsilon_new, new_rounds, new_evaluations)
+  lifetime, epsilons = _lifetime(store, policy, privacy, rounds=rounds, extension=True)
+  violations += lifetime
+  _print_extension(study, policy, new_rounds, new_evaluations, epsilon_now, epsilon_new, epsilons)
+  return _confirm_extension(store, study, policy, violations, rounds, evaluations)
+
+
+def _training_violations(policy, privacy, epsilon_new, new_rounds, new_evaluations) -> list[str]:
+  return policy.violations(
     epsilon=epsilon_new,
     noise_multiplier=float(privacy['noise_multiplier'] or 0.0),
     clipping=str(privacy['clipping']),
@@ -270,8 +396,11 @@ def _extend(store: governance_store.GovernanceStore, study_id: str) -> int:
     clients_per_round=int(privacy['clients_per_round']),
     evaluations=new_evaluations,
   )
-  lifetime, epsilons = _lifetime(store, policy, privacy, rounds=rounds, extension=True)
-  violations += lifetime
+
+
+def _print_extension(
+  study, policy, new_rounds, new_evaluations, epsilon_now, epsilon_new, epsilons
+):
   print(
     f'study {study.study_id} "{study.name}": {study.rounds_used} of {study.rounds_approved} '
     f'rounds and {study.evaluations_used} of {study.evaluations_approved} evaluations used'
@@ -286,6 +415,9 @@ def _extend(store: governance_store.GovernanceStore, study_id: str) -> int:
       f"  lifetime epsilon committed on this silo's data: {epsilons['committed']:.3f} "
       f'(max_lifetime_epsilon {policy.max_lifetime_epsilon:g})'
     )
+
+
+def _confirm_extension(store, study, policy, violations, rounds, evaluations) -> int:
   if violations:
     raise governance_store.GovernanceError(
       f'study {study.study_id} cannot be extended under {policy.source}:\n  - '
@@ -324,7 +456,8 @@ def _budget(store: governance_store.GovernanceStore) -> None:
   for row in ledger:
     spent = privacy_ledger.study_epsilon(row['privacy'], row['rounds_used'], delta=policy.delta)
     print(
-      f'  study {row["study_id"]}: {row["rounds_used"]}/{row["rounds_approved"]} rounds, '
+      f'  study {row["study_id"]}: {row["rounds_used"]}/{row["rounds_approved"]} '
+      f'{"releases" if privacy_ledger.is_statistics(row["privacy"]) else "rounds"}, '
       f'epsilon {spent:.4f} spent'
     )
 

@@ -5,7 +5,11 @@ r"""Runs a silo server on a data owner's machine (`fedpipe-silo`).
         --client_ca=certs/ca.pem \
         --policy=/etc/fedpipe/policy.toml --state_dir=/var/lib/fedpipe
 
-`--data_dir` is the output of the preprocessing pipeline. Coordinators must
+`--data_dir` is the output of the preprocessing pipeline. `--raw_data` (a
+glob of the owner's raw CSV/JSONL files, `--raw_format=csv|jsonl` or told
+from the file names) lets the silo run approved statistics studies on them
+(docs/federated_statistics.md); with `--raw_data` and no `--data_dir` the
+silo runs in statistics-only mode, before any preprocessing. Coordinators must
 present a client certificate signed by `--client_ca`, be named in the
 policy's `allowed_callers`, and run only computations of studies the data
 owner approved with `fedpipe-governance` (docs/governance.md). Without a
@@ -21,6 +25,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Workers are started with fork+exec while gRPC channels are open.
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
+import functools
 import json
 import logging
 import signal
@@ -36,7 +41,18 @@ from fedpipe.governance import gate as governance_gate
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
 
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Preprocessed client-data directory.')
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', None, 'Preprocessed client-data directory (optional with --raw_data).'
+)
+_RAW_DATA = flags.DEFINE_string(
+  'raw_data',
+  None,
+  'Glob of the raw CSV/JSONL files that approved statistics studies read (they never leave '
+  'the silo; only noised statistics do).',
+)
+_RAW_FORMAT = flags.DEFINE_enum(
+  'raw_format', None, ['csv', 'jsonl'], "--raw_data's record format; default: from file names."
+)
 _LISTEN = flags.DEFINE_string(
   'listen',
   '127.0.0.1:8443',
@@ -114,7 +130,17 @@ def _configure_logging() -> None:
 
 def _governance(name: str):
   """The governance gate from --policy/--state_dir; None with --allow_ungoverned."""
+  if not _DATA_DIR.value and not _RAW_DATA.value:
+    raise SiloFlagsError(
+      'give --data_dir (preprocessed client data, for training) and/or --raw_data (raw '
+      'records, for statistics studies)'
+    )
   if _ALLOW_UNGOVERNED.value:
+    if _RAW_DATA.value:
+      raise SiloFlagsError(
+        '--raw_data needs --policy and --state_dir: statistics leave a silo only as approved, '
+        'charged and audited studies'
+      )
     if _POLICY.value or _STATE_DIR.value:
       raise SiloFlagsError(
         '--allow_ungoverned contradicts --policy/--state_dir; give one or the other'
@@ -136,9 +162,27 @@ def _governance(name: str):
     )
   policy = silo_policy.load_policy(_POLICY.value)
   store = governance_store.GovernanceStore(_STATE_DIR.value)
-  manifest = manifest_lib.read_manifest(_DATA_DIR.value)
-  client_ids = [c for split in manifest.splits.values() for c in split.clients]
-  return governance_gate.GovernanceGate(policy, store, client_ids=client_ids, silo_name=name)
+  client_ids = []
+  if _DATA_DIR.value:
+    manifest = manifest_lib.read_manifest(_DATA_DIR.value)
+    client_ids = [c for split in manifest.splits.values() for c in split.clients]
+  return governance_gate.GovernanceGate(
+    policy, store, client_ids=client_ids, silo_name=name, statistics=_statistics_source()
+  )
+
+
+def _statistics_source():
+  """What computes a statistics query on --raw_data (checked to match files now); None without it."""
+  if not _RAW_DATA.value:
+    return None
+  from fedpipe.pipelines import feature_statistics
+
+  feature_statistics.resolve_raw_files(_RAW_DATA.value, _RAW_FORMAT.value)
+  return functools.partial(
+    feature_statistics.compute_silo_statistics,
+    raw_data=_RAW_DATA.value,
+    raw_format=_RAW_FORMAT.value,
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -186,7 +230,7 @@ def main(argv: list[str]) -> int:
 
 def run() -> None:
   """Console-script entrypoint."""
-  flags.mark_flags_as_required(['data_dir', 'tls_cert', 'tls_key', 'client_ca'])
+  flags.mark_flags_as_required(['tls_cert', 'tls_key', 'client_ca'])
   app.run(lambda argv: sys.exit(main(argv)))
 
 

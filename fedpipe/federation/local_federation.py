@@ -72,6 +72,9 @@ min_clients_per_aggregate = 3
 [evaluation]
 allow_unnoised_metrics = true
 max_evaluations = 20
+
+[statistics]
+max_releases = 1
 """
 
 
@@ -114,19 +117,22 @@ class SiloProcess:
 
 def start_silo(
   *,
-  data_dir: str,
+  data_dir: str | None,
   tls: tls_lib.TlsFiles,
   log_path: str,
   listen: str = '127.0.0.1:0',
   name: str | None = None,
   policy: str | None = None,
   state_dir: str | None = None,
+  raw_data: str | None = None,
+  raw_format: str | None = None,
   extra_args: Sequence[str] = (),
 ) -> SiloProcess:
   """Starts a silo server process and waits until it serves.
 
   With `policy` and `state_dir` the silo is governed; without them it runs
-  with `--allow_ungoverned`.
+  with `--allow_ungoverned`. `raw_data` (a glob) and `raw_format` let it run
+  statistics studies; without `data_dir` it runs for statistics only.
 
   Raises:
     RuntimeError: If it exits or does not become ready; the message holds the
@@ -136,7 +142,9 @@ def start_silo(
     sys.executable,
     '-m',
     'fedpipe.cli.silo',
-    f'--data_dir={data_dir}',
+    *([f'--data_dir={data_dir}'] if data_dir else []),
+    *([f'--raw_data={raw_data}'] if raw_data else []),
+    *([f'--raw_format={raw_format}'] if raw_format else []),
     f'--listen={listen}',
     f'--tls_cert={tls.cert}',
     f'--tls_key={tls.key}',
@@ -168,7 +176,7 @@ def start_silo(
   process.wait()
   with open(log_path, errors='replace') as f:
     tail = f.read()[-2000:]
-  raise RuntimeError(f'silo on {data_dir} did not start: {line!r}\n{tail}')
+  raise RuntimeError(f'silo on {data_dir or raw_data} did not start: {line!r}\n{tail}')
 
 
 @dataclasses.dataclass
@@ -212,20 +220,26 @@ class LocalFederation:
 
 
 def start_local_federation(
-  data_dirs: Mapping[str, str],
+  data_dirs: Mapping[str, str | None],
   work_dir: str,
   *,
   policy: str | None = DEMO_POLICY,
   extra_args: Sequence[str] = (),
+  raw_data: Mapping[str, str] | None = None,
 ) -> LocalFederation:
   """Makes a CA and certificates, then starts one silo per data directory, all at once.
 
   Args:
-    data_dirs: Silo name -> its preprocessed client-data directory.
-    work_dir: Where certificates (`certs/`), policies, state and logs go.
+    data_dirs: Silo name -> its preprocessed client-data directory, or None
+      for a silo that serves statistics studies on raw data only.
+    work_dir: Where certificates (`certs/`), policies, state and logs go. A
+      second federation started on the same `work_dir` keeps the silos'
+      state (their ledgers and audit logs).
     policy: The policy text every silo gets (governed silos, each with its
       own state directory); None starts them with `--allow_ungoverned`.
     extra_args: More `fedpipe-silo` flags for every silo.
+    raw_data: Silo name -> a glob of its raw CSV/JSONL files, for
+      statistics studies (`fedpipe-silo --raw_data`).
 
   Returns:
     The running `LocalFederation`.
@@ -250,6 +264,7 @@ def start_local_federation(
       tls=certs.silo_tls(name),
       log_path=federation.log_path(name),
       extra_args=extra_args,
+      raw_data=(raw_data or {}).get(name),
       **governance,
     )
 

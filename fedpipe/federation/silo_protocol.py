@@ -15,8 +15,10 @@ A silo (`silo_server`) serves, behind its mutual-TLS front (`tls_front`):
       SecureKeys    `SecureRoundRequest`                  `key_agreement.KeyBundle`
       SecureConfirm `SecureConfirmRequest`                `SecureConfirmReply`
       SecureRelease `SecureReleaseRequest`                `SecureReleaseReply`
+      SubmitStatisticsStudy `statistics.query.StatisticsQuery` `StudyStatusReply`
+      ReleaseStatistics `ReleaseStatisticsRequest`        `ReleaseStatisticsReply`
 
-  SubmitStudy, StudyStatus and the Secure methods (one secure-aggregation
+  SubmitStudy, StudyStatus, the statistics methods and the Secure methods (one secure-aggregation
   round, see `secure_rounds`) are served by governed silos only: an
   ungoverned one answers UNIMPLEMENTED;
 * gRPC health checks (`grpc.health.v1.Health`) for `HEALTH_SERVICES`.
@@ -27,7 +29,9 @@ silo refuses ends with the gRPC status that `status_code` gives its error:
 
     error                                      status
     PayloadError, study_request.StudyRequestError   INVALID_ARGUMENT (names the field)
+    statistics StatisticsQueryError            INVALID_ARGUMENT (names the field)
     key_agreement.SecureAggregationError       FAILED_PRECONDITION (names the silo at fault)
+    gate.StatisticsUnavailableError            FAILED_PRECONDITION (no raw data, pipeline failed)
     governance_store.UnknownStudyError         NOT_FOUND (names the study)
     silo_policy.PolicyRefusalError             PERMISSION_DENIED (names the rule)
     any other FedpipeError                     INTERNAL
@@ -49,10 +53,12 @@ from fedpipe.data import json_fields
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import key_agreement
+from fedpipe.governance import gate as governance_gate
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
 from fedpipe.governance import study_request
 from fedpipe.runtime import executor_service
+from fedpipe.statistics import query as statistics_query
 
 SILO_SERVICE = 'fedpipe.Silo'
 GET_MANIFEST = 'GetManifest'
@@ -63,8 +69,11 @@ SECURE_CONFIRM = 'SecureConfirm'
 SECURE_RELEASE = 'SecureRelease'
 SECURE_METHODS = (SECURE_KEYS, SECURE_CONFIRM, SECURE_RELEASE)
 """One secure-aggregation round, in order (see `secure_rounds`)."""
-SILO_METHODS = (GET_MANIFEST, SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS)
-STUDY_METHODS = (SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS)
+SUBMIT_STATISTICS_STUDY = 'SubmitStatisticsStudy'
+RELEASE_STATISTICS = 'ReleaseStatistics'
+STATISTICS_METHODS = (SUBMIT_STATISTICS_STUDY, RELEASE_STATISTICS)
+SILO_METHODS = (GET_MANIFEST, SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS, *STATISTICS_METHODS)
+STUDY_METHODS = (SUBMIT_STUDY, STUDY_STATUS, *SECURE_METHODS, *STATISTICS_METHODS)
 """The methods a governed silo serves in addition to GetManifest."""
 
 EXECUTOR_SERVICE = executor_service.SERVICE
@@ -420,6 +429,78 @@ class SecureReleaseReply:
     return cls(vector, shapes, dtypes)
 
 
+@dataclasses.dataclass(frozen=True)
+class ReleaseStatisticsRequest:
+  """ReleaseStatistics's request: the approved study, and the query the caller claims it is."""
+
+  study_id: str
+  query: statistics_query.StatisticsQuery
+
+  def to_json(self) -> dict[str, Any]:
+    return {'study_id': self.study_id, 'query': self.query.to_json()}
+
+  @classmethod
+  def from_json(cls, data: Any) -> ReleaseStatisticsRequest:
+    """Raises `PayloadError` or `StatisticsQueryError` naming the malformed field."""
+    what = f'the {RELEASE_STATISTICS} request'
+    data = _object(data, what)
+    study_id = _field(data, 'study_id', str, what)
+    if not study_id:
+      raise PayloadError(f'{what} field study_id is empty')
+    return cls(
+      study_id, statistics_query.StatisticsQuery.from_json(_field(data, 'query', dict, what))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseStatisticsReply:
+  """A silo's noised statistics (`statistics.mechanism.release`) and what the release cost.
+
+  Attributes:
+    silo: The silo's name.
+    study_id: The statistics study.
+    release_number: Which of the study's approved releases this is.
+    epsilon: The study's ε so far at the silo's δ (None in a noise-free test mode).
+    delta: The silo's policy δ.
+    release: The noised values, their noise standard deviations and the
+      categorical thresholds.
+  """
+
+  silo: str
+  study_id: str
+  release_number: int
+  epsilon: float | None
+  delta: float
+  release: dict[str, Any]
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Any) -> ReleaseStatisticsReply:
+    """Raises `PayloadError` naming the field if `data` is not a statistics release."""
+    what = f'the {RELEASE_STATISTICS} reply'
+    data = _object(data, what)
+    epsilon = _field(data, 'epsilon', object, what)
+    delta = _field(data, 'delta', object, what)
+    if (epsilon is not None and not isinstance(epsilon, (int, float))) or not isinstance(
+      delta, (int, float)
+    ):
+      raise PayloadError(f'{what} fields epsilon and delta must be numbers')
+    release = _field(data, 'release', dict, what)
+    for key, kind in (('rows', (int, float)), ('numeric', dict), ('categorical', dict)):
+      if not isinstance(release.get(key), kind):
+        raise PayloadError(f'{what} field release.{key} is missing or malformed')
+    return cls(
+      silo=_field(data, 'silo', str, what),
+      study_id=_field(data, 'study_id', str, what),
+      release_number=_field(data, 'release_number', int, what),
+      epsilon=None if epsilon is None else float(epsilon),
+      delta=float(delta),
+      release=release,
+    )
+
+
 def _budget(budget: str) -> str:
   if budget not in BUDGETS:
     raise ValueError(f'budget must be one of {BUDGETS}, got {budget!r}')
@@ -430,6 +511,8 @@ def _budget(budget: str) -> str:
 _STATUS_CODES: tuple[tuple[type[FedpipeError], grpc.StatusCode], ...] = (
   (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
   (study_request.StudyRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+  (statistics_query.StatisticsQueryError, grpc.StatusCode.INVALID_ARGUMENT),
+  (governance_gate.StatisticsUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
   (governance_store.UnknownStudyError, grpc.StatusCode.NOT_FOUND),
   (silo_policy.PolicyRefusalError, grpc.StatusCode.PERMISSION_DENIED),
   (key_agreement.SecureAggregationError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -16,7 +16,12 @@ The server a data owner runs on their own infrastructure:
 * logs one JSON object per event;
 * restarts its worker if it dies, and ends it on shutdown;
 * with a governance gate, also takes study requests (`fedpipe.Silo/SubmitStudy`,
-  `StudyStatus`) and runs only approved computations (see governance_gate);
+  `StudyStatus`) and runs only approved computations (see governance_gate),
+  and statistics studies (`SubmitStatisticsStudy`, `ReleaseStatistics`) on
+  the raw data its owner gave it;
+* without a data directory runs in *statistics-only* mode: no worker, no
+  manifest, only statistics studies (executor calls and GetManifest are
+  answered FAILED_PRECONDITION);
 * answers every refused request with the status `silo_protocol.status_code`
   gives its error.
 
@@ -48,6 +53,7 @@ from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import store as governance_store
 from fedpipe.governance import study_request
 from fedpipe.runtime import executor_service, isolated_worker
+from fedpipe.statistics import query as statistics_query
 
 LOG = logging.getLogger('fedpipe.silo')
 
@@ -98,14 +104,27 @@ class StudyGate(CallGate, Protocol):
 
   def study_status(self, study_id: str, caller: str) -> governance_store.Study: ...
 
+  def submit_statistics_study(
+    self, query: statistics_query.StatisticsQuery, caller: str
+  ) -> governance_store.Study: ...
+
+  def release_statistics(
+    self, study_id: str, sent: statistics_query.StatisticsQuery, caller: str
+  ) -> dict[str, Any]: ...
+
 
 class _WorkerLink:
   """The supervised worker and a stub to it; replaced when the worker dies."""
 
   def __init__(
-    self, data_dir: str, log_path: str | None, max_concurrent: int, allow_unconfined: bool = False
+    self,
+    data_dir: str | None,
+    log_path: str | None,
+    max_concurrent: int,
+    allow_unconfined: bool = False,
   ):
     self._data_dir = data_dir
+    self.statistics_only = data_dir is None
     self._log_path = log_path
     self._max_concurrent = max_concurrent
     self._allow_unconfined = allow_unconfined
@@ -116,6 +135,8 @@ class _WorkerLink:
     self.restarts = 0
 
   def start(self) -> None:
+    if self.statistics_only:
+      return
     with self._lock:
       worker = isolated_worker.IsolatedWorker(
         working_dir=self._data_dir,
@@ -137,7 +158,7 @@ class _WorkerLink:
       self.worker = self.channel = self.stub = None
 
   def alive(self) -> bool:
-    return self.worker is not None and self.worker.is_alive()
+    return self.statistics_only or (self.worker is not None and self.worker.is_alive())
 
 
 class _Refused(FedpipeError):
@@ -150,6 +171,10 @@ class _Refused(FedpipeError):
 
 class _WorkerDown(FedpipeError):
   """Internal: the worker is restarting."""
+
+
+class StatisticsOnlyError(FedpipeError, RuntimeError):
+  """The silo runs without preprocessed data (statistics only): it serves no computations."""
 
 
 class _WorkerFailed(FedpipeError):
@@ -186,8 +211,19 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
     Raises:
       _Refused: The gate refused the call or withheld its result.
       _WorkerDown: The worker is restarting.
+      StatisticsOnlyError: The silo has no worker (statistics-only mode).
       _WorkerFailed: The worker answered with an error (charged first, like a result).
     """
+    if self._link.statistics_only:
+      policy = getattr(self._gate, 'policy', None)
+      refusal = policy.caller_refusal(caller) if policy is not None else None
+      if refusal is not None:
+        raise _Refused('refused', refusal)
+      raise StatisticsOnlyError(
+        f'silo {self._silo_name} runs in statistics-only mode (no --data_dir): it serves '
+        'statistics studies and no computations; its owner preprocesses the data and restarts '
+        'it with --data_dir to train'
+      )
     if self._gate is not None:
       refusal = self._gate.check(method, request, caller)
       if refusal is not None:
@@ -229,6 +265,8 @@ class ExecutorProxy(executor_pb2_grpc.ExecutorGroupServicer):
       self._refuse(context, e.event, method, caller, e.reason)
     except _WorkerDown as e:
       context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except StatisticsOnlyError as e:
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     except _WorkerFailed as e:
       if e.withheld is not None:
         self._refuse(context, 'withheld', method, caller, e.withheld)
@@ -337,7 +375,7 @@ class SiloServer:
   def __init__(
     self,
     *,
-    data_dir: str,
+    data_dir: str | None,
     listen: str,
     tls: tls_lib.TlsFiles,
     silo_name: str,
@@ -351,7 +389,9 @@ class SiloServer:
 
     Args:
       data_dir: The preprocessed client-data directory (manifest.json +
-        per-client TFRecords) the silo serves.
+        per-client TFRecords) the silo serves; None for statistics-only mode
+        (no worker, no manifest: only statistics studies, which need a gate
+        given raw data).
       listen: `host:port` to listen on; port 0 picks a free port.
       tls: This silo's certificate and key, and the CA whose client
         certificates it accepts.
@@ -422,6 +462,12 @@ class SiloServer:
   def _get_manifest(self, request: bytes, context: grpc.ServicerContext) -> bytes:
     del request
     caller = self._admit(context)
+    if self._data_dir is None:
+      context.abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f'silo {self.silo_name} runs in statistics-only mode (no --data_dir): it has no '
+        'preprocessed client data and no manifest',
+      )
     LOG.info(json.dumps({'event': 'GetManifest', 'silo': self.silo_name, 'caller': caller}))
     return self._manifest_reply
 
@@ -436,6 +482,25 @@ class SiloServer:
       silo_protocol.StudyStatusRequest, payload, what=f'the {silo_protocol.STUDY_STATUS} request'
     )
     return self._gate.study_status(request.study_id, caller)
+
+  def _submit_statistics_study(self, payload: bytes, caller: str) -> governance_store.Study:
+    query = silo_protocol.decode(
+      statistics_query.StatisticsQuery,
+      payload,
+      what=f'the {silo_protocol.SUBMIT_STATISTICS_STUDY} request',
+    )
+    return self._gate.submit_statistics_study(query, caller)
+
+  def _release_statistics(
+    self, payload: bytes, caller: str
+  ) -> silo_protocol.ReleaseStatisticsReply:
+    request = silo_protocol.decode(
+      silo_protocol.ReleaseStatisticsRequest,
+      payload,
+      what=f'the {silo_protocol.RELEASE_STATISTICS} request',
+    )
+    released = self._gate.release_statistics(request.study_id, request.query, caller)
+    return silo_protocol.ReleaseStatisticsReply(silo=self.silo_name, **released)
 
   def _study_handler(
     self,
@@ -485,14 +550,22 @@ class SiloServer:
       SiloStartError: If the data directory, TLS files, worker or listen
         address is unusable.
     """
+    if self._data_dir is None and not hasattr(self._gate, 'release_statistics'):
+      raise SiloStartError(
+        'a silo without --data_dir only serves statistics studies, which need --policy, '
+        '--state_dir and --raw_data'
+      )
+    manifest = None
     try:
-      manifest = manifest_lib.read_manifest(self._data_dir)
+      if self._data_dir is not None:
+        manifest = manifest_lib.read_manifest(self._data_dir)
       tls_context = self._tls.server_ssl_context()
     except (manifest_lib.ManifestError, tls_lib.TlsConfigError) as e:
       raise SiloStartError(str(e)) from e
-    self._manifest_reply = silo_protocol.encode(
-      silo_protocol.ManifestReply(silo=self.silo_name, manifest=manifest)
-    )
+    if manifest is not None:
+      self._manifest_reply = silo_protocol.encode(
+        silo_protocol.ManifestReply(silo=self.silo_name, manifest=manifest)
+      )
     try:
       self._link.start()
     except (isolated_worker.WorkerIsolationError, isolated_worker.WorkerStartError) as e:
@@ -528,6 +601,13 @@ class SiloServer:
           return serve(request, caller)
 
         silo_methods[method] = self._study_handler(method, handle, reply=lambda r: r)
+    if hasattr(self._gate, 'release_statistics'):
+      silo_methods[silo_protocol.SUBMIT_STATISTICS_STUDY] = self._study_handler(
+        silo_protocol.SUBMIT_STATISTICS_STUDY, self._submit_statistics_study
+      )
+      silo_methods[silo_protocol.RELEASE_STATISTICS] = self._study_handler(
+        silo_protocol.RELEASE_STATISTICS, self._release_statistics, reply=lambda r: r
+      )
     server.add_generic_rpc_handlers(
       [
         grpc.method_handlers_generic_handler(
@@ -574,9 +654,10 @@ class SiloServer:
           'silo': self.silo_name,
           'address': self.address,
           'internal_address': f'127.0.0.1:{self._internal_port}',
-          'clients': {s: len(m.clients) for s, m in manifest.splits.items()},
+          'clients': {s: len(m.clients) for s, m in manifest.splits.items()} if manifest else {},
+          'statistics_only': manifest is None,
           'governed': self._gate is not None,
-          'worker_target': self._link.worker.target,
+          'worker_target': self._link.worker.target if self._link.worker else None,
         }
       )
     )

@@ -27,7 +27,11 @@ checks, in order:
 It also takes the study requests coordinators send to ask for approval
 (`submit_study`, `study_status`: the silo server decodes the `fedpipe.Silo`
 methods `SubmitStudy` and `StudyStatus` and answers with what they return or
-raise, see `fedpipe.federation.silo_protocol`).
+raise, see `fedpipe.federation.silo_protocol`), and runs statistics studies
+(`submit_statistics_study`, `release_statistics`: `SubmitStatisticsStudy`,
+`ReleaseStatistics`): the silo's own pipeline computes the approved query's
+statistics on its raw data, the gate noises them (`fedpipe.statistics.mechanism`),
+charges the release and audits it before anything leaves.
 """
 
 from __future__ import annotations
@@ -48,12 +52,15 @@ from tensorflow_federated.proto.v0 import executor_pb2
 
 from fedpipe.computations import privacy_accounting
 from fedpipe.data import client_ids as client_ids_lib
+from fedpipe.errors import FedpipeError
 from fedpipe.governance import fingerprint as computation_fingerprint
 from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import privacy_ledger, secure_terms, study_request
 from fedpipe.governance import review as computation_review
 from fedpipe.governance import store as governance_store
 from fedpipe.runtime import executor_service
+from fedpipe.statistics import mechanism as statistics_mechanism
+from fedpipe.statistics import query as statistics_query
 
 LOG = logging.getLogger('fedpipe.silo')
 _MAX_TRACKED_EXECUTORS = 64
@@ -179,11 +186,55 @@ def review_study(
 
 
 def _noise_free_lab_study(privacy: dict[str, Any], policy: silo_policy.SiloPolicy) -> bool:
-  try:
-    terms = secure_terms.terms_of(privacy)
-  except secure_terms.SecureTermsError:
-    return False
-  return terms is not None and terms.noise_multiplier == 0 and policy.allow_noise_free_secure_sum
+  return privacy_ledger.noise_free_test_study(privacy, policy)
+
+
+StatisticsSource = Callable[
+  [statistics_query.StatisticsQuery], statistics_mechanism.ExactStatistics
+]
+"""Computes a query's exact statistics on the silo's raw data (`feature_statistics`)."""
+
+
+class StatisticsUnavailableError(FedpipeError, RuntimeError):
+  """This silo cannot compute statistics (no raw data, or its pipeline failed); the message says why."""
+
+
+def review_statistics_study(
+  query: statistics_query.StatisticsQuery, policy: silo_policy.SiloPolicy
+) -> dict[str, Any]:
+  """The silo's own reading of a statistics query: ε, sensitivity, noise, thresholds, violations.
+
+  Returns:
+    A JSON-able review (`kind: statistics`); `violations` lists every reason
+    it does not fit the policy.
+  """
+  privacy = query.privacy
+  epsilon = privacy_ledger.study_epsilon(privacy, query.releases, delta=policy.delta)
+  violations = policy.statistics_violations(
+    epsilon=epsilon, noise_multiplier=query.noise_multiplier, releases=query.releases
+  )
+  noise = statistics_mechanism.noise(query)
+  return {
+    'kind': 'statistics',
+    'epsilon_at_policy_delta': epsilon if epsilon != float('inf') else None,
+    'policy_delta': policy.delta,
+    'violations': violations,
+    'releases': query.releases,
+    'max_rows_per_user': query.max_rows_per_user,
+    'noise_multiplier': query.noise_multiplier,
+    'threshold_delta': query.threshold_delta,
+    'blocks': statistics_mechanism.block_count(query),
+    'sensitivities': statistics_mechanism.block_sensitivities(query),
+    'columns': [dataclasses.asdict(c) for c in query.columns],
+    'noise_stddev': {
+      'rows': noise.rows,
+      **{f'sum/{k}': v for k, v in noise.sum.items()},
+      **{f'sum_of_squares/{k}': v for k, v in noise.sum_of_squares.items()},
+      **{f'histogram/{k}': v for k, v in noise.histogram.items()},
+      **{f'categorical/{k}': v for k, v in noise.categorical.items()},
+    },
+    'thresholds': dict(noise.thresholds),
+  }
 
 
 def _secure_aggregation_violations(
@@ -279,8 +330,19 @@ class GovernanceGate:
     *,
     client_ids: Iterable[str],
     silo_name: str,
+    statistics: StatisticsSource | None = None,
   ):
     """Checks the governance state against its audit log, then gates calls with it.
+
+    Args:
+      policy: The data owner's policy.
+      store: The silo's governance state.
+      client_ids: The client ids of the silo's preprocessed data (none in
+        statistics-only mode).
+      silo_name: This silo's name.
+      statistics: Computes a statistics query on the silo's raw data; None
+        when the silo was started without raw data (statistics studies are
+        then refused).
 
     Raises:
       governance_store.TamperedError: If the state or its log was altered.
@@ -304,6 +366,8 @@ class GovernanceGate:
     self._next_reservation = 0
     self._releasing_masked = threading.local()  # Per gRPC handler thread.
     self._terms: dict[str, secure_terms.SecureAggregationTerms | None] = {}
+    self._statistics = statistics
+    self._statistics_lock = threading.Lock()
 
   # CallGate.
 
@@ -818,6 +882,208 @@ class GovernanceGate:
         f'no study {study_id} was submitted by {caller!r}; submit it first (SubmitStudy)'
       )
     return study
+
+  # Statistics studies (fedpipe.Silo's SubmitStatisticsStudy and ReleaseStatistics).
+
+  def _require_raw_data(self) -> None:
+    if self._statistics is None:
+      raise StatisticsUnavailableError(
+        f'silo {self._silo} has no raw data to compute statistics on: its data owner starts '
+        'it with --raw_data=<glob of CSV/JSONL files> (and --raw_format=csv|jsonl) to take '
+        'statistics studies'
+      )
+
+  def submit_statistics_study(
+    self, query: statistics_query.StatisticsQuery, caller: str
+  ) -> governance_store.Study:
+    """Reviews and stores a statistics study (idempotent, like `submit_study`).
+
+    Raises:
+      silo_policy.PolicyRefusalError: If the caller may not use this silo.
+      StatisticsUnavailableError: If the silo has no raw data.
+    """
+    self.policy.check_caller(caller)
+    self._require_raw_data()
+    study = self.store.submit(
+      study_id=query.study_id,
+      caller=caller,
+      name=query.name,
+      request=query.to_json(),
+      review=review_statistics_study(query, self.policy),
+      roles={query.fingerprint: governance_store.ROLE_STATISTICS},
+    )
+    LOG.info(
+      json.dumps(
+        {
+          'event': 'statistics_study_submitted',
+          'silo': self._silo,
+          'caller': caller,
+          'study': study.study_id,
+          'status': study.status,
+        }
+      )
+    )
+    return study
+
+  def _refuse_statistics(self, caller: str, study_id: str, reason: str, **detail) -> None:
+    fingerprint = detail.pop('fingerprint', None)
+    self._refuse(caller, reason, study_id=study_id, fingerprint=fingerprint, **detail)
+    raise silo_policy.PolicyRefusalError(reason)
+
+  def release_statistics(
+    self, study_id: str, sent: statistics_query.StatisticsQuery, caller: str
+  ) -> dict[str, Any]:
+    """Computes, noises, charges and audits one release of an approved statistics study.
+
+    Everything the caller sends is a claim: the query must be the one the
+    data owner approved, word for word (bounds, bins, limits, noise); the
+    statistics are computed for the stored query, never the sent one; the
+    release is refused when the study has no release left, no longer fits
+    the policy, or would pass the lifetime ε. The charge and its audit entry
+    (ε, lifetime ε, the data's row and malformed-row counts) are written
+    before the noised values are returned.
+
+    Returns:
+      `{'study_id', 'release': the noised statistics (mechanism.release),
+      'release_number', 'epsilon', 'delta'}`.
+
+    Raises:
+      silo_policy.PolicyRefusalError: If the caller or the release is refused.
+      governance_store.UnknownStudyError: If the caller submitted no such study.
+      StatisticsUnavailableError: If the silo has no raw data or its pipeline failed.
+    """
+    self.policy.check_caller(caller)
+    self._require_raw_data()
+    study = self.store.get(study_id)
+    if study is None or study.caller != caller:
+      raise governance_store.UnknownStudyError(
+        f'no study {study_id} was submitted by {caller!r}; submit it first (SubmitStatisticsStudy)'
+      )
+    if not statistics_query.is_statistics_request(study.request):
+      self._refuse_statistics(
+        caller, study_id, f'study {study_id} is not a statistics study; it releases no statistics'
+      )
+    approved = statistics_query.StatisticsQuery.from_json(study.request)
+    if study.status != governance_store.APPROVED:
+      self._refuse_statistics(
+        caller,
+        study_id,
+        f'statistics study {study_id} is {study.status}; its data owner reviews it with '
+        f'`fedpipe-governance show {study_id}`',
+        fingerprint=approved.fingerprint,
+      )
+    differences = approved.differences(sent)
+    if differences:
+      self._refuse_statistics(
+        caller,
+        study_id,
+        f'the query sent differs from the one approved in study {study_id}: '
+        + '; '.join(differences[:10])
+        + '. Nothing was computed; submit the new query as a study of its own',
+        fingerprint=approved.fingerprint,
+      )
+    with self._statistics_lock:  # One release at a time: the budget check holds until charged.
+      study = self.store.get(study_id)
+      if study.rounds_remaining <= 0:
+        self._refuse_statistics(
+          caller,
+          study_id,
+          f'study {study_id} has used all {study.rounds_approved} approved releases; its data '
+          f'owner can add more with `fedpipe-governance extend {study_id} --rounds=N`',
+          fingerprint=approved.fingerprint,
+        )
+      violations = review_statistics_study(approved, self.policy)['violations']
+      if violations:
+        self._refuse_statistics(
+          caller,
+          study_id,
+          f"statistics study {study_id} no longer fits this silo's policy: "
+          + '; '.join(violations),
+          fingerprint=approved.fingerprint,
+        )
+      try:
+        detail = self._statistics_charge_detail(study, approved)
+      except _LifetimeExceededError as e:
+        self._refuse_statistics(
+          caller, study_id, f'release withheld: {e}', fingerprint=approved.fingerprint
+        )
+      try:
+        exact = self._statistics(approved)
+      except FedpipeError as e:
+        LOG.error(
+          json.dumps(
+            {'event': 'statistics_failed', 'silo': self._silo, 'study': study_id, 'error': str(e)}
+          )
+        )
+        raise StatisticsUnavailableError(
+          f"the statistics pipeline failed on silo {self._silo}'s raw data; nothing was "
+          "released or charged. Its data owner finds why in the silo's log"
+        ) from None
+      released = statistics_mechanism.release(exact, approved)
+      try:
+        study = self.store.charge(
+          study_id,
+          fingerprint=approved.fingerprint,
+          caller=caller,
+          clients=[],
+          detail=dict(detail, **exact.data_quality),
+        )
+      except governance_store.GovernanceError as e:
+        self._refuse_statistics(
+          caller, study_id, f'release withheld: {e}', fingerprint=approved.fingerprint
+        )
+    LOG.info(
+      json.dumps(
+        {
+          'event': 'statistics_released',
+          'silo': self._silo,
+          'study': study_id,
+          'releases_used': study.rounds_used,
+          **detail,
+          **exact.data_quality,
+        }
+      )
+    )
+    return {
+      'study_id': study_id,
+      'release_number': study.rounds_used,
+      'epsilon': detail.get('epsilon'),
+      'delta': self.policy.delta,
+      'release': released,
+    }
+
+  def _statistics_charge_detail(
+    self, study: governance_store.Study, query: statistics_query.StatisticsQuery
+  ) -> dict[str, Any]:
+    """ε of one more release, recomputed here; raises `_LifetimeExceededError` past the policy."""
+    privacy = query.privacy
+    base = {
+      'mechanism': statistics_query.MECHANISM,
+      'noise_multiplier': query.noise_multiplier,
+      'threshold_delta': query.threshold_delta,
+    }
+    if _noise_free_lab_study(privacy, self.policy):
+      return dict(base, noise_free_test_mode=True)
+    releases = study.rounds_used + 1
+    epsilon = privacy_ledger.study_epsilon(privacy, releases, delta=self.policy.delta)
+    ledger = [
+      row
+      for row in self.store.ledger()
+      if row['study_id'] != study.study_id
+      and not _noise_free_lab_study(row['privacy'], self.policy)
+    ]
+    spent = privacy_ledger.ledger_epsilons(
+      ledger, delta=self.policy.delta, extra=[(privacy, releases)]
+    )['spent']
+    if spent > self.policy.max_lifetime_epsilon * (1 + 1e-9):
+      raise _LifetimeExceededError(
+        f'one more release of study {study.study_id} would bring the lifetime epsilon spent '
+        f"on this silo's data to {spent:.4g}, above max_lifetime_epsilon "
+        f'{self.policy.max_lifetime_epsilon:g}'
+      )
+    return dict(
+      base, epsilon=round(epsilon, 6), lifetime_epsilon=round(spent, 6), delta=self.policy.delta
+    )
 
 
 def _cut(text: str, limit: int = 80) -> str:

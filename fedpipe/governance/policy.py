@@ -28,12 +28,17 @@
     min_roster = 3                # fewest silos a secure study may have
     allow_noise_free = false      # the noise-free test mode (never in production)
 
+    [statistics]                  # optional section: federated feature statistics
+    max_releases = 1              # releases one statistics study may make
+    allow_noise_free = false      # the noise-free test mode (never in production)
+
 Every field is required except those with defaults: `allow_adaptive_clipping`
 (false), `max_lifetime_epsilon` (`max_epsilon`: all studies together may
 spend what one may), the `[evaluation]` section (no un-noised evaluation),
 the `[review]` section (the built-in op allowlist only) and the
 `[secure_aggregation]` section (secure aggregation accepted, not required,
-with at least 2 silos, never noise-free), so a policy
+with at least 2 silos, never noise-free) and the `[statistics]` section (no
+statistics studies: `max_releases = 0`), so a policy
 says explicitly what it allows. The policy is validated once, at
 start-up; a study is checked against it on submission and again on approval.
 """
@@ -65,6 +70,7 @@ _TRAINING_FIELDS = {
 _EVALUATION_FIELDS = {'allow_unnoised_metrics': bool, 'max_evaluations': int}
 _REVIEW_FIELDS = {'extra_allowed_ops': list}
 _SECURE_FIELDS = {'require_secure_aggregation': bool, 'min_roster': int, 'allow_noise_free': bool}
+_STATISTICS_FIELDS = {'max_releases': int, 'allow_noise_free': bool}
 _OPTIONAL = {
   'allow_adaptive_clipping': False,
   'max_lifetime_epsilon': None,
@@ -74,6 +80,7 @@ _OPTIONAL = {
   'require_secure_aggregation': False,
   'min_roster': 2,
   'allow_noise_free': False,
+  'max_releases': 0,
 }
 
 
@@ -106,6 +113,8 @@ class SiloPolicy:
   require_secure_aggregation: bool = False
   min_secure_roster: int = 2
   allow_noise_free_secure_sum: bool = False
+  max_statistics_releases: int = 0
+  allow_noise_free_statistics: bool = False
   source: str = '<policy>'
 
   def allows_caller(self, caller: str) -> bool:
@@ -166,6 +175,38 @@ class SiloPolicy:
       found.append(
         f'clients_per_round {clients_per_round} is outside '
         f'[{self.min_clients_per_round}, {self.max_clients_per_round}]'
+      )
+    return found
+
+  def statistics_violations(
+    self, *, epsilon: float, noise_multiplier: float, releases: int
+  ) -> list[str]:
+    """Each way a statistics study with these terms breaks the policy (empty: it fits)."""
+    if self.max_statistics_releases == 0:
+      return [
+        'this silo releases no feature statistics ([statistics] max_releases = 0); its data '
+        'owner can allow them with a [statistics] section in the policy'
+      ]
+    found = []
+    if releases > self.max_statistics_releases:
+      found.append(
+        f'releases {releases} exceeds [statistics] max_releases {self.max_statistics_releases}'
+      )
+    if noise_multiplier == 0 and self.allow_noise_free_statistics:
+      return found  # The lab's test mode: no noise, so no epsilon to bound.
+    if noise_multiplier == 0:
+      found.append(
+        'the statistics are noise-free (a test mode); this silo adds noise to everything it '
+        'releases ([statistics] allow_noise_free = false)'
+      )
+    elif noise_multiplier < self.min_noise_multiplier:
+      found.append(
+        f'noise_multiplier {noise_multiplier:g} is below min_noise_multiplier '
+        f'{self.min_noise_multiplier:g}'
+      )
+    if not math.isfinite(epsilon) or epsilon > self.max_epsilon:
+      found.append(
+        f'epsilon {epsilon:.4g} at delta={self.delta:g} exceeds max_epsilon {self.max_epsilon:g}'
       )
     return found
 
@@ -250,10 +291,11 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
   secure = _take(
     data.pop('secure_aggregation', {}), _SECURE_FIELDS, 'secure_aggregation', source, errors
   )
+  statistics = _take(data.pop('statistics', {}), _STATISTICS_FIELDS, 'statistics', source, errors)
   for name in sorted(data):
     errors.append(
       f'{name} is not a policy section (known: allowed_callers, [privacy], '
-      '[training], [evaluation], [review], [secure_aggregation])'
+      '[training], [evaluation], [review], [secure_aggregation], [statistics])'
     )
   if not errors:
     if not 0 < privacy['delta'] < 1:
@@ -277,6 +319,8 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
         errors.append(f'[training] {name} must be >= 1, got {training[name]}')
     if training['min_clients_per_round'] > training['max_clients_per_round']:
       errors.append('[training] min_clients_per_round exceeds max_clients_per_round')
+    if statistics['max_releases'] < 0:
+      errors.append(f'[statistics] max_releases must be >= 0, got {statistics["max_releases"]}')
     if secure['min_roster'] < 2:
       errors.append(
         f'[secure_aggregation] min_roster must be >= 2 (masks need two silos), '
@@ -294,6 +338,8 @@ def parse_policy(text: str, *, source: str = '<policy>') -> SiloPolicy:
     require_secure_aggregation=secure['require_secure_aggregation'],
     min_secure_roster=secure['min_roster'],
     allow_noise_free_secure_sum=secure['allow_noise_free'],
+    max_statistics_releases=statistics['max_releases'],
+    allow_noise_free_statistics=statistics['allow_noise_free'],
     source=source,
   )
 

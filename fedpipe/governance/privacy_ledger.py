@@ -6,6 +6,12 @@ its policy's δ, never from the coordinator's statement. Across studies on
 the same data the RDP curves add up (`privacy_accounting.compose_epsilon`):
 that total is what the policy's `max_lifetime_epsilon` bounds, both for the
 rounds already charged ("spent") and for every round approved ("committed").
+
+A statistics study (`fedpipe.statistics`) counts its releases as its rounds:
+each is one Gaussian mechanism of its noise multiplier (not subsampled), and
+its categorical thresholding spends `threshold_delta` of δ per release, so
+the lifetime ε is computed at the policy's δ less every release's
+`threshold_delta`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,32 @@ import dp_accounting
 import numpy as np
 
 from fedpipe.computations import distributed_dp_accounting, privacy_accounting
+from fedpipe.governance import policy as silo_policy
 from fedpipe.governance import secure_terms
+from fedpipe.statistics import mechanism as statistics_mechanism
+from fedpipe.statistics import query as statistics_query
+
+
+def is_statistics(privacy: Mapping[str, Any]) -> bool:
+  """Whether a study's privacy section is that of a statistics query."""
+  return privacy.get('mechanism') == statistics_query.MECHANISM
+
+
+def noise_free_test_study(privacy: Mapping[str, Any], policy: silo_policy.SiloPolicy) -> bool:
+  """Whether a study runs in a noise-free test mode its policy allows (its ε is not bounded).
+
+  A secure-aggregation study without noise under `[secure_aggregation]
+  allow_noise_free`, or a statistics study without noise under
+  `[statistics] allow_noise_free`: lab policies only. Their releases are
+  audited but left out of the lifetime ε.
+  """
+  if is_statistics(privacy):
+    return float(privacy.get('noise_multiplier') or 0.0) == 0 and policy.allow_noise_free_statistics
+  try:
+    terms = secure_terms.terms_of(privacy)
+  except secure_terms.SecureTermsError:
+    return False
+  return terms is not None and terms.noise_multiplier == 0 and policy.allow_noise_free_secure_sum
 
 
 def mechanism(privacy: Mapping[str, Any]) -> tuple[float, privacy_accounting.SamplingScheme]:
@@ -57,7 +88,14 @@ def secure_mechanism(
 
 
 def study_epsilon(privacy: Mapping[str, Any], rounds: int, *, delta: float) -> float:
-  """ε of `rounds` rounds of one study at `delta` (`inf` without noise)."""
+  """ε of `rounds` rounds (a statistics study: releases) of one study at `delta` (`inf` without noise)."""
+  if is_statistics(privacy):
+    return statistics_mechanism.epsilon(
+      float(privacy['noise_multiplier']),
+      float(privacy['threshold_delta']),
+      rounds,
+      delta=delta,
+    )
   secure = secure_mechanism(privacy)
   if secure is not None:
     ddg, rate = secure
@@ -82,7 +120,7 @@ def lifetime_epsilon(studies: Iterable[tuple[Mapping[str, Any], int]], *, delta:
     delta: The policy's δ.
   """
   studies = list(studies)
-  if not any(secure_terms.terms_of(privacy) for privacy, _ in studies):
+  if not any(secure_terms.terms_of(privacy) or is_statistics(privacy) for privacy, _ in studies):
     return privacy_accounting.compose_epsilon(
       [(*mechanism(privacy), rounds) for privacy, rounds in studies], delta=delta
     )
@@ -92,6 +130,13 @@ def lifetime_epsilon(studies: Iterable[tuple[Mapping[str, Any], int]], *, delta:
   total = np.zeros(len(orders))
   for privacy, rounds in studies:
     if rounds == 0:
+      continue
+    if is_statistics(privacy):
+      noise_multiplier = float(privacy['noise_multiplier'])
+      if noise_multiplier == 0:
+        return float('inf')
+      delta -= rounds * float(privacy['threshold_delta'])
+      total += statistics_mechanism.rdp_curve(noise_multiplier, rounds, orders)
       continue
     secure = secure_mechanism(privacy)
     if secure is not None:
@@ -111,6 +156,8 @@ def lifetime_epsilon(studies: Iterable[tuple[Mapping[str, Any], int]], *, delta:
     total += accountant.rdp
   if not total.any():
     return 0.0
+  if delta <= 0:
+    return float('inf')  # The statistics' thresholding spent all of δ.
   return float(dp_accounting.rdp.compute_epsilon(orders, total, delta)[0])
 
 

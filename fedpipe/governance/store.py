@@ -50,6 +50,9 @@ DB_FILENAME = 'governance.sqlite'
 ANCHOR_FILENAME = 'audit.anchor'
 PENDING, APPROVED, REJECTED = 'pending', 'approved', 'rejected'
 ROLE_TRAIN, ROLE_EVALUATE = 'train_round', 'evaluate'
+# A statistics study's one "computation" is its query (fingerprint `statistics:<sha256>`);
+# its releases are counted as its rounds.
+ROLE_STATISTICS = 'statistics'
 _GENESIS = '0' * 64
 
 _SCHEMA = """
@@ -92,8 +95,18 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
 _COUNTERS = ('rounds_approved', 'rounds_used', 'evaluations_approved', 'evaluations_used')
-_USED = {ROLE_TRAIN: 'rounds_used', ROLE_EVALUATE: 'evaluations_used'}
-_APPROVED = {ROLE_TRAIN: 'rounds_approved', ROLE_EVALUATE: 'evaluations_approved'}
+_USED = {
+  ROLE_TRAIN: 'rounds_used',
+  ROLE_EVALUATE: 'evaluations_used',
+  ROLE_STATISTICS: 'rounds_used',
+}
+_APPROVED = {
+  ROLE_TRAIN: 'rounds_approved',
+  ROLE_EVALUATE: 'evaluations_approved',
+  ROLE_STATISTICS: 'rounds_approved',
+}
+_BUDGET_NAMES = {ROLE_TRAIN: 'rounds', ROLE_EVALUATE: 'evaluations', ROLE_STATISTICS: 'releases'}
+_EXTEND_FLAGS = {ROLE_TRAIN: 'rounds', ROLE_EVALUATE: 'evaluations', ROLE_STATISTICS: 'rounds'}
 
 
 class GovernanceError(FedpipeError, RuntimeError):
@@ -588,7 +601,7 @@ class GovernanceStore:
       role = role[0]
       used, approved = getattr(study, _USED[role]), getattr(study, _APPROVED[role])
       if used >= approved:
-        kind = 'rounds' if role == ROLE_TRAIN else 'evaluations'
+        kind = _BUDGET_NAMES[role]
         self._append_audit(
           db,
           'refused',
@@ -599,7 +612,7 @@ class GovernanceStore:
         )
         error = BudgetExhaustedError(
           f'study {study_id} has used all {approved} approved {kind}; its data owner can '
-          f'add more with `fedpipe-governance extend {study_id} --{kind}=N`'
+          f'add more with `fedpipe-governance extend {study_id} --{_EXTEND_FLAGS[role]}=N`'
         )
       else:
         db.execute(

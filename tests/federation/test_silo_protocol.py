@@ -56,6 +56,8 @@ def test_the_silo_serves_tffs_executor_service_and_its_own():
     'SecureKeys',
     'SecureConfirm',
     'SecureRelease',
+    'SubmitStatisticsStudy',
+    'ReleaseStatistics',
   )
   assert set(silo_protocol.STUDY_METHODS) < set(silo_protocol.SILO_METHODS)
   assert silo_protocol.EXECUTOR_SERVICE == executor_service.SERVICE

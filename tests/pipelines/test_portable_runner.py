@@ -8,8 +8,9 @@ loopback, submits the preprocessing pipeline to them with
 directory to be byte-identical to the default local runner's, whatever files
 that directory holds. docs/beam_runners.md gives the options for real clusters;
 the last test checks that every option it shows is one Beam 2.77 and
-fedpipe-preprocess accept. The federated statistics pipeline (issue 15) does
-not exist yet; once it does, it belongs in the portable test too.
+fedpipe-preprocess accept. The silo's federated statistics pipeline is
+submitted to the same services and must give the local runner's exact
+statistics.
 """
 
 import dataclasses
@@ -28,7 +29,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from fedpipe.cli import entrypoint as cli
 from fedpipe.config import base as config_base
 from fedpipe.pipelines import feature_spec as fs
+from fedpipe.pipelines import feature_statistics
 from fedpipe.pipelines import pipeline as pp
+from fedpipe.statistics import query as statistics_query
 from tests.conftest import REPO_ROOT
 
 SPEC = fs.FeatureSpec(
@@ -218,6 +221,39 @@ def test_portable_runner_with_external_worker_pool_writes_the_local_runners_byte
     'PortableRunner (EXTERNAL worker pool) and the local runner wrote different outputs:\n'
     + '\n'.join(differences)
   )
+
+  # The statistics pipeline (what a silo runs for a statistics study), on the
+  # same services: the same exact statistics as the local runner's.
+  raw = tmp_path / 'raw-statistics.csv'
+  raw.write_text(
+    'client_id,label,a,b,region\n'
+    + ''.join(f'u{i % 7},{i % 2},{i % 10},{(3 * i) % 11},{"nsew"[i % 4]}\n' for i in range(60))
+    + 'u1,0,x,1,n\n'  # not_a_number: counted, kept at the silo.
+  )
+  query = statistics_query.StatisticsQuery(
+    name='portable',
+    feature_spec={
+      'schema_version': 2,
+      'client_key': 'client_id',
+      'label': {'name': 'label', 'task': 'binary'},
+      'features': [
+        {'name': 'a', 'min': 0.0, 'max': 10.0},
+        {'name': 'b', 'min': 0.0, 'max': 10.0},
+        {'name': 'region', 'type': 'categorical', 'max_values_per_user': 2},
+      ],
+    },
+    histogram_bins={'a': 5, 'b': 4},
+    max_rows_per_user=6,
+    noise_multiplier=0.0,
+    threshold_delta=1e-7,
+  )
+  local_statistics = feature_statistics.compute_silo_statistics(query, raw_data=str(raw))
+  portable_statistics = feature_statistics.compute_silo_statistics(
+    query, raw_data=str(raw), pipeline_options=PipelineOptions(flags)
+  )
+  assert local_statistics.malformed == {'not_a_number': 1}
+  assert local_statistics.rows == 7 * 6  # Seven users, each capped at six rows.
+  assert portable_statistics.to_json() == local_statistics.to_json()
 
 
 @pytest.mark.parametrize(

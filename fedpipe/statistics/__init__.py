@@ -1,0 +1,1 @@
+"""Federated feature statistics: the query a silo approves, its DP release, and their combination."""
