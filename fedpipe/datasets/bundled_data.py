@@ -15,6 +15,15 @@ divided among clients in proportions drawn from Dir(alpha); Hsu et al. 2019);
 no client is left empty. Test rows are assigned to the same clients uniformly
 at random.
 
+`data.source='synthetic_credit'` is generated instead (see
+fedpipe/datasets/synthetic_credit.py): `num_clients` users whose rows are
+theirs (no partition), numeric and categorical columns, a binary label of
+known law, a schema-version-2 draft feature spec, and next to it
+`feature_spec_central.json`, the spec completed from the pooled training rows
+(for a central baseline only). Its test split is the same stratified, seeded
+fraction of the rows; test rows keep their users, every user keeping at least
+one training row.
+
 References:
   Hsu, Qi, Brown. Measuring the Effects of Non-Identical Data Distribution for
   Federated Visual Classification. arXiv:1909.06335, 2019.
@@ -34,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from fedpipe.data import atomic_files
+from fedpipe.datasets import synthetic_credit
 from fedpipe.errors import FedpipeError
 from fedpipe.pipelines import feature_spec as feature_spec_lib
 
@@ -74,6 +84,8 @@ SOURCES: Mapping[str, _Source] = {
   'sklearn:breast_cancer': _Source(_sklearn_loader('load_breast_cancer'), 'standardize'),
   'sklearn:wine': _Source(_sklearn_loader('load_wine'), 'standardize'),
 }
+# Sources generated here rather than loaded (see synthetic_credit.py).
+GENERATED_SOURCES = (synthetic_credit.SOURCE,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +101,10 @@ class GenerationParams:
   seed: int
 
   def to_json(self) -> dict[str, Any]:
-    return {'generator_version': GENERATOR_VERSION, **dataclasses.asdict(self)}
+    out = {'generator_version': GENERATOR_VERSION, **dataclasses.asdict(self)}
+    if self.source == synthetic_credit.SOURCE:
+      out['source_version'] = synthetic_credit.GENERATOR_VERSION
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +120,8 @@ class BundledDataset:
     num_test_rows: Test rows written.
     num_clients: Client keys used.
     reused: True if the directory already held data for the same parameters.
+    central_feature_spec_file: Path of the feature spec completed from the
+      pooled training rows (synthetic sources only), else None.
   """
 
   raw_dir: str
@@ -115,6 +132,7 @@ class BundledDataset:
   num_test_rows: int
   num_clients: int
   reused: bool = False
+  central_feature_spec_file: str | None = None
 
 
 def client_keys(num_clients: int) -> list[str]:
@@ -262,11 +280,13 @@ def write_bundled_dataset(
   written unless `overwrite`.
 
   Args:
-    source: One of `SOURCES` (config: data.source).
+    source: One of `SOURCES` or `GENERATED_SOURCES` (config: data.source).
     raw_dir: Output directory (config: data.raw_dir).
     raw_format: 'csv' or 'jsonl'.
-    num_clients: Number of client keys, 1 <= num_clients <= training rows.
-    partition: 'iid' or 'dirichlet'.
+    num_clients: Number of client keys, 1 <= num_clients <= training rows
+      (the number of users of a generated source).
+    partition: 'iid' or 'dirichlet' ('iid' only for a generated source, whose
+      rows belong to their users).
     dirichlet_alpha: Concentration of the Dirichlet label skew, > 0.
     test_fraction: Fraction of each class held out as test rows, in (0, 1).
     seed: Seed of the split, the partition and the test assignment.
@@ -291,9 +311,12 @@ def write_bundled_dataset(
     seed=seed,
   )
   train_name, test_name = f'train.{raw_format}', f'test.{raw_format}'
-  paths = {
-    name: os.path.join(raw_dir, name) for name in (train_name, test_name, FEATURE_SPEC_FILENAME)
-  }
+  names = [train_name, test_name, FEATURE_SPEC_FILENAME]
+  generated = source in GENERATED_SOURCES
+  if generated:
+    names.append(synthetic_credit.CENTRAL_FEATURE_SPEC_FILENAME)
+  paths = {name: os.path.join(raw_dir, name) for name in names}
+  central = paths.get(synthetic_credit.CENTRAL_FEATURE_SPEC_FILENAME)
 
   existing = read_generation_params(raw_dir)
   if existing is not None and not overwrite and existing.get('params') == params.to_json():
@@ -307,12 +330,27 @@ def write_bundled_dataset(
         existing.get('num_test_rows', -1),
         num_clients,
         reused=True,
+        central_feature_spec_file=central,
       )
   if os.path.isdir(raw_dir) and os.listdir(raw_dir) and existing is None and not overwrite:
     raise BundledDataError(
       f'{raw_dir!r} exists and holds files that make_data did not write (no '
       f'{GENERATION_FILENAME}); choose another data.raw_dir, or pass --overwrite to '
       'replace it.'
+    )
+  if generated:
+    num_train, num_test = _write_synthetic_credit(
+      raw_dir, params, train_name=train_name, test_name=test_name
+    )
+    return BundledDataset(
+      raw_dir,
+      paths[train_name],
+      paths[test_name],
+      paths[FEATURE_SPEC_FILENAME],
+      num_train,
+      num_test,
+      num_clients,
+      central_feature_spec_file=central,
     )
 
   dataset = SOURCES[source].load()
@@ -386,13 +424,64 @@ def write_bundled_dataset(
   )
 
 
+def _write_synthetic_credit(
+  raw_dir: str, params: GenerationParams, *, train_name: str, test_name: str
+) -> tuple[int, int]:
+  """Generates and writes the synthetic_credit files; returns (training rows, test rows)."""
+  population_rng, split_rng = synthetic_credit.random_generators(params.seed)
+  try:
+    rows = synthetic_credit.generate(params.num_clients, population_rng)
+  except synthetic_credit.SyntheticCreditError as e:
+    raise BundledDataError(str(e)) from e
+  is_test = stratified_test_split(rows.label, params.test_fraction, split_rng)
+  is_test = synthetic_credit.keep_a_training_row(is_test, rows.user)
+  # Rows in a random order, so each client's rows are spread over the file.
+  train = rows.take(split_rng.permutation(np.flatnonzero(~is_test)))
+  test = rows.take(split_rng.permutation(np.flatnonzero(is_test)))
+  keys = client_keys(params.num_clients)
+
+  parent = os.path.dirname(os.path.abspath(raw_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp_dir = f'{os.path.abspath(raw_dir)}.tmp-{os.getpid()}'
+  shutil.rmtree(tmp_dir, ignore_errors=True)
+  os.makedirs(tmp_dir)
+  try:
+    synthetic_credit.write_rows(os.path.join(tmp_dir, train_name), params.raw_format, train, keys)
+    synthetic_credit.write_rows(os.path.join(tmp_dir, test_name), params.raw_format, test, keys)
+    synthetic_credit.write_json(
+      os.path.join(tmp_dir, FEATURE_SPEC_FILENAME), synthetic_credit.draft_feature_spec()
+    )
+    synthetic_credit.write_json(
+      os.path.join(tmp_dir, synthetic_credit.CENTRAL_FEATURE_SPEC_FILENAME),
+      synthetic_credit.central_feature_spec(train),
+    )
+    synthetic_credit.write_json(
+      os.path.join(tmp_dir, GENERATION_FILENAME),
+      {
+        'params': params.to_json(),
+        'num_train_rows': len(train),
+        'num_test_rows': len(test),
+      },
+    )
+    atomic_files.replace_directory(tmp_dir, raw_dir)
+  except BaseException:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    raise
+  return len(train), len(test)
+
+
 def _check_params(
   *, source, raw_format, num_clients, partition, dirichlet_alpha, test_fraction, seed
 ) -> GenerationParams:
-  if source not in SOURCES:
+  if source not in SOURCES and source not in GENERATED_SOURCES:
     raise BundledDataError(
-      f'data.source={source!r} is not a bundled dataset; use one of {sorted(SOURCES)} '
-      "(or 'none' for your own data)."
+      f'data.source={source!r} is not a bundled dataset; use one of '
+      f"{sorted([*SOURCES, *GENERATED_SOURCES])} (or 'none' for your own data)."
+    )
+  if source in GENERATED_SOURCES and partition != 'iid':
+    raise BundledDataError(
+      f'data.partition={partition!r} does not apply to data.source={source!r}: its rows '
+      "belong to the users that generated them; set data.partition='iid'."
     )
   if raw_format not in RAW_FORMATS:
     raise BundledDataError(f'data.raw_format={raw_format!r} must be one of {RAW_FORMATS}.')
