@@ -23,8 +23,9 @@ from ml_collections import config_flags
 from fedpipe.cli import entrypoint as cli
 from fedpipe.datasets import silo_partition
 from fedpipe.errors import FedpipeError
-from fedpipe.federation import local_federation
+from fedpipe.federation import cross_silo, local_federation
 from fedpipe.pipelines import feature_spec as feature_spec_lib
+from fedpipe.pipelines import federated_statistics
 from fedpipe.runtime import shutdown
 
 # TensorFlow must be imported before absl runs main(): imported inside it,
@@ -41,6 +42,10 @@ _WORK_DIR = flags.DEFINE_string('work_dir', None, 'Default runs/<config.name>-si
 def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
   """Splits the raw data by client; each silo runs the preprocessing program.
 
+  A draft feature spec (a categorical feature without its vocabulary) is
+  first completed by a federated statistics study across the silos
+  (`run_statistics_study`): each silo then preprocesses with the shared spec.
+
   Returns:
     Silo name -> its client-data directory.
   """
@@ -54,6 +59,12 @@ def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
     client_key=spec.client_key,
     silo_dirs=raw_dirs,
   )
+  spec_files = {n: os.path.join(d, 'feature_spec.json') for n, d in zip(names, raw_dirs)}
+  if spec.is_draft:
+    shared = run_statistics_study(
+      config, spec, {n: os.path.join(d, 'train.csv') for n, d in zip(names, raw_dirs)}, work_dir
+    )
+    spec_files = dict.fromkeys(names, shared)
   data_dirs = {}
   for name, raw_dir in zip(names, raw_dirs):
     data_dirs[name] = os.path.join(work_dir, 'data', name)
@@ -66,7 +77,7 @@ def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
         f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}',
         f'--config.data.train_files={raw_dir}/train.csv',
         f'--config.data.eval_files={raw_dir}/test.csv',
-        f'--config.data.feature_spec={raw_dir}/feature_spec.json',
+        f'--config.data.feature_spec={spec_files[name]}',
         f'--config.data.processed_dir={data_dirs[name]}',
         f'--config.data.min_examples_per_client={config.data.min_examples_per_client}',
         f'--config.data.max_malformed_fraction={config.data.max_malformed_fraction}',
@@ -79,6 +90,55 @@ def prepare_silo_data(config, work_dir: str, num_silos: int) -> dict[str, str]:
       cli.fail(f'preprocessing for {name} failed: {result.stderr.strip().splitlines()[-1:]}')
     print(f'{name}: ' + result.stdout.strip().splitlines()[0])
   return data_dirs
+
+
+def run_statistics_study(
+  config, draft: feature_spec_lib.FeatureSpec, raw_files: dict[str, str], work_dir: str
+) -> str:
+  """Completes a draft spec with federated statistics; returns the shared spec's path.
+
+  Starts one governed silo per raw file in statistics-only mode, submits the
+  study, approves it as each data owner, has every silo release its noised
+  statistics (charged to its ledger, which training later adds to), and
+  writes the shared spec and the report under `<work_dir>/statistics`.
+  """
+  print('the feature spec is a draft: computing the shared spec with federated statistics')
+  silos = local_federation.start_local_federation(
+    dict.fromkeys(raw_files), work_dir, raw_data=raw_files
+  )
+  try:
+    for name, process in silos.silos.items():
+      print(f'{name}: serving statistics on {process.address}', flush=True)
+    statistics = config.data.statistics
+    settings = federated_statistics.StatisticsSettings(
+      max_rows_per_user=statistics.max_rows_per_user,
+      histogram_bins=statistics.histogram_bins,
+      noise_multiplier=statistics.noise_multiplier,
+    )
+    addresses = cross_silo.parse_silos(silos.silos_flag)
+    tls = silos.coordinator_tls()
+    name = f'feature statistics of {config.name}'
+    study_id = federated_statistics.submit(
+      draft, addresses, tls, settings, name=name, progress=print
+    )
+    for silo in raw_files:
+      _approve_as_data_owner(silos, silo, study_id)
+    result = federated_statistics.compute_shared_spec(
+      draft,
+      addresses,
+      tls,
+      settings,
+      os.path.join(work_dir, 'statistics'),
+      name=name,
+      progress=print,
+    )
+  except FedpipeError as e:
+    cli.fail(str(e))
+  finally:
+    silos.stop()
+  for line in federated_statistics.summary_lines(result):
+    print(line, flush=True)
+  return result.spec_path
 
 
 def start_local_silos(data_dirs: dict[str, str], work_dir: str) -> local_federation.LocalFederation:

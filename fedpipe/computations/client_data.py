@@ -35,19 +35,30 @@ _READ_BUFFER_BYTES = 256 * 1024
 _PARSE_CHUNK = 512
 
 
-def batch_spec(num_features: int) -> collections.OrderedDict:
-  """The element spec of a batched client dataset."""
+def batch_spec(
+  num_features: int, *, label_task: str = record_schema.MULTICLASS, weighted: bool = False
+) -> collections.OrderedDict:
+  """The element spec of a batched client dataset: `x`, `y` and, if `weighted`, `w`.
+
+  Args:
+    num_features: Width of the `x` feature.
+    label_task: The manifest's `label_task`: `y` is int64, or float32 for
+      'regression'.
+    weighted: The manifest's `weighted`: records carry `w`.
+  """
   return collections.OrderedDict(
     (f.key, tf.TensorSpec([None, *f.shape(num_features)], tf.as_dtype(f.dtype)))
-    for f in record_schema.RECORD_FEATURES
+    for f in record_schema.record_features(label_task=label_task, weighted=weighted)
   )
 
 
-def _feature_description(num_features: int) -> dict[str, tf.io.FixedLenFeature]:
+def _feature_description(
+  num_features: int, *, label_task: str = record_schema.MULTICLASS, weighted: bool = False
+) -> dict[str, tf.io.FixedLenFeature]:
   """How `tf.io.parse_example` reads one record of the record schema."""
   return {
     f.key: tf.io.FixedLenFeature(f.shape(num_features), tf.as_dtype(f.dtype))
-    for f in record_schema.RECORD_FEATURES
+    for f in record_schema.record_features(label_task=label_task, weighted=weighted)
   }
 
 
@@ -104,6 +115,8 @@ def make_dataset_fn(
   epochs: int = 1,
   shuffle: bool = True,
   storage: str = manifest.LEGACY_STORAGE,
+  label_task: str = record_schema.MULTICLASS,
+  weighted: bool = False,
 ) -> Callable[[tf.Tensor], tf.data.Dataset]:
   """A function from a client-id tensor to its batched dataset, for use inside TFF computations.
 
@@ -120,6 +133,8 @@ def make_dataset_fn(
       wrong guess then fails cleanly, naming the missing
       `<split>/<id>.tfrecord`, where guessing 'sqlite' for a directory
       without `clients.sqlite` crashes the worker (see below).
+    label_task: The manifest's `label_task` (the dtype of `y`).
+    weighted: The manifest's `weighted`: batches carry the weights `w`.
 
   Returns:
     A function that fails at the worker if the id is not a valid client id
@@ -139,6 +154,7 @@ def make_dataset_fn(
   if split not in manifest.SPLITS:
     raise ValueError(f'split must be one of {manifest.SPLITS}, got {split!r}')
   _check_storage(storage)
+  description = _feature_description(num_features, label_task=label_task, weighted=weighted)
   if batch_size < 1 or epochs < 1 or num_features < 1:
     raise ValueError(
       f'batch_size, epochs and num_features must be >= 1, got '
@@ -165,7 +181,7 @@ def make_dataset_fn(
     # A parsing dataset op rather than `map(parse_examples)`: no function to
     # instantiate per client (see `read_records`).
     parsed = dataset.batch(_PARSE_CHUNK).apply(
-      tf.data.experimental.parse_example_dataset(_feature_description(num_features))
+      tf.data.experimental.parse_example_dataset(description)
     )
     return parsed.unbatch().batch(batch_size)
 

@@ -53,7 +53,7 @@ class CohortBatches(NamedTuple):
 
   Attributes:
     x: Features, `[K, S, B, num_features]` float32, zeros where padded.
-    y: Labels, `[K, S, B]` int64, zeros where padded.
+    y: Labels, `[K, S, B]` int64 (float32 for regression), zeros where padded.
     mask: 1.0 for a real example, 0.0 for padding, `[K, S, B]` float32.
     num_examples: Examples each client processes, its size times the epochs
       (what TFF counts as the client's `num_examples`), `[K]` int64.
@@ -124,11 +124,17 @@ def _read_cohort_store(ids: tf.Tensor, query: tf.Tensor) -> tuple[tf.Tensor, tf.
   return client_index, tf.gather(serialized, source), sizes
 
 
-def _parse(serialized: tf.Tensor, num_features: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """The records' features `[N, num_features]` and labels `[N]`, in the record schema's dtypes."""
+def _parse(
+  serialized: tf.Tensor, num_features: int, label_task: str = record_schema.MULTICLASS
+) -> tuple[tf.Tensor, tf.Tensor]:
+  """The records' features `[N, num_features]` and labels `[N]`, in the record schema's dtypes.
+
+  A weight `w` the records may carry is not read: the cohort engine trains
+  without example weights.
+  """
   description = {
     f.key: tf.io.FixedLenFeature(f.shape(num_features), tf.as_dtype(f.dtype))
-    for f in record_schema.RECORD_FEATURES
+    for f in record_schema.record_features(label_task=label_task)
   }
   parsed = tf.io.parse_example(serialized, description)
   return parsed[record_schema.FEATURES.key], parsed[record_schema.LABEL.key]
@@ -158,6 +164,7 @@ def make_cohort_fn(
   epochs: int = 1,
   shuffle: bool = True,
   storage: str = manifest.LEGACY_STORAGE,
+  label_task: str = record_schema.MULTICLASS,
 ) -> Callable[[tf.Tensor], CohortBatches]:
   """A function from a cohort's client ids to its padded batches, for use inside TFF computations.
 
@@ -188,6 +195,8 @@ def make_cohort_fn(
     storage: The data directory's layout: pass its manifest's `storage`,
       `manifest.STORAGE_SQLITE` or `manifest.STORAGE_TFRECORD_PER_CLIENT`
       (the default, as for `client_data.make_dataset_fn`, which says why).
+    label_task: The manifest's `label_task`: `y` is int64, or float32 for
+      'regression'.
 
   Returns:
     The function, which builds graph ops (call it while tracing a
@@ -204,6 +213,11 @@ def make_cohort_fn(
     raise CohortDataError(
       f"storage must be one of {manifest.STORAGES} (the manifest's storage field: pass "
       f'storage=manifest.storage), got {storage!r}'
+    )
+  if label_task not in record_schema.LABEL_TASKS:
+    raise CohortDataError(
+      f"label_task must be one of {record_schema.LABEL_TASKS} (the manifest's label_task), "
+      f'got {label_task!r}'
     )
   num_features = _positive_int('num_features', num_features)
   batch_size = _positive_int('batch_size', batch_size)
@@ -245,7 +259,7 @@ def make_cohort_fn(
         paths = tf.strings.join([split, '/', ids, manifest.RECORD_EXTENSION])
       client_index, serialized = _read_cohort(paths)
       sizes = tf.math.unsorted_segment_sum(tf.ones_like(client_index), client_index, num_clients)
-    features, labels = _parse(serialized, num_features)
+    features, labels = _parse(serialized, num_features, label_task)
     num_records = tf.size(client_index, out_type=tf.int64)
     starts = tf.cumsum(sizes, exclusive=True)
     totals = sizes * epochs  # [K]

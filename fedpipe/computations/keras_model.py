@@ -5,7 +5,16 @@
 take; a new Keras model is built inside each TFF graph, as TFF requires.
 `check_keras_model` says, before any TFF tracing, whether a builder's model
 fits the client data: it takes `num_features` floats and outputs one value
-per class (logits, or probabilities from a final softmax).
+per class (logits, or probabilities from a final softmax) for the label task
+'multiclass', one logit for 'binary' and one value for 'regression'.
+
+Loss and metrics follow the label task (the manifest's `label_task`):
+
+* multiclass: sparse categorical cross-entropy (from logits, or from
+  probabilities after a softmax), `accuracy`;
+* binary: binary cross-entropy from the one logit, `auc` and `accuracy`
+  (the logit's sign: threshold 0);
+* regression: mean squared error, `mae` and `rmse`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,13 @@ from fedpipe.computations import client_data
 from fedpipe.data import record_schema
 from fedpipe.errors import FedpipeError
 
+# What each label task's model outputs, for messages.
+_OUTPUTS = {
+  record_schema.MULTICLASS: 'one logit or probability per class',
+  record_schema.BINARY: "one logit: label.task is 'binary'",
+  record_schema.REGRESSION: "one value: label.task is 'regression'",
+}
+
 KerasModelBuilder = Callable[[], tf.keras.Model]
 
 
@@ -38,14 +54,25 @@ def build_mlp(
   num_classes: int,
   hidden_units: Sequence[int] = (64, 64),
   seed: int = 0,
+  num_outputs: int | None = None,
 ) -> tf.keras.Model:
-  """A ReLU multi-layer perceptron that outputs class logits.
+  """A ReLU multi-layer perceptron that outputs class logits (or one logit or value).
+
+  Categorical features need nothing special: each is a one-hot slice of `x`
+  (see `fedpipe.pipelines.feature_spec`), and the first Dense layer's rows
+  for that slice are an embedding of its values (a learned vector per
+  value, the out-of-vocabulary slot included), summed with the numeric
+  features' contributions.
 
   Args:
     num_features: Input width.
-    num_classes: Number of output classes.
+    num_classes: Number of output classes (the output width when
+      `num_outputs` is None).
     hidden_units: Width of each hidden layer.
     seed: Seed of the weight initializers (the initial global model).
+    num_outputs: The output width the label task needs: `num_classes` for
+      'multiclass', 1 for 'binary' (a logit) and 'regression'; None:
+      `num_classes`.
 
   Returns:
     An uncompiled `tf.keras.Model`.
@@ -60,7 +87,7 @@ def build_mlp(
       name=f'hidden_{i}',
     )(x)
   logits = tf.keras.layers.Dense(
-    num_classes,
+    num_classes if num_outputs is None else num_outputs,
     kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed + len(hidden_units)),
     name='logits',
   )(x)
@@ -148,7 +175,11 @@ def _build_checked(builder: KerasModelBuilder) -> tf.keras.Model:
 
 
 def check_keras_model(
-  keras_model_builder: KerasModelBuilder, *, num_features: int, num_classes: int
+  keras_model_builder: KerasModelBuilder,
+  *,
+  num_features: int,
+  num_classes: int,
+  label_task: str = record_schema.MULTICLASS,
 ) -> None:
   """Checks that the builder's model can be trained on the client data.
 
@@ -159,17 +190,22 @@ def check_keras_model(
     keras_model_builder: Builds a fresh Keras model.
     num_features: Input width of the client data.
     num_classes: Number of label values in the client data.
+    label_task: The label task (the manifest's `label_task`): the model
+      outputs `num_classes` values for 'multiclass', 1 for 'binary' and
+      'regression'.
 
   Raises:
     ModelMismatchError: If the builder fails without arguments, returns
       something other than an uncompiled `tf.keras.Model`, or its model does
-      not map a batch of shape (None, num_features) to (None, num_classes).
+      not map a batch of shape (None, num_features) to (None, outputs).
   """
+  outputs_wanted = num_outputs(label_task, num_classes)
   expected = (
     f'it must take inputs of shape (None, {num_features}) (the {num_features} features of '
-    f'the client data) and output shape (None, {num_classes}) (one logit or probability '
-    f'per class)'
+    f'the client data) and output shape (None, {outputs_wanted}) ({_OUTPUTS[label_task]})'
   )
+  if label_task != record_schema.MULTICLASS:
+    expected += '; a model builder that takes num_outputs is called with it'
   with tf.Graph().as_default(), reproducible_keras_build():
     model = _build_checked(keras_model_builder)
     inputs = getattr(model, 'inputs', None) or []
@@ -190,12 +226,19 @@ def check_keras_model(
         f'the model of {_describe(keras_model_builder)} cannot take a batch of '
         f'{num_features} features ({detail}); {expected}'
       ) from e
-    if not isinstance(outputs, tf.Tensor) or outputs.shape != (2, num_classes):
+    if not isinstance(outputs, tf.Tensor) or outputs.shape != (2, outputs_wanted):
       found = _shape(outputs.shape) if isinstance(outputs, tf.Tensor) else type(outputs).__name__
       raise ModelMismatchError(
         f'the model of {_describe(keras_model_builder)} outputs {found} for a batch of 2; '
         f'{expected}'
       )
+
+
+def num_outputs(label_task: str, num_classes: int) -> int:
+  """The model's output width for a label task: `num_classes` for 'multiclass', else 1."""
+  return (
+    num_classes if record_schema.check_label_task(label_task) == record_schema.MULTICLASS else 1
+  )
 
 
 def _shape(shape) -> str:
@@ -222,9 +265,13 @@ def architecture(keras_model_builder: KerasModelBuilder) -> str:
 
 
 def build_model_fn(
-  keras_model_builder: KerasModelBuilder, *, num_features: int, seed: int = 0
+  keras_model_builder: KerasModelBuilder,
+  *,
+  num_features: int,
+  seed: int = 0,
+  label_task: str = record_schema.MULTICLASS,
 ) -> Callable[[], tff.learning.models.VariableModel]:
-  """A TFF model constructor for a classifier over `client_data` batches.
+  """A TFF model constructor for a model over `client_data` batches.
 
   Args:
     keras_model_builder: Builds a fresh, uncompiled Keras model mapping
@@ -234,26 +281,45 @@ def build_model_fn(
     seed: Seeds the initializers that have none (`reproducible_keras_build`):
       the initial model, and the computations' fingerprints, are the same
       on every build.
+    label_task: The manifest's `label_task`: the loss and metrics (see the
+      module docstring) and the dtype of the batches' labels.
 
   Returns:
     A no-argument callable returning a `tff.learning.models.VariableModel`
-    with sparse categorical cross-entropy loss and accuracy.
+    with the task's loss and metrics: for 'multiclass' sparse categorical
+    cross-entropy and `accuracy`.
   """
-  input_spec = client_data.batch_spec(num_features)
+  input_spec = client_data.batch_spec(num_features, label_task=label_task)
 
   def model_fn() -> tff.learning.models.VariableModel:
     with reproducible_keras_build(seed):  # Equal builds trace to equal computations.
       keras_model = keras_model_builder()
+    loss, metrics = loss_and_metrics(label_task, keras_model)
     return tff.learning.models.from_keras_model(
-      keras_model,
-      loss=tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=not outputs_probabilities(keras_model)
-      ),
-      input_spec=input_spec,
-      metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')],
+      keras_model, loss=loss, input_spec=input_spec, metrics=metrics
     )
 
   return model_fn
+
+
+def loss_and_metrics(
+  label_task: str, keras_model: tf.keras.Model
+) -> tuple[tf.keras.losses.Loss, list[tf.keras.metrics.Metric]]:
+  """The loss and metrics of a label task (see the module docstring), new objects each call."""
+  task = record_schema.check_label_task(label_task)
+  if task == record_schema.BINARY:
+    return tf.keras.losses.BinaryCrossentropy(from_logits=True), [
+      tf.keras.metrics.AUC(from_logits=True, name='auc'),
+      tf.keras.metrics.BinaryAccuracy(threshold=0.0, name='accuracy'),
+    ]
+  if task == record_schema.REGRESSION:
+    return tf.keras.losses.MeanSquaredError(), [
+      tf.keras.metrics.MeanAbsoluteError(name='mae'),
+      tf.keras.metrics.RootMeanSquaredError(name='rmse'),
+    ]
+  return tf.keras.losses.SparseCategoricalCrossentropy(
+    from_logits=not outputs_probabilities(keras_model)
+  ), [tf.keras.metrics.SparseCategoricalAccuracy(name='accuracy')]
 
 
 def as_keras_batch(batch: collections.OrderedDict) -> tuple[tf.Tensor, tf.Tensor]:

@@ -23,8 +23,9 @@ def get_base_config() -> config_dict.ConfigDict:
   config.data = config_dict.ConfigDict()
   data = config.data
   # Bundled raw data to generate (`fedpipe-make-data`):
-  # 'sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', or 'none' for
-  # data you bring yourself.
+  # 'sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'synthetic_credit'
+  # (users with numeric and categorical columns, a binary label of known law;
+  # num_clients is its number of users), or 'none' for data you bring yourself.
   data.source = 'sklearn:digits'
   data.raw_dir = 'data/digits/raw'
   data.raw_format = 'csv'  # csv | jsonl
@@ -41,6 +42,16 @@ def get_base_config() -> config_dict.ConfigDict:
   data.min_examples_per_client = 1
   # Preprocessing fails, writing nothing, above this fraction of bad rows.
   data.max_malformed_fraction = 0.05
+  # A draft feature spec (a categorical feature without its vocabulary) is
+  # completed by a federated statistics study across the silos
+  # (`fedpipe-demo-silos`; `fedpipe-stats` takes the same settings as flags):
+  # each silo releases DP-noised statistics of its raw rows, charged to its
+  # budget (docs/federated_statistics.md).
+  data.statistics = config_dict.ConfigDict()
+  data.statistics.max_rows_per_user = 10  # Rows one user contributes at most.
+  data.statistics.histogram_bins = 20  # Per numeric feature.
+  # Noise std over the release's L2 sensitivity (one Gaussian mechanism).
+  data.statistics.noise_multiplier = 2.0
 
   config.model = config_dict.ConfigDict()
   # The Keras model, as 'module:function' (importable from where the program

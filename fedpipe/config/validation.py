@@ -16,10 +16,21 @@ from ml_collections import config_dict
 
 from fedpipe.errors import FedpipeError
 
-SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'none')
+SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'synthetic_credit', 'none')
 # What a `model.builder` function is called with: the first two always, the
-# others if its signature takes them.
-MODEL_BUILDER_ARGUMENTS = ('num_features', 'num_classes', 'hidden_units', 'seed')
+# others if its signature takes them (by name, or with **kwargs). num_outputs
+# is the output width the label task needs (num_classes for 'multiclass', 1
+# for 'binary' and 'regression'); feature_spec the client data's
+# `fedpipe.pipelines.feature_spec.FeatureSpec` (None if the manifest has no
+# valid one), whose `input_layout()` says where each column sits in x.
+MODEL_BUILDER_ARGUMENTS = (
+  'num_features',
+  'num_classes',
+  'hidden_units',
+  'seed',
+  'num_outputs',
+  'feature_spec',
+)
 _REQUIRED_BUILDER_ARGUMENTS = MODEL_BUILDER_ARGUMENTS[:2]
 
 
@@ -97,8 +108,8 @@ def load_model_builder(spec: str) -> Callable[..., Any]:
           _builder_problem(
             spec,
             f'{attribute} does not take the keyword argument(s) {", ".join(missing)}; it is '
-            'called with num_features and num_classes (and hidden_units and seed if it takes '
-            'them)',
+            'called with num_features and num_classes (and hidden_units, seed, num_outputs '
+            'and feature_spec if it takes them)',
           )
         ]
       )
@@ -262,6 +273,9 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   c.text('data.processed_dir')
   c.integer('data.min_examples_per_client', 1)
   c.number('data.max_malformed_fraction', low=0, high=1)
+  c.integer('data.statistics.max_rows_per_user', 1)
+  c.integer('data.statistics.histogram_bins', 1)
+  c.number('data.statistics.noise_multiplier', low=0)
 
   builder = c.value('model.builder')
   if builder is not None and not isinstance(builder, str):
@@ -379,22 +393,40 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 ENGINES = ('auto', 'cohort', 'per_client')
 # What the cohort engine runs: (field, value it needs, why). It runs locally
-# and across silos (each silo trains its own sampled users as cohorts).
-_COHORT_ENGINE_NEEDS = (
-  (
-    'dp.placement',
-    'central',
-    "the silos' secure-aggregation encoding is built on the per-client engine's aggregate",
-  ),
-)
+# and across silos (each silo trains its own sampled users as cohorts), with
+# central or secure noise placement. Nothing in a config keeps it out today.
+_COHORT_ENGINE_NEEDS: tuple[tuple[str, str, str], ...] = ()
 
 
-def cohort_engine_conflicts(config: config_dict.ConfigDict) -> list[str]:
+# The label tasks the cohort engine trains (it counts correct classes).
+COHORT_ENGINE_TASKS = ('multiclass',)
+
+
+def label_task_conflicts(label_task: str) -> list[str]:
+  """Why the cohort engine cannot train data of `label_task` (empty if it can)."""
+  if label_task in COHORT_ENGINE_TASKS:
+    return []
+  return [
+    f'label.task is {label_task!r}; the cohort engine needs {COHORT_ENGINE_TASKS[0]!r} (it '
+    'trains classifiers with sparse cross-entropy and accuracy)'
+  ]
+
+
+def cohort_engine_conflicts(
+  config: config_dict.ConfigDict, *, label_task: str | None = None
+) -> list[str]:
   """The fields that keep `config` from the cohort engine, each with the value it needs and why.
 
-  Empty if the cohort engine can train it (`runtime.engine=auto` then picks it).
+  Args:
+    config: The config.
+    label_task: The client data's label task (the feature spec's
+      `label.task`), if known: the cohort engine trains 'multiclass' only.
+
+  Returns:
+    The conflicts; empty if the cohort engine can train it
+    (`runtime.engine=auto` then picks it).
   """
-  conflicts = []
+  conflicts = [] if label_task is None else label_task_conflicts(label_task)
   for field, wanted, why in _COHORT_ENGINE_NEEDS:
     if field.startswith('dp.') and not config.dp.enabled:
       continue

@@ -9,7 +9,8 @@ experiment, a simulation, a partition made in a notebook) can skip it:
     clients.sqlite                 every client's records (`client_store`)
 
 with the same records (`tf.train.Example`s: `x` a float list of
-`num_features` values, `y` one int64 label; see `fedpipe.data.manifest`), so
+`num_features` values, `y` one label (int64, float32 for regression) and,
+with weights, `w` one float32; see `fedpipe.data.manifest`), so
 training, a silo server (`fedpipe-silo --data_dir=...`) and the readers in
 `fedpipe.computations.client_data` take it as they take the pipeline's.
 With `storage='tfrecord_per_client'` it writes the older layout instead,
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from fedpipe.data import atomic_files, client_store, example_records
+from fedpipe.data import atomic_files, client_store, example_records, record_schema
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 
@@ -63,7 +64,8 @@ class _Client:
   """One client's validated records."""
 
   x: np.ndarray  # float32 [n, num_features]
-  y: np.ndarray  # int64 [n]
+  y: np.ndarray  # int64 [n] (float64 [n] for regression)
+  w: np.ndarray | None = None  # float32 [n], the example weights, or None
 
 
 def write_client_data(
@@ -74,6 +76,7 @@ def write_client_data(
   num_classes: int | None = None,
   feature_spec: Mapping[str, Any] | None = None,
   storage: str = manifest_lib.STORAGE_SQLITE,
+  label_task: str | None = None,
 ) -> manifest_lib.Manifest:
   """Writes per-client arrays as a client-data directory, exactly as preprocessing does.
 
@@ -91,6 +94,8 @@ def write_client_data(
       shape `[n, num_features]` (finite floats, written as float32), `y` of
       shape `[n]` (integer class labels), `n >= 1`. Client ids are file names
       (`manifest.CLIENT_ID_PATTERN`: letters, digits, `_.-`, up to 128).
+      A client may give `(x, y, w)` instead, `w` its `[n]` example weights
+      (finite, >= 0); then every client does, and the records carry `w`.
     eval: The evaluation split in the same form, or None for none (training
       with `fedpipe.train` or `fedpipe-train` evaluates on it, and needs it).
       Its clients may differ from the training clients.
@@ -105,6 +110,9 @@ def write_client_data(
       the default, what preprocessing writes) or
       `manifest.STORAGE_TFRECORD_PER_CLIENT` (one TFRecord file per client,
       the older layout); recorded in the manifest, which the readers follow.
+    label_task: 'multiclass' (integer classes), 'binary' (labels 0/1) or
+      'regression' (finite float labels); default: the feature spec's
+      `label.task`, else 'multiclass'.
 
   Returns:
     The manifest written to `<output_dir>/manifest.json`.
@@ -135,13 +143,19 @@ def write_client_data(
       f'storage must be one of {manifest_lib.STORAGES}, got {storage!r}; leave it out for '
       f'{manifest_lib.STORAGE_SQLITE!r}.'
     )
-  splits = {manifest_lib.TRAIN_SPLIT: _validate_split(manifest_lib.TRAIN_SPLIT, train)}
+  label_task = _label_task(label_task, feature_spec)
+  regression = label_task == record_schema.REGRESSION
+  splits = {manifest_lib.TRAIN_SPLIT: _validate_split(manifest_lib.TRAIN_SPLIT, train, regression)}
   if eval is not None:
-    splits[manifest_lib.EVAL_SPLIT] = _validate_split(manifest_lib.EVAL_SPLIT, eval)
+    splits[manifest_lib.EVAL_SPLIT] = _validate_split(manifest_lib.EVAL_SPLIT, eval, regression)
   num_features = _num_features(splits)
-  spec_classes = _spec_num_classes(feature_spec)
-  num_classes = _num_classes(splits, num_classes, spec_classes)
-  spec = _feature_spec(feature_spec, num_features, num_classes)
+  weighted = _weighted(splits, feature_spec)
+  if label_task == record_schema.MULTICLASS:
+    spec_classes = _spec_num_classes(feature_spec)
+    num_classes = _num_classes(splits, num_classes, spec_classes)
+  else:
+    num_classes = _task_num_classes(splits, label_task, num_classes)
+  spec = _feature_spec(feature_spec, num_features, num_classes, label_task, weighted)
   manifest = manifest_lib.Manifest(
     feature_spec=spec,
     splits={
@@ -153,6 +167,8 @@ def write_client_data(
     dead_letter={'files': {}, 'total': 0, 'by_reason': {}, 'by_split': {s: {} for s in splits}},
     extra={'written_by': WRITER_NAME},
     storage=storage,
+    label_task=label_task,
+    weighted=weighted,
   )
   _check_output_dir(output_dir)
   _write_atomically(output_dir, splits, manifest)
@@ -176,7 +192,7 @@ def _output_path(output_dir: Any) -> str:
   return os.path.realpath(path).rstrip(os.sep) or os.sep
 
 
-def _validate_split(split: str, clients: Any) -> dict[str, _Client]:
+def _validate_split(split: str, clients: Any, regression: bool = False) -> dict[str, _Client]:
   if not isinstance(clients, Mapping):
     raise ClientDataError(
       f'{split} split: expected a mapping client id -> (x, y), got {type(clients).__name__}.'
@@ -187,11 +203,12 @@ def _validate_split(split: str, clients: Any) -> dict[str, _Client]:
       + (', or eval=None for no eval split.' if split == manifest_lib.EVAL_SPLIT else '.')
     )
   return {
-    client_id: _validate_client(split, client_id, data) for client_id, data in clients.items()
+    client_id: _validate_client(split, client_id, data, regression)
+    for client_id, data in clients.items()
   }
 
 
-def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
+def _validate_client(split: str, client_id: Any, data: Any, regression: bool = False) -> _Client:
   if not isinstance(client_id, str) or not manifest_lib.is_valid_client_id(client_id):
     raise ClientDataError(
       f'{split} split: client id {client_id!r} is not a valid client id: ids are file names '
@@ -200,9 +217,11 @@ def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
       'fedpipe.data.client_ids.client_id_for_key.'
     )
   where = f'{split} split, client {client_id!r}'
-  if not isinstance(data, tuple | list) or len(data) != 2:
-    raise ClientDataError(f'{where}: expected a pair (x, y), got {type(data).__name__}.')
-  x_in, y_in = data
+  if not isinstance(data, tuple | list) or len(data) not in (2, 3):
+    raise ClientDataError(
+      f'{where}: expected a pair (x, y) or a triple (x, y, w), got {type(data).__name__}.'
+    )
+  x_in, y_in = data[:2]
   try:
     x = np.asarray(x_in)
     # float32 needs no range check; anything else is checked as float64 first.
@@ -230,7 +249,16 @@ def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
     raise ClientDataError(
       f'{where}: y has shape {y.shape}; it must be 1-D with one label per row of x, shape ({n},).'
     )
-  if y.dtype.kind not in 'iu':
+  if regression:
+    if y.dtype.kind not in 'iuf' or not np.isfinite(y).all():
+      raise ClientDataError(
+        f'{where}: y must hold finite numbers (regression labels), got dtype {y.dtype}'
+        + (' with NaN or infinite values' if y.dtype.kind == 'f' else '')
+        + '.'
+      )
+  elif y.dtype.kind == 'b':
+    y = y.astype(np.int64)
+  elif y.dtype.kind not in 'iu':
     raise ClientDataError(
       f'{where}: y has dtype {y.dtype}; labels must be integers (class indices); convert '
       'them, e.g. y.astype(int) for whole-number floats.'
@@ -249,7 +277,78 @@ def _validate_client(split: str, client_id: Any, data: Any) -> _Client:
       f'{where}: x holds values beyond float32 range in {len(bad_rows)} row(s) (first: row '
       f'{bad_rows[0]}); records store float32, so scale the features.'
     )
-  return _Client(x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False))
+  w = None
+  if len(data) == 3:
+    try:
+      w = np.asarray(data[2], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+      raise ClientDataError(f'{where}: w is not an array of example weights ({e}).') from e
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+      raise ClientDataError(
+        f'{where}: w must be finite example weights >= 0, one per row of x, shape ({n},); '
+        f'got shape {w.shape}.'
+      )
+    w = w.astype(np.float32)
+  return _Client(
+    x=x.astype(np.float32, copy=False),
+    y=y.astype(np.float64 if regression else np.int64, copy=False),
+    w=w,
+  )
+
+
+def _label_task(given: Any, feature_spec: Any) -> str:
+  label = feature_spec.get('label') if isinstance(feature_spec, Mapping) else None
+  from_spec = label.get('task') if isinstance(label, Mapping) else None
+  if given is not None and from_spec is not None and given != from_spec:
+    raise ClientDataError(
+      f'label_task={given!r} but feature_spec "label.task" is {from_spec!r}; make them agree '
+      'or leave label_task out.'
+    )
+  task = given if given is not None else from_spec or record_schema.MULTICLASS
+  if task not in record_schema.LABEL_TASKS:
+    raise ClientDataError(f'label_task must be one of {record_schema.LABEL_TASKS}, got {task!r}.')
+  return task
+
+
+def _weighted(splits: Mapping[str, Mapping[str, _Client]], feature_spec: Any) -> bool:
+  kinds = {
+    (split, c): d.w is not None for split, clients in splits.items() for c, d in clients.items()
+  }
+  weighted = any(kinds.values())
+  if weighted and not all(kinds.values()):
+    split, client_id = next(k for k, v in kinds.items() if not v)
+    raise ClientDataError(
+      f'{split} split, client {client_id!r}: gives (x, y) but other clients give weights '
+      '(x, y, w); give weights for every client or for none.'
+    )
+  spec_weight = isinstance(feature_spec, Mapping) and feature_spec.get('weight') is not None
+  if spec_weight and not weighted:
+    raise ClientDataError(
+      'feature_spec has a "weight" column but no client gives weights; give (x, y, w) per '
+      'client or remove "weight" from the spec.'
+    )
+  return weighted
+
+
+def _task_num_classes(
+  splits: Mapping[str, Mapping[str, _Client]], label_task: str, given: Any
+) -> int:
+  """2 for 'binary' (labels checked to be 0/1), 0 for 'regression'."""
+  expected = 2 if label_task == record_schema.BINARY else 0
+  if given is not None and given != expected:
+    raise ClientDataError(
+      f'num_classes={given!r} does not fit label_task {label_task!r}; leave num_classes out.'
+    )
+  if label_task == record_schema.BINARY:
+    for split, clients in splits.items():
+      for client_id, data in clients.items():
+        bad = np.flatnonzero((data.y != 0) & (data.y != 1))
+        if len(bad):
+          raise ClientDataError(
+            f'{split} split, client {client_id!r}: label {data.y[bad[0]]} (row {bad[0]}) is '
+            'not 0 or 1; binary labels are 0 or 1.'
+          )
+  return expected
 
 
 def _num_features(splits: Mapping[str, Mapping[str, _Client]]) -> int:
@@ -328,14 +427,30 @@ def _num_classes(
   return largest[0] + 1
 
 
-def _feature_spec(given: Mapping[str, Any] | None, num_features: int, num_classes: int) -> dict:
+def _feature_spec(
+  given: Mapping[str, Any] | None,
+  num_features: int,
+  num_classes: int,
+  label_task: str = record_schema.MULTICLASS,
+  weighted: bool = False,
+) -> dict:
   if given is None:
-    return {
-      'schema_version': 1,
-      'client_key': DEFAULT_CLIENT_KEY,
-      'label': {'name': DEFAULT_LABEL_NAME, 'num_classes': num_classes},
-      'features': [{'name': f'{DEFAULT_FEATURE_PREFIX}{i}'} for i in range(num_features)],
-    }
+    features = [{'name': f'{DEFAULT_FEATURE_PREFIX}{i}'} for i in range(num_features)]
+    if label_task == record_schema.MULTICLASS and not weighted:
+      return {
+        'schema_version': 1,
+        'client_key': DEFAULT_CLIENT_KEY,
+        'label': {'name': DEFAULT_LABEL_NAME, 'num_classes': num_classes},
+        'features': features,
+      }
+    label: dict[str, Any] = {'name': DEFAULT_LABEL_NAME, 'task': label_task}
+    if label_task == record_schema.MULTICLASS:
+      label['num_classes'] = num_classes
+    spec: dict[str, Any] = {'schema_version': 2, 'client_key': DEFAULT_CLIENT_KEY, 'label': label}
+    if weighted:
+      spec['weight'] = {'name': record_schema.WEIGHT.key}
+    spec['features'] = features
+    return spec
   features = given.get('features')
   if features is not None:
     if not isinstance(features, list | tuple):
@@ -343,10 +458,13 @@ def _feature_spec(given: Mapping[str, Any] | None, num_features: int, num_classe
         f'feature_spec: "features" must be a list of feature objects, got '
         f'{type(features).__name__}.'
       )
-    if len(features) != num_features:
+    width = sum(_feature_width(f) for f in features)
+    if width != num_features:
+      wide = f' ({width} columns of x)' if width != len(features) else ''
       raise ClientDataError(
-        f'feature_spec lists {len(features)} features but x has {num_features} columns; '
-        'give one feature per column of x, in order.'
+        f'feature_spec lists {len(features)} features{wide} but x has {num_features} columns; '
+        'give one feature per column of x (a one-hot slice, vocabulary size + 1 wide, per '
+        'categorical feature), in order.'
       )
   spec = dict(given)
   try:
@@ -354,6 +472,19 @@ def _feature_spec(given: Mapping[str, Any] | None, num_features: int, num_classe
     return json.loads(json.dumps(spec))
   except (TypeError, ValueError) as e:
     raise ClientDataError(f'feature_spec is not JSON-serializable: {e}.') from e
+
+
+def _feature_width(feature: Any) -> int:
+  """How many columns of x a feature of the spec's JSON form takes."""
+  if isinstance(feature, Mapping) and feature.get('type') == 'categorical':
+    vocabulary = feature.get('vocabulary')
+    if not isinstance(vocabulary, list | tuple):
+      raise ClientDataError(
+        f'feature_spec: categorical feature {feature.get("name")!r} has no vocabulary; list it '
+        '(x holds its one-hot slice, vocabulary size + 1 wide).'
+      )
+    return len(vocabulary) + 1
+  return 1
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -376,7 +507,7 @@ def _check_output_dir(output_dir: str) -> None:
 
 
 def _serialize(data: _Client, encoder: example_records.ExampleEncoder) -> list[bytes]:
-  return encoder.encode_rows(data.x, data.y)
+  return encoder.encode_rows(data.x, data.y, data.w)
 
 
 def _rows(
@@ -405,7 +536,9 @@ def _write_atomically(
       'its parent directory is writable.'
     ) from e
   done = False
-  encoder = example_records.ExampleEncoder()
+  encoder = example_records.ExampleEncoder(
+    label_task=manifest.label_task, weighted=manifest.weighted
+  )
   try:
     if manifest.storage == manifest_lib.STORAGE_SQLITE:
       store = os.path.join(staging, manifest_lib.STORE_FILENAME)

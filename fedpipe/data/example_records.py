@@ -87,34 +87,56 @@ class ExampleEncoder:
 
   One message is reused for every example: building a new one per example
   costs more than serializing it, in loops over millions of rows.
+
+  Args:
+    label_task: The label task (`record_schema.LABEL_TASKS`): int64 labels
+      for 'multiclass' and 'binary', float32 for 'regression'.
+    weighted: Whether records carry an example weight `w`.
   """
 
-  def __init__(self):
+  def __init__(self, *, label_task: str = record_schema.MULTICLASS, weighted: bool = False):
+    label = record_schema.label_feature(label_task)
+    self._int_label = label.dtype == record_schema.LABEL.dtype
     self._example = Example()
     feature = self._example.features.feature
     self._x = getattr(feature[record_schema.FEATURES.key], record_schema.FEATURES.list_field).value
-    self._y = getattr(feature[record_schema.LABEL.key], record_schema.LABEL.list_field).value
+    self._y = getattr(feature[label.key], label.list_field).value
+    self._w = None
+    if weighted:
+      self._w = getattr(feature[record_schema.WEIGHT.key], record_schema.WEIGHT.list_field).value
     # (num_features, label) -> the bytes before and after the values (`encode_rows`).
     self._frames: dict[tuple[int, int], tuple[bytes, bytes]] = {}
 
-  def encode(self, x: Sequence[float], y: int) -> bytes:
-    """The serialized Example of features `x` and label `y`."""
+  def encode(self, x: Sequence[float], y: float, w: float | None = None) -> bytes:
+    """The serialized Example of features `x`, label `y` and, if weighted, weight `w`.
+
+    Raises:
+      ValueError: If `w` is given to an unweighted encoder or missing for a
+        weighted one.
+    """
     self._x[:] = x
     self._y[:] = [y]
+    if self._w is not None:
+      if w is None:
+        raise ValueError('this encoder writes weighted records: pass the example weight w')
+      self._w[:] = [w]
+    elif w is not None:
+      raise ValueError('this encoder writes records without weights; build it with weighted=True')
     return self._example.SerializeToString()
 
-  def encode_rows(self, x: np.ndarray, y: np.ndarray) -> list[bytes]:
-    """The serialized Examples of the rows of `x` `[n, num_features]` and labels `y` `[n]`.
+  def encode_rows(self, x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> list[bytes]:
+    """The serialized Examples of the rows of `x` `[n, num_features]`, labels `y` `[n]` (weights `w` `[n]`).
 
-    The same bytes as `encode(row, label)` for each row, about 20 times
-    faster: every record of one width has the same framing around its
-    float32 values except for the label's varint, so the framing is built
-    once per width and label (and kept) and the values are copied in as they
-    are in memory.
+    The same bytes as `encode(row, label[, weight])` for each row. For int
+    labels without weights about 20 times faster: every record of one width
+    has the same framing around its float32 values except for the label's
+    varint, so the framing is built once per width and label (and kept) and
+    the values are copied in as they are in memory.
 
     Args:
       x: Features, float32 (other float dtypes are converted), 2-D.
-      y: Integer labels, one per row.
+      y: Labels, one per row: integers, or floats for 'regression'.
+      w: Example weights, one per row (a weighted encoder), or None.
 
     Returns:
       One serialized `tf.train.Example` per row, in order.
@@ -123,7 +145,16 @@ class ExampleEncoder:
     y = np.asarray(y)
     if x.ndim != 2 or y.shape != (x.shape[0],):
       raise ValueError(f'x must be [n, num_features] and y [n], got {x.shape} and {y.shape}')
+    if w is not None:
+      w = np.asarray(w, dtype=np.float32)
+      if w.shape != y.shape:
+        raise ValueError(f'w must be [n] as y is, got {w.shape} and {y.shape}')
     width = x.shape[1]
+    if not self._int_label or self._w is not None or w is not None:
+      rows = x.tolist()
+      if w is None:
+        return [self.encode(row, label) for row, label in zip(rows, y.tolist())]
+      return [self.encode(row, a, b) for row, a, b in zip(rows, y.tolist(), w.tolist())]
     if width == 0:  # An empty packed list is left out altogether: the general path.
       return [self.encode([], label) for label in y.tolist()]
     values = x.tobytes()

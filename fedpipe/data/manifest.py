@@ -16,9 +16,14 @@ output directory,
 
 and keep loading and training as they did. Either way each record is a
 `tf.train.Example` in the record schema (`record_schema`): `x`,
-`num_features` normalized float32 values, and `y`, one int64 class label.
-The manifest's `storage` says which layout a directory has; readers take it
-from there (`storage=manifest.storage`).
+`num_features` normalized float32 values, `y`, one label (an int64 class, or
+a float32 value for the label task 'regression'), and, if the feature spec
+has a weight column, `w`, one float32 example weight. The manifest's
+`storage` says which layout a directory has, its `label_task` and
+`record_format` what the records hold; readers take them from there
+(`storage=manifest.storage`, `label_task=manifest.label_task`,
+`weighted=manifest.weighted`). A manifest without `label_task` (written
+before label tasks) is 'multiclass', its records `x` and `y` only.
 
 The manifest lists client ids and example counts per split plus the feature
 spec. A silo publishes it to the coordinator; it never contains records.
@@ -50,6 +55,8 @@ STORAGE_TFRECORD_PER_CLIENT = 'tfrecord_per_client'
 STORAGES = (STORAGE_SQLITE, STORAGE_TFRECORD_PER_CLIENT)
 # What a manifest without the field means: the layout written before the field existed.
 LEGACY_STORAGE = STORAGE_TFRECORD_PER_CLIENT
+# The label task of the records (`record_schema.LABEL_TASKS`); absent: 'multiclass'.
+LABEL_TASK_FIELD = 'label_task'
 # The one file of storage 'sqlite', next to manifest.json.
 STORE_FILENAME = 'clients.sqlite'
 
@@ -115,9 +122,36 @@ class Manifest:
   # How the records are stored: `STORAGE_SQLITE` (what writers write) or
   # `STORAGE_TFRECORD_PER_CLIENT` (a manifest without the field).
   storage: str = LEGACY_STORAGE
+  # The label task (`record_schema.LABEL_TASKS`): the dtype of `y`, the model's
+  # loss and metrics. `num_classes` is 2 for 'binary' and 0 for 'regression'.
+  label_task: str = record_schema.MULTICLASS
+  # Whether each record carries an example weight `w`.
+  weighted: bool = False
 
   def __post_init__(self):
     check_storage(self.storage)
+    if self.label_task not in record_schema.LABEL_TASKS:
+      raise ManifestError(
+        f'manifest: field {LABEL_TASK_FIELD!r} is {self.label_task!r}, not one of '
+        f'{record_schema.LABEL_TASKS}; re-run fedpipe-preprocess --config=... with this fedpipe '
+        'version to rewrite the directory.'
+      )
+
+  @property
+  def record_format(self) -> dict[str, dict[str, Any]]:
+    """What each record holds (`record_schema.record_format`)."""
+    return record_schema.record_format(
+      self.num_features, label_task=self.label_task, weighted=self.weighted
+    )
+
+  @property
+  def weight_column(self) -> str | None:
+    """The feature spec's weight column (records carry `w`), or None."""
+    if not self.weighted:
+      return None
+    weight = self.feature_spec.get('weight')
+    name = weight.get('name') if isinstance(weight, Mapping) else None
+    return str(name) if name else record_schema.WEIGHT.key
 
   def split(self, name: str) -> SplitManifest:
     if name not in self.splits:
@@ -130,9 +164,10 @@ class Manifest:
   def to_json(self) -> dict[str, Any]:
     return {
       'schema_version': SCHEMA_VERSION,
-      'record_format': record_schema.record_format(self.num_features),
+      'record_format': self.record_format,
       'num_features': self.num_features,
       'num_classes': self.num_classes,
+      LABEL_TASK_FIELD: self.label_task,
       'feature_spec': dict(self.feature_spec),
       'splits': {k: v.to_json() for k, v in sorted(self.splits.items())},
       'dead_letter': dict(self.dead_letter),
@@ -176,8 +211,18 @@ class Manifest:
         'splits',
         'dead_letter',
         STORAGE_FIELD,
+        LABEL_TASK_FIELD,
       }
       storage = check_storage(data.get(STORAGE_FIELD, LEGACY_STORAGE), source=source)
+      label_task = data.get(LABEL_TASK_FIELD, record_schema.MULTICLASS)
+      if label_task not in record_schema.LABEL_TASKS:
+        raise ManifestError(
+          f'{source}: field {LABEL_TASK_FIELD!r} is {label_task!r}, a label task this fedpipe '
+          f'does not know (it knows {", ".join(repr(t) for t in record_schema.LABEL_TASKS)}); '
+          're-run fedpipe-preprocess --config=... with this fedpipe version.'
+        )
+      record_format = data.get('record_format') or {}
+      weighted = isinstance(record_format, Mapping) and record_schema.WEIGHT.key in record_format
       return cls(
         feature_spec=dict(data['feature_spec']),
         splits=splits,
@@ -186,6 +231,8 @@ class Manifest:
         dead_letter=dict(data.get('dead_letter', {})),
         extra={k: v for k, v in data.items() if k not in known},
         storage=storage,
+        label_task=label_task,
+        weighted=weighted,
       )
     except (KeyError, TypeError, AttributeError, ValueError) as e:
       if isinstance(e, ManifestError):

@@ -55,7 +55,8 @@ class SiloDataset:
     splits: Split (`'train'`, `'eval'`) -> client id -> number of examples.
       Clients the silo excluded (too few examples) are not listed.
     num_features: Width of each example's `x`.
-    num_classes: Number of label classes.
+    num_classes: Number of label classes (2 for the label task 'binary', 0
+      for 'regression').
     feature_spec: The feature spec the silo's data was preprocessed with
       (silos of one federation must share it to train together).
   """
@@ -66,6 +67,8 @@ class SiloDataset:
   num_features: int
   num_classes: int
   feature_spec: Mapping[str, Any]
+  # The label task of the records (`fedpipe.data.record_schema.LABEL_TASKS`).
+  label_task: str = 'multiclass'
 
   @classmethod
   def from_manifest(cls, silo: str, address: str, manifest: manifest_lib.Manifest) -> SiloDataset:
@@ -93,6 +96,7 @@ class SiloDataset:
       num_features=manifest.num_features,
       num_classes=manifest.num_classes,
       feature_spec=copy.deepcopy(dict(manifest.feature_spec)),
+      label_task=manifest.label_task,
     )
 
   def _split(self, split: str) -> Mapping[str, int]:

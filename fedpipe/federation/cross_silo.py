@@ -50,6 +50,7 @@ from fedpipe.federation import secure_round, silo_protocol
 from fedpipe.federation import tls as tls_lib
 from fedpipe.governance import study_request
 from fedpipe.runtime import execution_context, isolated_worker, rpc_errors
+from fedpipe.statistics import query as statistics_query
 
 LOG = logging.getLogger('fedpipe.coordinator')
 
@@ -320,6 +321,38 @@ class SiloConnection:
     method = silo_protocol.SUBMIT_STUDY
     return self._status_reply(method, self._call(method, silo_protocol.encode(request), timeout_s))
 
+  def submit_statistics_study(
+    self, query: statistics_query.StatisticsQuery, timeout_s: float
+  ) -> silo_protocol.StudyStatusReply:
+    """Submits a statistics study for approval (idempotent); its status at this silo.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: If it refuses the query (no raw data, malformed) or answers malformed.
+    """
+    method = silo_protocol.SUBMIT_STATISTICS_STUDY
+    return self._status_reply(method, self._call(method, silo_protocol.encode(query), timeout_s))
+
+  def release_statistics(
+    self, study_id: str, query: statistics_query.StatisticsQuery, timeout_s: float
+  ) -> silo_protocol.ReleaseStatisticsReply:
+    """Asks the silo for one release of the approved statistics study: its noised statistics.
+
+    Raises:
+      SiloNotGovernedError: If the silo takes no study requests.
+      SiloError: If it refuses (not approved, no release left, another query) or answers
+        malformed.
+    """
+    method = silo_protocol.RELEASE_STATISTICS
+    request = silo_protocol.ReleaseStatisticsRequest(study_id, query)
+    data = self._call(method, silo_protocol.encode(request), timeout_s)
+    try:
+      return silo_protocol.decode(
+        silo_protocol.ReleaseStatisticsReply, data, what=f'the {method} reply of silo {self.name}'
+      )
+    except silo_protocol.PayloadError as e:
+      raise SiloError(self.name, f'silo {self.name} sent a malformed {method} reply: {e}') from e
+
   def study_status(self, study_id: str, timeout_s: float) -> silo_protocol.StudyStatusReply:
     """The status at this silo of the study `study_id` we submitted.
 
@@ -353,10 +386,18 @@ def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.
     )
   for name in names[1:]:
     other = manifests[name]
-    if (dict(other.feature_spec), other.num_features, other.num_classes) != (
+    if (
+      dict(other.feature_spec),
+      other.num_features,
+      other.num_classes,
+      other.label_task,
+      other.weighted,
+    ) != (
       dict(first.feature_spec),
       first.num_features,
       first.num_classes,
+      first.label_task,
+      first.weighted,
     ):
       raise FederationError(
         f'silos {names[0]} and {name} hold data of different feature specs; every silo '
@@ -376,6 +417,8 @@ def union_manifest(manifests: dict[str, manifest_lib.Manifest]) -> manifest_lib.
     splits=splits,
     num_features=first.num_features,
     num_classes=first.num_classes,
+    label_task=first.label_task,
+    weighted=first.weighted,
     extra={
       'silos': {n: {s: len(m.splits[s].clients) for s in m.splits} for n, m in manifests.items()}
     },

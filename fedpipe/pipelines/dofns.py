@@ -98,7 +98,13 @@ class ReadAndValidateFn(beam.DoFn):
     self._spec = spec
 
   def setup(self):
-    self._encode = example_records.ExampleEncoder().encode
+    self._encode = example_records.ExampleEncoder(
+      label_task=self._spec.label.task, weighted=self._spec.weight is not None
+    ).encode
+    # (client key, x, y) or, with a weight column, (client key, x, y, w).
+    self._parse = (
+      self._spec.parse_record if self._spec.weight is None else self._spec.parse_weighted_record
+    )
     self._client_id = functools.lru_cache(maxsize=65536)(client_ids.client_id_for_key)
     self._columns = frozenset(self._spec.columns)
     self._rows = Metrics.counter(METRICS_NAMESPACE, f'{self._split}_rows_read')
@@ -129,7 +135,7 @@ class ReadAndValidateFn(beam.DoFn):
           ignored[name] = ignored.get(name, 0) + 1
         if error is None:
           try:
-            key, x, y = self._spec.parse_record(record)
+            key, *example = self._parse(record)
           except feature_spec_lib.MalformedRecordError as e:
             error = e
         if error is not None:
@@ -149,7 +155,7 @@ class ReadAndValidateFn(beam.DoFn):
           )
           continue
         valid += 1
-        buffers.setdefault(self._client_id(key), []).append((line_number, self._encode(x, y)))
+        buffers.setdefault(self._client_id(key), []).append((line_number, self._encode(*example)))
         buffered += 1
         if buffered >= self.MAX_BUFFERED_ROWS:
           yield from self._flush(buffers, file_index)

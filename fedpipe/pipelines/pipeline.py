@@ -460,7 +460,8 @@ def run_preprocessing(
     InputFilesError: If an input pattern matches nothing or a file is
       unreadable (before the pipeline runs).
     feature_spec_lib.FeatureSpecError: If a CSV header lacks columns of the
-      spec (before the pipeline runs).
+      spec, or the spec is a draft (a categorical feature without a
+      vocabulary: run fedpipe-stats first), before the pipeline runs.
     OutputDirError: If `output_dir` exists and is not a preprocessing output.
     TooManyMalformedRecordsError: If a split's malformed fraction is above
       `max_malformed_fraction`; dead letters are kept in
@@ -483,6 +484,7 @@ def run_preprocessing(
       'max_malformed_fraction (data.max_malformed_fraction) must be in [0, 1], '
       f'got {max_malformed_fraction!r}.'
     )
+  feature_spec.check_not_draft()
   resolve_pipeline_options(pipeline_options)
   patterns = {manifest_lib.TRAIN_SPLIT: ('data.train_files', train_files)}
   if eval_files:
@@ -731,6 +733,8 @@ def _make_manifest(
     },
     num_features=spec.num_features,
     num_classes=spec.num_classes,
+    label_task=spec.label.task,
+    weighted=spec.weight is not None,
     dead_letter={
       'files': {s: f'{DEAD_LETTER_DIR}/{s}-*.jsonl' for s in stats.clients},
       'total': sum(by_reason.values()),

@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -34,8 +35,10 @@ from fedpipe.computations import (
 )
 from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.data import record_schema
 from fedpipe.errors import FedpipeError
 from fedpipe.governance import secure_terms as secure_terms_lib
+from fedpipe.pipelines import feature_spec as feature_spec_lib
 
 _log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ class PrivacySettings:
   max_colluding: int = 0
   secure_dim: int = 0
   secure_roster: tuple[str, ...] = ()
+  # Where the update sum sits in the silo half of a round (the engine's layout).
+  noised_path: tuple[int, ...] = ()
 
   def secure_terms(self) -> secure_terms_lib.SecureAggregationTerms:
     """The secure-aggregation terms of the study among the run's silos."""
@@ -85,13 +90,14 @@ class PrivacySettings:
       noise_multiplier=self.noise_multiplier,
       scale=self.secure_scale,
       dim=self.secure_dim,
-      noised_path=SECURE_NOISED_PATH,
+      noised_path=self.noised_path,
     )
 
 
 # Where DP-FedAvg's silo half (its mergeable form's `up_to_merge`) puts the
-# summed update: after the metric sums. The silos check it in review.
-SECURE_NOISED_PATH = (1,)
+# summed update: after the metric sums for the per-client engine, before them
+# for the cohort engine. The silos check it in review.
+SECURE_NOISED_PATH = {'per_client': (1,), 'cohort': (0,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +120,17 @@ class Experiment:
   round_input: Callable[[list[str]], list[str]] = list
   eval_input: Callable[[list[str]], list[str]] = list
   engine: str = PER_CLIENT_ENGINE
+  # The label task of the client data: the model's loss and metrics.
+  label_task: str = record_schema.MULTICLASS
 
 
 def keras_builder(
-  config: config_dict.ConfigDict, *, num_features: int, num_classes: int
+  config: config_dict.ConfigDict,
+  *,
+  num_features: int,
+  num_classes: int,
+  label_task: str = record_schema.MULTICLASS,
+  feature_spec: feature_spec_lib.FeatureSpec | None = None,
 ) -> keras_model.KerasModelBuilder:
   """The zero-argument Keras model builder that `config.model` names.
 
@@ -125,12 +138,18 @@ def keras_builder(
     config: A validated config; `model.builder` is 'module:function' or ''
       (the bundled MLP).
     num_features: Input width of the client data.
-    num_classes: Number of classes in the client data.
+    num_classes: Number of classes in the client data (2 for 'binary', 0
+      for 'regression').
+    label_task: The client data's label task.
+    feature_spec: The client data's feature spec (`input_layout` says where
+      each column sits in `x`), or None if unknown.
 
   Returns:
     A function building a new model on each call: the builder called with
-    num_features, num_classes and, if it takes them, `model.hidden_units`
-    and `config.seed`.
+    num_features, num_classes and, if it takes them (by name, or with
+    `**kwargs`), `model.hidden_units`, `config.seed`, `num_outputs` (the
+    output width the task needs: num_classes, or 1 for 'binary' and
+    'regression') and `feature_spec`.
 
   Raises:
     fedpipe.config.validation.ConfigError: If `model.builder` cannot be loaded.
@@ -145,6 +164,8 @@ def keras_builder(
     'num_classes': num_classes,
     'hidden_units': tuple(int(h) for h in config.model.hidden_units),
     'seed': config.seed,
+    'num_outputs': keras_model.num_outputs(label_task, num_classes),
+    'feature_spec': feature_spec,
   }
   try:
     parameters = inspect.signature(function).parameters
@@ -231,6 +252,7 @@ def _privacy_settings(
   config: config_dict.ConfigDict,
   trainable: int,
   train_ids: Sequence[str],
+  engine: str,
 ) -> PrivacySettings:
   """The DP mechanism as the accountant and the report see it."""
   secure = config.dp.placement == 'secure'
@@ -246,6 +268,7 @@ def _privacy_settings(
     secure_scale=float(config.dp.secure_scale) if secure else 0.0,
     max_colluding=int(config.dp.max_colluding) if secure else 0,
     secure_dim=trainable if secure else 0,
+    noised_path=SECURE_NOISED_PATH[engine] if secure else (),
     noise_multiplier=params.noise_multiplier,
     delta=params.delta,
     accountant=params.accountant,
@@ -313,12 +336,23 @@ def epsilon_after(experiment: Experiment, rounds: int) -> float | None:
   )
 
 
-def _engine_for(config: config_dict.ConfigDict) -> str:
-  """The engine `runtime.engine` asks for; 'auto' is the cohort engine where it runs."""
+def _engine_for(config: config_dict.ConfigDict, label_task: str = record_schema.MULTICLASS) -> str:
+  """The engine `runtime.engine` asks for; 'auto' is the cohort engine where it runs.
+
+  Raises:
+    validation.ConfigError: If `runtime.engine` is 'cohort' and the client
+      data's label task is one the cohort engine does not train.
+  """
   requested = config.runtime.engine
+  if requested == COHORT_ENGINE:
+    problems = validation.label_task_conflicts(label_task)
+    if problems:
+      raise validation.ConfigError(
+        f'config.runtime.engine: {p}; set runtime.engine=per_client (or auto)' for p in problems
+      )
   if requested != 'auto':
     return requested
-  unsupported = validation.cohort_engine_conflicts(config)
+  unsupported = validation.cohort_engine_conflicts(config, label_task=label_task)
   if unsupported:
     _log.info('training with the per-client engine: %s', '; '.join(unsupported))
     return PER_CLIENT_ENGINE
@@ -353,7 +387,7 @@ def _cohort_processes(
     builder,
     num_features=manifest.num_features,
     aggregator=(
-      dp_fedavg.build_dp_aggregator(**dp_params.dp_fedavg_arguments())
+      dp_fedavg.build_dp_aggregator(**_dp_arguments(config, dp_params))
       if dp_params is not None
       else None
     ),
@@ -363,6 +397,7 @@ def _cohort_processes(
       batch_size=training.batch_size,
       epochs=training.local_epochs,
       storage=manifest.storage,
+      label_task=manifest.label_task,
     ),
     client_learning_rate=training.client_learning_rate,
     server_optimizer=server_optimizer,
@@ -380,6 +415,7 @@ def _cohort_processes(
       batch_size=eval_batch_size,
       shuffle=False,
       storage=manifest.storage,
+      label_task=manifest.label_task,
     ),
     seed=config.seed,
   )
@@ -416,6 +452,16 @@ def _cohort_processes(
   return train_process, eval_process, round_input, eval_input
 
 
+def _dp_arguments(
+  config: config_dict.ConfigDict, dp_params: dp_parameters.DPParameters
+) -> dict[str, Any]:
+  """The DP aggregator's arguments; with dp.placement=secure the silos add the noise, before masking."""
+  arguments = dp_params.dp_fedavg_arguments()
+  if config.dp.placement == 'secure':
+    arguments['noise_multiplier'] = 0.0
+  return arguments
+
+
 def _eval_batch_size(training: config_dict.ConfigDict) -> int:
   return max(training.batch_size, 64)
 
@@ -447,6 +493,12 @@ def build_experiment(
       the target epsilon.
   """
   training = config.training
+  if manifest.weighted:
+    raise ExperimentError(
+      f'the client data has the weight column {manifest.weight_column!r} (its records carry '
+      'example weights w): training with example weights is not supported yet; remove '
+      '"weight" from the feature spec and re-run fedpipe-preprocess to train without them'
+    )
   train_split = manifest.split(manifest_lib.TRAIN_SPLIT)
   if not train_split.clients:
     raise ExperimentError('the manifest lists no training clients; check the preprocessing summary')
@@ -475,14 +527,22 @@ def build_experiment(
   )
   client_weights = [float(train_split.clients[c] * training.local_epochs) for c in train_ids]
   dp_params = _dp_parameters(config, sampling, client_weights) if config.dp.enabled else None
+  label_task = manifest.label_task
   builder = keras_model_builder or keras_builder(
-    config, num_features=manifest.num_features, num_classes=manifest.num_classes
+    config,
+    num_features=manifest.num_features,
+    num_classes=manifest.num_classes,
+    label_task=label_task,
+    feature_spec=spec_of(manifest),
   )
   keras_model.check_keras_model(
-    builder, num_features=manifest.num_features, num_classes=manifest.num_classes
+    builder,
+    num_features=manifest.num_features,
+    num_classes=manifest.num_classes,
+    label_task=label_task,
   )
   model_fn = keras_model.build_model_fn(
-    builder, num_features=manifest.num_features, seed=config.seed
+    builder, num_features=manifest.num_features, seed=config.seed, label_task=label_task
   )
   train_data = client_data.make_dataset_fn(
     split=manifest_lib.TRAIN_SPLIT,
@@ -490,6 +550,7 @@ def build_experiment(
     batch_size=training.batch_size,
     epochs=training.local_epochs,
     storage=manifest.storage,
+    label_task=label_task,
   )
   eval_data = client_data.build_dataset_computation(
     split=manifest_lib.EVAL_SPLIT,
@@ -497,6 +558,7 @@ def build_experiment(
     batch_size=_eval_batch_size(training),
     shuffle=False,
     storage=manifest.storage,
+    label_task=label_task,
   )
   process_arguments = dict(
     client_optimizer=tff.learning.optimizers.build_sgdm(
@@ -508,7 +570,7 @@ def build_experiment(
   )
   round_input: Callable[[list[str]], list[str]] = list
   eval_input: Callable[[list[str]], list[str]] = list
-  engine = _engine_for(config)
+  engine = _engine_for(config, label_task)
   cohorts = None
   if engine == COHORT_ENGINE:
     try:
@@ -526,11 +588,8 @@ def build_experiment(
     if dp_params is None:
       train_process = fedavg.build_fedavg_process(model_fn, **process_arguments)
     else:
-      dp_arguments = dp_params.dp_fedavg_arguments()
-      if config.dp.placement == 'secure':
-        dp_arguments['noise_multiplier'] = 0.0  # The silos add it, before masking.
       train_process = dp_fedavg.build_dp_fedavg_process(
-        model_fn, **process_arguments, **dp_arguments
+        model_fn, **process_arguments, **_dp_arguments(config, dp_params)
       )
     eval_process = evaluation.build_federated_evaluation(model_fn, dataset_computation=eval_data)
   return Experiment(
@@ -546,6 +605,7 @@ def build_experiment(
         config,
         _trainable_values(builder) if config.dp.placement == 'secure' else 0,
         train_ids,
+        engine,
       )
       if dp_params is not None
       else None
@@ -556,4 +616,13 @@ def build_experiment(
     round_input=round_input,
     eval_input=eval_input,
     engine=engine,
+    label_task=label_task,
   )
+
+
+def spec_of(manifest: manifest_lib.Manifest) -> feature_spec_lib.FeatureSpec | None:
+  """The feature spec the manifest embeds, or None if it holds no valid spec (a hand-written one)."""
+  try:
+    return feature_spec_lib.FeatureSpec.from_json(manifest.feature_spec, source='manifest')
+  except feature_spec_lib.FeatureSpecError:
+    return None

@@ -105,7 +105,9 @@ def train(
   Args:
     model_fn: A zero-argument function returning a new, uncompiled
       `tf.keras.Model` that takes the data's `num_features` floats and
-      outputs `num_classes` logits (or probabilities from a final softmax).
+      outputs `num_classes` logits (or probabilities from a final softmax);
+      for data whose label task is 'binary' one logit, for 'regression' one
+      value (the manifest's `label_task` sets the loss and metrics).
       It is called several times (TFF builds the model inside its
       computations), so it must build a new model each time. None: the model
       that `config.model.builder` names (default the bundled MLP).
@@ -278,13 +280,13 @@ class NotebookProgress:
     """The bar and the round's metrics as HTML."""
     m = progress.metrics
     parts = [f'round {progress.round}/{progress.rounds}']
-    for key, label in (
-      ('train_loss', 'loss'),
-      ('train_accuracy', 'accuracy'),
-      ('eval_accuracy', 'eval accuracy'),
-    ):
-      if key in m:
-        parts.append(f'{label} {m[key]:.4f}')
+    # loss and the model's metrics (accuracy; auc; mae, rmse), then the evaluation's.
+    for key, value in m.items():
+      if key.startswith('train_') and key != 'train_examples':
+        parts.append(f'{key[len("train_") :]} {value:.4f}')
+    for key, value in m.items():
+      if key.startswith('eval_') and key != 'eval_loss':
+        parts.append(f'eval {key[len("eval_") :]} {value:.4f}')
     if progress.epsilon is not None:
       parts.append(f'ε {progress.epsilon:.3f}')
     if 'round_seconds' in m:

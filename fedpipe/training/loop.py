@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow_federated as tff
@@ -42,8 +42,10 @@ class RoundProgress:
     round: The round just completed (1-based).
     rounds: The rounds of the whole run.
     metrics: The round's released metrics, as in `metrics.csv`: clients,
-      train_loss, train_accuracy, train_examples, round_seconds, and when
-      they apply epsilon, clip_norm, eval_loss, eval_accuracy, dropped_silos.
+      train_loss, train_<metric> per model metric (train_accuracy; for the
+      label task 'binary' also train_auc, for 'regression' train_mae and
+      train_rmse instead), train_examples, round_seconds, and when they
+      apply epsilon, clip_norm, eval_loss, eval_<metric>, dropped_silos.
     epsilon: ε spent after this round (None without DP).
     last_checkpoint: The last round whose state is saved (a rerun resumes
       after it); equal to `round` when this round was saved.
@@ -107,13 +109,20 @@ def evaluate(experiment: experiment_lib.Experiment, model_weights: Any) -> dict[
   )
 
 
+# Counts TFF reports next to the model's metrics; not released per metric.
+_COUNTS = ('num_examples', 'num_batches')
+
+
+def model_metric_names(metrics: Mapping[str, Any]) -> list[str]:
+  """The model's metrics among a metrics dict, loss first: 'loss', 'accuracy' (or 'auc', 'mae', ...)."""
+  names = [n for n in metrics if n not in _COUNTS and n != 'loss']
+  return (['loss'] if 'loss' in metrics else []) + names
+
+
 def _round_metrics(output: Any) -> dict[str, float]:
   train = output.metrics['client_work']['train']
-  metrics = {
-    'train_loss': float(train['loss']),
-    'train_accuracy': float(train['accuracy']),
-    'train_examples': float(train['num_examples']),
-  }
+  metrics = {f'train_{name}': float(train[name]) for name in model_metric_names(train)}
+  metrics['train_examples'] = float(train['num_examples'])
   dp_metrics = output.metrics.get('aggregator', {}).get('dp_query_metrics', {})
   if 'clip' in dp_metrics:
     metrics['clip_norm'] = float(dp_metrics['clip'])
@@ -129,15 +138,22 @@ def _format_progress(round_num: int, rounds: int, values: dict[str, float]) -> s
   parts = [
     f'round {round_num:>{len(str(rounds))}}/{rounds}',
     f'clients={int(values["clients"]):d}',
-    f'loss={values["train_loss"]:.4f}',
-    f'accuracy={values["train_accuracy"]:.4f}',
+  ]
+  # The model's metrics: loss, then accuracy (or auc and accuracy, or mae and rmse).
+  parts += [
+    f'{key[len("train_") :]}={value:.4f}'
+    for key, value in values.items()
+    if key.startswith('train_') and key != 'train_examples'
   ]
   if 'epsilon' in values:
     parts.append(f'epsilon={values["epsilon"]:.3f}')
   if values.get('dropped_silos'):
     parts.append(f'dropped_silos={int(values["dropped_silos"])}')
-  if 'eval_accuracy' in values:
-    parts.append(f'eval_accuracy={values["eval_accuracy"]:.4f}')
+  parts += [
+    f'{key}={value:.4f}'
+    for key, value in values.items()
+    if key.startswith('eval_') and key != 'eval_loss'
+  ]
   parts.append(f'{values["round_seconds"]:.2f}s')
   return '  '.join(parts)
 
@@ -213,8 +229,8 @@ async def train(
       values['epsilon'] = epsilon
     if eval_every and round_num % eval_every == 0:
       eval_metrics = evaluate(experiment, process.get_model_weights(state))
-      values['eval_loss'] = eval_metrics['loss']
-      values['eval_accuracy'] = eval_metrics['accuracy']
+      for name in model_metric_names(eval_metrics):
+        values[f'eval_{name}'] = eval_metrics[name]
     values['round_seconds'] = time.monotonic() - started
     for manager in release_managers:
       await manager.release(values, key=round_num)

@@ -31,13 +31,17 @@ def read_metrics(csv_path: str) -> dict[str, list[float]]:
 
 
 def plot_training_curves(csv_path: str, output_dir: str, *, title: str) -> str:
-  """Draws loss, accuracy and ε against rounds; returns the PNG's path."""
+  """Draws loss, the model's metrics (accuracy, ...) and ε against rounds; returns the PNG's path."""
   m = read_metrics(csv_path)
   rounds = m.get('key', [])
-  panels = [
-    ('loss', ['train_loss', 'eval_loss']),
-    ('accuracy', ['train_accuracy', 'eval_accuracy']),
-  ]
+  panels = [('loss', ['train_loss', 'eval_loss'])]
+  # One panel per model metric: accuracy (auc for binary; mae, rmse for regression).
+  for name in m:
+    metric = name[len('train_') :]
+    if name.startswith('train_') and metric not in ('loss', 'examples'):
+      panels.append((metric, [name, f'eval_{metric}']))
+  if len(panels) == 1:
+    panels.append(('accuracy', ['train_accuracy', 'eval_accuracy']))
   if 'epsilon' in m:
     panels.append(('epsilon', ['epsilon']))
   fig = Figure(figsize=(5 * len(panels), 3.8))

@@ -137,6 +137,12 @@ def build_report(
     'test_accuracy': test_metrics.get('accuracy'),
     'test_loss': test_metrics.get('loss'),
     'test_examples': test_metrics.get('num_examples'),
+    # The label task's other metrics: test_auc; test_mae, test_rmse.
+    **{
+      f'test_{name}': float(value)
+      for name, value in test_metrics.items()
+      if name not in ('accuracy', 'loss', 'num_examples', 'num_batches')
+    },
     'sampling_seed_secret': sampling_seed_is_secret,
     'assumptions': list(_ASSUMPTIONS),
   }
@@ -202,9 +208,7 @@ def render_text(report: dict[str, Any]) -> str:
     f'  rounds               {report["rounds"]}',
     '',
     'Utility:',
-    f'  held-out accuracy    {report["test_accuracy"]:.4f}'
-    if report['test_accuracy'] is not None
-    else '  held-out accuracy    n/a',
+    *_utility_lines(report),
     '',
     'Assumptions:',
   ]
@@ -223,3 +227,19 @@ def write_report(output_dir: str, report: dict[str, Any]) -> tuple[str, str]:
     atomic_files.write_json(os.path.join(output_dir, JSON_FILENAME), report),
     atomic_files.write_text(os.path.join(output_dir, TEXT_FILENAME), render_text(report)),
   )
+
+
+def _utility_lines(report: Mapping[str, Any]) -> list[str]:
+  """The held-out metrics: accuracy (n/a if none) and the label task's others (auc, mae, rmse)."""
+  lines = [
+    f'  held-out accuracy    {report["test_accuracy"]:.4f}'
+    if report.get('test_accuracy') is not None
+    else '  held-out accuracy    n/a'
+  ]
+  for key, value in report.items():
+    name = key[len('test_') :]
+    if (
+      key.startswith('test_') and name not in ('accuracy', 'loss', 'examples') and value is not None
+    ):
+      lines.append(f'  held-out {name:<12}{value:.4f}')
+  return lines

@@ -30,7 +30,7 @@ from absl import logging as absl_logging
 
 from fedpipe.computations import keras_model
 from fedpipe.config import validation
-from fedpipe.data import atomic_files
+from fedpipe.data import atomic_files, record_schema
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.errors import FedpipeError
 from fedpipe.federation import cross_silo, secure_round
@@ -58,7 +58,8 @@ class TrainResult:
       they apply epsilon, clip_norm, eval_loss, eval_accuracy, dropped_silos.
     privacy: The privacy report (`privacy.report` is its dict).
     test_metrics: The final federated evaluation on the held-out clients:
-      accuracy, loss, num_examples.
+      loss, num_examples and the label task's metrics (accuracy; for
+      'binary' also auc; for 'regression' mae and rmse instead).
     output_dir: The run directory (checkpoints, metrics, model.keras,
       privacy_report.{json,txt}, training_curves.png); training again with
       it resumes or, if complete, returns this result again.
@@ -71,11 +72,14 @@ class TrainResult:
   output_dir: str
 
   def summary(self) -> str:
-    """The lines `fedpipe-train` ends with: test_accuracy=, epsilon=, delta=, output_dir=."""
+    """The lines `fedpipe-train` ends with: test_accuracy= (or test_mae=, ...), epsilon=, delta=, output_dir=."""
     epsilon = self.privacy.epsilon
+    others = [n for n in self.test_metrics if n not in ('accuracy', 'loss', 'num_examples')]
+    if 'accuracy' in self.test_metrics or not others:
+      others.insert(0, 'accuracy')  # The classifiers' line, as always.
     return '\n'.join(
       [
-        f'test_accuracy={self.test_metrics.get("accuracy", math.nan):.4f}',
+        *(f'test_{name}={self.test_metrics.get(name, math.nan):.4f}' for name in others),
         f'epsilon={epsilon if epsilon is not None else math.inf:.4f}',
         f'delta={self.privacy.delta if self.privacy.delta is not None else 0.0:g}',
         f'output_dir={self.output_dir}',
@@ -150,14 +154,19 @@ def _saved_model(
   record = run_directory.read_model_record(run_dir)
   if record is None:  # A run from before model records: model.keras is all there is.
     return tf.keras.models.load_model(run_dir.model, compile=False)
+  label_task = record.get('label_task', record_schema.MULTICLASS)
   builder = keras_model_builder or experiment_lib.keras_builder(
-    config, num_features=record['num_features'], num_classes=record['num_classes']
+    config,
+    num_features=record['num_features'],
+    num_classes=record['num_classes'],
+    label_task=label_task,
   )
   run_directory.check_model(
     run_dir,
     architecture=keras_model.architecture(builder),
     num_features=record['num_features'],
     num_classes=record['num_classes'],
+    label_task=label_task,
   )
   model = builder()
   model.load_weights(run_dir.model if os.path.exists(run_dir.model) else run_dir.model_weights)
@@ -404,6 +413,7 @@ def _execute_locked(
       architecture=keras_model.architecture(experiment.keras_model_builder),
       num_features=experiment.num_features,
       num_classes=experiment.num_classes,
+      label_task=experiment.label_task,
     )
     seed, seed_is_secret = run_directory.sampling_seed(run_dir, config.training.sampling_seed)
     _log_plan(experiment)
@@ -449,14 +459,12 @@ def _execute_locked(
 def _result(
   model: tf.keras.Model, report: dict, run_dir: run_directory.RunDirectory
 ) -> TrainResult:
+  names = {'accuracy': 'test_accuracy', 'loss': 'test_loss', 'num_examples': 'test_examples'}
+  for key in report:  # The label task's other metrics (auc; mae, rmse).
+    if key.startswith('test_') and key not in names.values() and key != 'test_examples':
+      names[key[len('test_') :]] = key
   test_metrics = {
-    name: float(report[key])
-    for name, key in (
-      ('accuracy', 'test_accuracy'),
-      ('loss', 'test_loss'),
-      ('num_examples', 'test_examples'),
-    )
-    if report.get(key) is not None
+    name: float(report[key]) for name, key in names.items() if report.get(key) is not None
   }
   return TrainResult(
     model=model,

@@ -338,7 +338,7 @@ def remove_unstarted(root: str) -> None:
 
 
 def read_model_record(run: RunDirectory) -> dict[str, Any] | None:
-  """What `check_model` recorded: num_features, num_classes, architecture; None if nothing."""
+  """What `check_model` recorded: num_features, num_classes, architecture (label_task); None if nothing."""
   try:
     with open(os.path.join(run.root, MODEL_RECORD), encoding='utf-8') as f:
       return json.load(f)
@@ -347,7 +347,12 @@ def read_model_record(run: RunDirectory) -> dict[str, Any] | None:
 
 
 def check_model(
-  run: RunDirectory, *, architecture: str, num_features: int, num_classes: int
+  run: RunDirectory,
+  *,
+  architecture: str,
+  num_features: int,
+  num_classes: int,
+  label_task: str = 'multiclass',
 ) -> None:
   """Records the run's model, or checks that a resumed run trains the same one.
 
@@ -356,14 +361,18 @@ def check_model(
     architecture: Identifies the model (`keras_model.architecture`).
     num_features: Input width of the client data.
     num_classes: Number of classes in the client data.
+    label_task: The client data's label task; recorded unless 'multiclass'
+      (what a record without it means), so records of earlier runs match.
 
   Raises:
     RunDirectoryError: If the directory holds a run of a different model.
   """
   record = {'num_features': num_features, 'num_classes': num_classes, 'architecture': architecture}
+  if label_task != 'multiclass':
+    record['label_task'] = label_task
   previous = read_model_record(run)
   if previous is not None and previous != record:
-    changed = [k for k in record if previous.get(k) != record[k]]
+    changed = [k for k in {**previous, **record} if previous.get(k) != record.get(k)]
     raise RunDirectoryError(
       f'{run.root} holds a run of a different model ({", ".join(changed)} changed); it '
       'cannot be resumed with this one. Use another output directory, or overwrite to '

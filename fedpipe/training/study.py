@@ -117,7 +117,7 @@ def build_study_request(
     if dim != p.secure_dim:
       raise experiment_lib.ExperimentError(
         f'secure aggregation expects the update sum ({p.secure_dim} values) at '
-        f'{list(experiment_lib.SECURE_NOISED_PATH)} of the silo computation, which has {dim} there'
+        f'{list(p.noised_path)} of the silo computation, which has {dim} there'
       )
   return study_request.StudyRequest(
     name=name,
@@ -134,7 +134,7 @@ def _noised_values(
 ) -> int:
   result = routing.mergeable_form(experiment.train_process.next).up_to_merge.type_signature.result
   node = result.member
-  for index in experiment_lib.SECURE_NOISED_PATH:
+  for index in experiment.privacy.noised_path:
     node = node[index]
   return sum(int(np.prod(t.shape)) for t in tff.structure.flatten(node))
 

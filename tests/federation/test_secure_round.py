@@ -385,7 +385,7 @@ def test_plain_compute_of_a_secure_round_is_refused(federation):
 
 
 def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(federation, tmp_path):
-  """fedpipe-train --config.dp.placement=secure across the three governed silos."""
+  """fedpipe-train --config.dp.placement=secure across the three governed silos, as cohorts."""
   import json
   import re
   import subprocess
@@ -422,6 +422,7 @@ def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(feder
   done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'secure aggregation: 3 silos' in done.stdout + done.stderr
+  assert 'engine: cohort' in done.stdout + done.stderr  # runtime.engine=auto's choice.
   report = json.loads((tmp_path / 'run' / 'privacy_report.json').read_text())
   assert report['noise_placement'] == 'secure' and report['silos'] == 3
   assert 0 < report['epsilon'] < 8

@@ -72,7 +72,7 @@ class TestSpecFile:
       ({'features': [{'name': 'a', 'min': 'zero'}]}, 'features[0].min'),
       ({'features': [{'name': 'a'}, {'name': 'a'}]}, 'features[1].name'),
       ({'features': [{'name': 'label'}]}, 'features[0].name'),
-      ({'schema_version': 2}, 'schema_version'),
+      ({'schema_version': 3}, 'schema_version'),
       ({'extra': 1}, 'extra'),
     ],
   )

@@ -3,12 +3,15 @@
 import logging
 import os
 
+import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from fedpipe.computations import cohort_training
 from fedpipe.config import base, validation
 from fedpipe.data import manifest as manifest_lib
+from fedpipe.runtime import execution_context
 from fedpipe.training import experiment as experiment_lib
 
 NUM_FEATURES = 6
@@ -120,14 +123,45 @@ def test_auto_falls_back_to_the_per_client_engine_with_one_line_saying_why(caplo
   assert len(warnings) == 1, warnings
   assert 'per-client engine' in warnings[0] and 'the_batch_norm' in warnings[0]
 
-  # A config the cohort engine cannot train: one line says which field and why.
-  config = _config()
-  config.dp.placement = 'secure'
-  caplog.clear()
-  with caplog.at_level(logging.INFO, logger=experiment_lib.__name__):
-    assert experiment_lib._engine_for(config) == 'per_client'
-  (line,) = _lines(caplog, logging.INFO)
-  assert "dp.placement is 'secure'; the cohort engine needs 'central'" in line
+
+def test_secure_placement_trains_as_cohorts_with_the_update_sum_where_silos_noise_it(tmp_path):
+  def split(prefix, n):
+    return manifest_lib.SplitManifest(
+      clients={f'silo-{s}/{prefix}{i}': 3 + i % 5 for s in 'ab' for i in range(n)}
+    )
+
+  manifest = manifest_lib.Manifest(
+    feature_spec={},
+    splits={manifest_lib.TRAIN_SPLIT: split('u', 20), manifest_lib.EVAL_SPLIT: split('e', 5)},
+    num_features=NUM_FEATURES,
+    num_classes=NUM_CLASSES,
+  )
+  config = _config(
+    runtime__mode='silos',
+    runtime__silos='silo-a=127.0.0.1:1,silo-b=127.0.0.1:2',
+    runtime__tls_ca='ca.pem',
+    runtime__tls_cert='c.pem',
+    runtime__tls_key='k.pem',
+    dp__placement='secure',
+  )
+  experiment = experiment_lib.build_experiment(config, manifest)
+  assert experiment.engine == 'cohort'
+  privacy = experiment.privacy
+  assert privacy.placement == 'secure' and privacy.noised_path == (0,)
+  # The silo half of a round holds exactly the model's trainable values at that
+  # path (what each silo encodes, noises and masks), as floats.
+  form = tff.backends.native.compile_to_mergeable_comp_form(experiment.train_process.next)
+  node = form.up_to_merge.type_signature.result.member
+  for index in privacy.noised_path:
+    node = node[index]
+  leaves = tff.structure.flatten(node)
+  assert all(t.dtype == np.float32 for t in leaves)
+  assert sum(int(np.prod(t.shape)) for t in leaves) == privacy.secure_dim > 0
+  # The server adds no noise of its own: the silos' shares are the noise.
+  with execution_context.local_worker_context(str(tmp_path)):
+    state = experiment.train_process.initialize()
+  assert state.aggregator.numerator_state.stddev == 0.0
+  assert state.aggregator.numerator_state.l2_norm_clip > 0
 
 
 def test_auto_trains_fedavg_without_dp_as_cohorts_too():
