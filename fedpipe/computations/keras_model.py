@@ -302,6 +302,14 @@ def build_model_fn(
   return model_fn
 
 
+# Thresholds of the binary task's AUC. Its state, four counts per threshold,
+# is what an evaluation releases from each silo, and a silo's review lets an
+# evaluation release at most `governance.review.MAX_EVALUATION_OUTPUTS` (64)
+# numbers: 4 * 12 + accuracy, loss and the counts make 54. Keras interpolates
+# the curve between thresholds; fewer thresholds make a coarser estimate.
+AUC_THRESHOLDS = 12
+
+
 def loss_and_metrics(
   label_task: str, keras_model: tf.keras.Model
 ) -> tuple[tf.keras.losses.Loss, list[tf.keras.metrics.Metric]]:
@@ -309,7 +317,7 @@ def loss_and_metrics(
   task = record_schema.check_label_task(label_task)
   if task == record_schema.BINARY:
     return tf.keras.losses.BinaryCrossentropy(from_logits=True), [
-      tf.keras.metrics.AUC(from_logits=True, name='auc'),
+      tf.keras.metrics.AUC(num_thresholds=AUC_THRESHOLDS, from_logits=True, name='auc'),
       tf.keras.metrics.BinaryAccuracy(threshold=0.0, name='accuracy'),
     ]
   if task == record_schema.REGRESSION:

@@ -200,6 +200,8 @@ def summary_lines(result: StatisticsResult) -> list[str]:
       f'  {name}: mean {e.mean:.4g} ± {e.mean_se:.2g}, std {e.std:.4g} ± {e.std_se:.2g}, '
       f'clip [{e.clip_low:.4g}, {e.clip_high:.4g}]'
     )
+  for name, why in shared_feature_spec.unreliable_scaling(result.combined).items():
+    lines.append(f'  warning: {name}: {why}')
   for name, e in result.combined.categorical.items():
     lines.append(
       f'  {name}: vocabulary of {len(e.vocabulary)} values: {", ".join(e.vocabulary[:10])}'

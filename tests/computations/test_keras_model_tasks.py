@@ -53,6 +53,22 @@ def test_binary_model_has_binary_cross_entropy_auc_and_accuracy():
   assert isinstance(loss, tf.keras.losses.BinaryCrossentropy)
 
 
+@pytest.mark.parametrize(
+  'task,y',
+  [
+    ('binary', np.array([0, 1, 1, 0], np.int64)),
+    ('regression', np.array([0.5, 1.0, -2.0, 3.0], np.float32)),
+  ],
+)
+def test_each_tasks_metrics_fit_what_a_silo_lets_an_evaluation_release(task, y):
+  """A silo's review refuses an evaluation releasing more than 64 numbers (AUC's counts included)."""
+  from fedpipe.governance import review
+
+  _, metrics = _forward(task, y)
+  released = sum(int(np.size(v)) for v in tf.nest.flatten(metrics))
+  assert released <= review.MAX_EVALUATION_OUTPUTS
+
+
 def test_regression_model_has_mse_mae_and_rmse():
   assert client_data.batch_spec(3, label_task='regression')['y'].dtype == tf.float32
   model, metrics = _forward('regression', np.array([0.5, 1.0, -2.0, 3.0], np.float32))
