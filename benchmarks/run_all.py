@@ -35,6 +35,7 @@ from benchmarks import (
   privacy_utility,
   round_cost,
   secure_aggregation,
+  tabular_case,
 )
 
 BENCHMARKS = {
@@ -46,6 +47,7 @@ BENCHMARKS = {
   'flower': flower_peer,
   'cross_silo': cross_silo_overhead,
   'secure_aggregation': secure_aggregation,
+  'tabular': tabular_case,
 }
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Smaller sizes and fewer repetitions (minutes).')

@@ -220,9 +220,14 @@ def _show_statistics(
     f'{"unbounded" if eps is None else f"{eps:.3f}"} for {query.releases} release(s) '
     '(recomputed here with dp-accounting)'
   )
+  _print_fit(store, policy, study, review, query.privacy, rounds=query.releases)
+
+
+def _print_fit(store, policy, study, review, privacy, *, rounds: int) -> None:
+  """Prints whether a study fits the policy: its review's violations, and for a pending one the lifetime ε."""
   violations = list(review['violations'])
   if study.status == governance_store.PENDING:
-    lifetime, epsilons = _lifetime(store, policy, query.privacy, rounds=query.releases)
+    lifetime, epsilons = _lifetime(store, policy, privacy, rounds=rounds)
     violations += lifetime
     if epsilons:
       print(
@@ -290,21 +295,7 @@ def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
     f'{"unbounded" if eps is None else f"{eps:.3f}"} (recomputed here with dp-accounting; '
     f'the coordinator stated {p.get("epsilon")} at delta {p.get("delta")})'
   )
-  violations = list(review['violations'])
-  if study.status == governance_store.PENDING:
-    lifetime, epsilons = _lifetime(store, policy, p, rounds=int(study.request['rounds']))
-    violations += lifetime
-    if epsilons:
-      print(
-        f"  lifetime epsilon on this silo's data if approved: {epsilons['committed']:.3f} "
-        f'committed (max_lifetime_epsilon {policy.max_lifetime_epsilon:g})'
-      )
-  if violations:
-    print(f'\nPolicy {policy.source}: does NOT fit')
-    for v in violations:
-      print(f'  - {v}')
-  else:
-    print(f'\nPolicy {policy.source}: fits')
+  _print_fit(store, policy, study, review, p, rounds=int(study.request['rounds']))
 
 
 def _decide(store: governance_store.GovernanceStore, study_id: str, approve: bool) -> None:

@@ -39,6 +39,33 @@ def _config(**overrides):
   return config
 
 
+def _silos_manifest():
+  """Users of two silos ('silo-a/u0', ...), as the coordinator's union of their manifests."""
+
+  def split(prefix, n):
+    return manifest_lib.SplitManifest(
+      clients={f'silo-{s}/{prefix}{i}': 3 + i % 5 for s in 'ab' for i in range(n)}
+    )
+
+  return manifest_lib.Manifest(
+    feature_spec={},
+    splits={manifest_lib.TRAIN_SPLIT: split('u', 20), manifest_lib.EVAL_SPLIT: split('e', 5)},
+    num_features=NUM_FEATURES,
+    num_classes=NUM_CLASSES,
+  )
+
+
+def _silos_config(**overrides):
+  return _config(
+    runtime__mode='silos',
+    runtime__silos='silo-a=127.0.0.1:1,silo-b=127.0.0.1:2',
+    runtime__tls_ca='ca.pem',
+    runtime__tls_cert='c.pem',
+    runtime__tls_key='k.pem',
+    **overrides,
+  )
+
+
 def _lines(caplog, level):
   return [
     r.getMessage()
@@ -74,24 +101,8 @@ def test_auto_trains_local_dp_fedavg_as_cohorts(caplog):
 
 
 def test_auto_trains_dp_fedavg_across_silos_as_cohorts_of_one_silo_each(caplog):
-  def split(prefix, n):
-    return manifest_lib.SplitManifest(
-      clients={f'silo-{s}/{prefix}{i}': 3 + i % 5 for s in 'ab' for i in range(n)}
-    )
-
-  manifest = manifest_lib.Manifest(
-    feature_spec={},
-    splits={manifest_lib.TRAIN_SPLIT: split('u', 20), manifest_lib.EVAL_SPLIT: split('e', 5)},
-    num_features=NUM_FEATURES,
-    num_classes=NUM_CLASSES,
-  )
-  config = _config(
-    runtime__mode='silos',
-    runtime__silos='silo-a=127.0.0.1:1,silo-b=127.0.0.1:2',
-    runtime__tls_ca='ca.pem',
-    runtime__tls_cert='c.pem',
-    runtime__tls_key='k.pem',
-  )
+  manifest = _silos_manifest()
+  config = _silos_config()
   with caplog.at_level(logging.INFO, logger=experiment_lib.__name__):
     experiment = experiment_lib.build_experiment(config, manifest)
   assert experiment.engine == 'cohort'
@@ -125,25 +136,8 @@ def test_auto_falls_back_to_the_per_client_engine_with_one_line_saying_why(caplo
 
 
 def test_secure_placement_trains_as_cohorts_with_the_update_sum_where_silos_noise_it(tmp_path):
-  def split(prefix, n):
-    return manifest_lib.SplitManifest(
-      clients={f'silo-{s}/{prefix}{i}': 3 + i % 5 for s in 'ab' for i in range(n)}
-    )
-
-  manifest = manifest_lib.Manifest(
-    feature_spec={},
-    splits={manifest_lib.TRAIN_SPLIT: split('u', 20), manifest_lib.EVAL_SPLIT: split('e', 5)},
-    num_features=NUM_FEATURES,
-    num_classes=NUM_CLASSES,
-  )
-  config = _config(
-    runtime__mode='silos',
-    runtime__silos='silo-a=127.0.0.1:1,silo-b=127.0.0.1:2',
-    runtime__tls_ca='ca.pem',
-    runtime__tls_cert='c.pem',
-    runtime__tls_key='k.pem',
-    dp__placement='secure',
-  )
+  manifest = _silos_manifest()
+  config = _silos_config(dp__placement='secure')
   experiment = experiment_lib.build_experiment(config, manifest)
   assert experiment.engine == 'cohort'
   privacy = experiment.privacy
