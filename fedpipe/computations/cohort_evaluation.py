@@ -9,8 +9,10 @@ one pass, no shuffling), runs the global model once over all of them
 (TFF's functional model) and returns the cohort's metric sums in the
 layout the per-client engine's model reports them unfinalized. The server
 sums the cohorts and finalizes with the model's own finalizers, so the
-metrics are the per-client evaluation's: the loss and accuracy over all
-held-out examples, the number of examples and of batches.
+metrics are the per-client evaluation's: the label task's loss and metrics
+(accuracy; AUC and accuracy for 'binary'; MAE and RMSE for 'regression', see
+`cohort_training`) over all held-out examples, the number of examples and of
+batches.
 
 The process has `evaluation.build_federated_evaluation`'s interface:
 `set_model_weights(initialize(), weights)`, then `next(state, cohorts)`, whose
@@ -27,6 +29,29 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import cohort_data, cohort_fedavg, cohort_training, keras_model
+from fedpipe.data import record_schema
+
+
+def _task_sums(
+  task: str, output: tf.Tensor, batches: cohort_data.CohortBatches
+) -> tuple[tf.Tensor, tf.Tensor, dict[str, list]]:
+  """The loss sum, correct count and other metrics of a 'binary' or 'regression' cohort.
+
+  A batch of the per-client evaluation is one (user, step) row of `batches`.
+  """
+  mask = tf.reshape(batches.mask, [-1, tf.shape(batches.mask)[2]])  # [K * S, B]
+  predictions = tf.reshape(tf.nest.flatten(output)[0], tf.shape(mask))
+  labels = tf.reshape(batches.y, tf.shape(mask))
+  loss_sum = tf.reduce_sum(mask * cohort_training.example_losses(task, predictions, labels))
+  sums = cohort_training.prediction_sums(task, predictions, labels, mask)
+  correct = tf.reduce_sum(sums.pop('correct', tf.zeros([0])))
+  metrics = cohort_training.task_metrics(
+    task,
+    {key: tf.reduce_sum(value, axis=0) for key, value in sums.items()},
+    num_examples=tf.reduce_sum(mask),
+    num_batches=tf.reduce_sum(tf.cast(tf.reduce_max(mask, axis=1) > 0, tf.float32)),
+  )
+  return loss_sum, correct, metrics
 
 
 def build_cohort_evaluation(
@@ -36,6 +61,7 @@ def build_cohort_evaluation(
   num_features: int,
   cohort_fn: Callable[[tf.Tensor], cohort_data.CohortBatches],
   seed: int = 0,
+  label_task: str = record_schema.MULTICLASS,
 ) -> tff.learning.templates.LearningProcess:
   """Builds federated evaluation over cohorts of users (see the module docstring).
 
@@ -49,6 +75,8 @@ def build_cohort_evaluation(
       (`cohort_data.make_cohort_fn(split=EVAL_SPLIT, shuffle=False)`); its
       batch size sets `num_batches` as the per-client evaluation's does.
     seed: Seeds the functional model's build as `model_fn`'s.
+    label_task: The client data's label task, as `model_fn` was built for:
+      the loss and metrics.
 
   Returns:
     A `tff.learning.templates.LearningProcess` whose state is the model weights.
@@ -56,14 +84,18 @@ def build_cohort_evaluation(
   Raises:
     cohort_training.CohortNotVectorizableError: If the model cannot be made
       functional (the message names the layer and the fallback).
+    cohort_fedavg.CohortProcessError: If `model_fn`'s model reports metrics
+      the cohort engine does not compute for `label_task`.
   """
+  task = record_schema.check_label_task(label_task)
   functional = cohort_training.functional_model_from_builder(
-    keras_model_builder, num_features=num_features, seed=seed
+    keras_model_builder, num_features=num_features, seed=seed, label_task=task
   )
   with tf.Graph().as_default():
     model = model_fn()
     metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
     metric_names = list(model.report_local_unfinalized_metrics().keys())
+  cohort_fedavg.check_metric_names(metric_names, task)
 
   @tff.tensorflow.computation()
   def initial_model_weights_fn():
@@ -80,13 +112,17 @@ def build_cohort_evaluation(
     output = functional.predict_on_batch(
       (tuple(weights.trainable), tuple(weights.non_trainable)), x, training=False
     )
-    # The loss averages over every slot, padding (weight 0) included: times
-    # the slots it is the sum over the real examples.
-    loss_sum = functional.loss(output=output, label=y, sample_weight=mask) * tf.cast(
-      tf.size(mask), tf.float32
-    )
-    predictions = tf.nest.flatten(output)[0]
-    correct = tf.reduce_sum(mask * tf.cast(tf.equal(tf.argmax(predictions, -1), y), tf.float32))
+    if task == record_schema.MULTICLASS:
+      # The loss averages over every slot, padding (weight 0) included: times
+      # the slots it is the sum over the real examples.
+      loss_sum = functional.loss(output=output, label=y, sample_weight=mask) * tf.cast(
+        tf.size(mask), tf.float32
+      )
+      predictions = tf.nest.flatten(output)[0]
+      correct = tf.reduce_sum(mask * tf.cast(tf.equal(tf.argmax(predictions, -1), y), tf.float32))
+      task_metrics = {}
+    else:
+      loss_sum, correct, task_metrics = _task_sums(task, output, batches)
     result = cohort_training.CohortResult(
       update_sum=[],
       weight_sum=tf.constant(0.0),
@@ -97,8 +133,9 @@ def build_cohort_evaluation(
       num_examples=tf.cast(tf.reduce_sum(mask), tf.int64),
       # A batch of the per-client evaluation is a (user, step) with an example.
       num_batches=tf.reduce_sum(tf.cast(tf.reduce_max(batches.mask, axis=2) > 0, tf.int64)),
+      task_metrics=task_metrics,
     )
-    metrics = cohort_training.unfinalized_metrics(result)
+    metrics = cohort_training.unfinalized_metrics(result, task)
     return collections.OrderedDict((k, metrics[k]) for k in metric_names)
 
   @tff.federated_computation()

@@ -29,6 +29,7 @@ import tensorflow_federated as tff
 
 from fedpipe.computations import cohort_data, cohort_training, dp_aggregator, keras_model
 from fedpipe.data import client_ids as client_ids_lib
+from fedpipe.data import record_schema
 from fedpipe.errors import FedpipeError
 
 # Between a cohort's user ids; a silo's governance gate splits on the same.
@@ -143,6 +144,22 @@ def group_into_silo_cohorts(
   return cohorts
 
 
+def check_metric_names(metric_names: Sequence[str], label_task: str) -> None:
+  """Checks that the cohort engine computes each metric the per-client engine's model reports.
+
+  Raises:
+    CohortProcessError: Naming the metrics it does not compute for `label_task`.
+  """
+  available = cohort_training.metric_names(label_task)
+  missing = [name for name in metric_names if name not in available]
+  if missing:
+    raise CohortProcessError(
+      f'the model reports the metrics {missing}, which the cohort engine does not compute for '
+      f'label task {label_task!r} (it computes {available}); build model_fn with '
+      'keras_model.build_model_fn(..., label_task=...) for the same label task'
+    )
+
+
 def build_cohort_dp_fedavg_process(
   model_fn: Callable[[], tff.learning.models.VariableModel],
   keras_model_builder: keras_model.KerasModelBuilder,
@@ -154,6 +171,7 @@ def build_cohort_dp_fedavg_process(
   server_optimizer: tff.learning.optimizers.Optimizer,
   proximal_strength: float = 0.0,
   seed: int = 0,
+  label_task: str = record_schema.MULTICLASS,
 ) -> tff.learning.templates.LearningProcess:
   """Builds DP-FedAvg over cohorts of users (see the module docstring).
 
@@ -176,6 +194,8 @@ def build_cohort_dp_fedavg_process(
     server_optimizer: Applies the noised mean update.
     proximal_strength: FedProx's mu; 0 is FedAvg.
     seed: Seeds the functional model's build as `model_fn`'s.
+    label_task: The client data's label task, as `model_fn` was built for:
+      the loss and metrics.
 
   Returns:
     A `tff.learning.templates.LearningProcess`.
@@ -183,14 +203,17 @@ def build_cohort_dp_fedavg_process(
   Raises:
     cohort_training.CohortNotVectorizableError: If the model cannot be
       trained as a cohort (the message names the layer and the fallback).
+    CohortProcessError: If `model_fn`'s model reports metrics the cohort
+      engine does not compute for `label_task`.
   """
   functional = cohort_training.functional_model_from_builder(
-    keras_model_builder, num_features=num_features, seed=seed
+    keras_model_builder, num_features=num_features, seed=seed, label_task=label_task
   )
   with tf.Graph().as_default():
     model = model_fn()
     metrics_aggregation_fn = tff.learning.metrics.sum_then_finalize(model.metric_finalizers())
     metric_names = list(model.report_local_unfinalized_metrics().keys())
+  check_metric_names(metric_names, label_task)
   dp = aggregator is not None
   query = aggregator.query if dp else None
   adaptive = dp and aggregator.adaptive
@@ -232,6 +255,7 @@ def build_cohort_dp_fedavg_process(
       proximal_strength=mu,
       clip_norm=clip,
       weight_cap=weight_cap,
+      label_task=label_task,
     )
     update_sum = list(result.update_sum)
     if not dp:
@@ -245,7 +269,7 @@ def build_cohort_dp_fedavg_process(
       sample = collections.OrderedDict(sum_state=update_sum, quantile_estimator_state=below)
     else:
       sample = update_sum
-    metrics = cohort_training.unfinalized_metrics(result)
+    metrics = cohort_training.unfinalized_metrics(result, label_task)
     return sample, collections.OrderedDict((k, metrics[k]) for k in metric_names)
 
   sample_type = train_cohort_fn.type_signature.result[0]

@@ -29,6 +29,27 @@ The math is TFF's per-client engine's (`model_delta_client_work` and
   `below_clip_count` counts the unclipped norms at or below the clip norm, as
   TensorFlow Privacy's quantile estimator does for adaptive clipping.
 
+The loss and metrics follow the label task, as `keras_model.loss_and_metrics`
+gives them to the per-client engine's model, and the metric sums have the
+layout that model reports unfinalized (`unfinalized_metrics`):
+
+- 'multiclass': the functional model's sparse categorical cross-entropy;
+  `accuracy` counts argmax hits;
+- 'binary': binary cross-entropy from the one logit; `accuracy` counts
+  `(logit > 0) == label` (Keras's `BinaryAccuracy(threshold=0)`), and `auc`
+  holds Keras's `AUC` variables, true/false positives/negatives at its
+  evenly spaced thresholds (-ε, 1/(T-1), ..., (T-2)/(T-1), 1+ε), counted
+  with the bucketing of the sigmoid that Keras's AUC uses for such thresholds;
+- 'regression': mean squared error; `rmse` sums the squared errors over the
+  examples, and `mae` the batches' mean absolute errors over the batches
+  (Keras's `MeanAbsoluteError` averages within a batch first).
+
+Binary and regression losses are computed here from the model's output, the
+same math as the Keras losses (which reduce a `[B, 1]` output against `[B]`
+labels over the batch axis first, so the padding mask cannot be their sample
+weight). Each client's metric sums are kept apart during training, so that a
+non-finite client's are dropped as TFF drops them.
+
 TFF's functional model only runs inside a graph: call `train_cohort` inside a
 `tff.tensorflow.computation` or a `tf.Graph` (`CohortRunner` does the latter).
 """
@@ -37,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -47,9 +69,15 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from fedpipe.computations import client_data, keras_model
+from fedpipe.data import record_schema
 from fedpipe.errors import FedpipeError
 
 FunctionalModel = tff.learning.models.FunctionalModel
+MULTICLASS, BINARY, REGRESSION = (
+  record_schema.MULTICLASS,
+  record_schema.BINARY,
+  record_schema.REGRESSION,
+)
 
 
 class CohortTrainingError(FedpipeError, ValueError):
@@ -66,7 +94,7 @@ class StackedCohort:
 
   Attributes:
     x: Features, shape `[K, steps, batch, *feature_shape]`, float32.
-    y: Labels, shape `[K, steps, batch]`, int64.
+    y: Labels, shape `[K, steps, batch]`, int64 (float32 for regression).
     mask: 1.0 for a real example, 0.0 for padding, shape `[K, steps, batch]`.
     num_examples: Examples each client processes (its size times the epochs), shape `[K]`.
     num_steps: Local steps (batches) of each client, shape `[K]`.
@@ -100,6 +128,7 @@ def stack_cohort(
   epochs: int = 1,
   batches_span_epochs: bool = True,
   shuffle_seed: int | None = None,
+  label_task: str = MULTICLASS,
 ) -> StackedCohort:
   """Stacks clients' examples into the padded batches `train_cohort` takes.
 
@@ -113,22 +142,28 @@ def stack_cohort(
 
   Args:
     clients: Each client's `(features, labels)`: features of shape
-      `[n_k, *feature_shape]`, integer labels of shape `[n_k]`; n_k may be 0.
+      `[n_k, *feature_shape]`, labels of shape `[n_k]` (integers, or numbers
+      for 'regression'); n_k may be 0.
     batch_size: Examples per local batch.
     epochs: Passes over each client's examples.
     batches_span_epochs: See above.
     shuffle_seed: None keeps each client's data order in every epoch (the
       per-client engine with `shuffle=False`); a seed draws a new permutation
       per client and epoch (TF's own shuffle order cannot be reproduced).
+    label_task: 'multiclass' or 'binary' (int64 labels) or 'regression'
+      (float32 labels).
 
   Returns:
     A `StackedCohort`.
 
   Raises:
     CohortTrainingError: If there are no clients, `batch_size` or `epochs` is
-      not a positive integer, labels are not integers, or clients' features
-      and labels disagree in length or shape.
+      not a positive integer, labels are not integers (numbers for
+      'regression'), or clients' features and labels disagree in length or
+      shape.
   """
+  task = record_schema.check_label_task(label_task)
+  label_dtype = np.float32 if task == REGRESSION else np.int64
   for name, value in (('batch_size', batch_size), ('epochs', epochs)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise CohortTrainingError(f'{name} must be a positive integer, got {value!r}')
@@ -143,11 +178,16 @@ def stack_cohort(
         f'client {k}: features of shape {features.shape} and labels of shape {labels.shape} '
         'do not match; pass features [n, ...] and labels [n] for the same n examples'
       )
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+    if task == REGRESSION:
+      if labels.size and not np.issubdtype(labels.dtype, np.number):
+        raise CohortTrainingError(
+          f'client {k}: regression labels must be numbers, got dtype {labels.dtype}'
+        )
+    elif labels.size and not np.issubdtype(labels.dtype, np.integer):
       raise CohortTrainingError(
         f'client {k}: labels must be integer class ids, got dtype {labels.dtype}'
       )
-    arrays.append((features, labels.astype(np.int64)))
+    arrays.append((features, labels.astype(label_dtype)))
   feature_shape = arrays[0][0].shape[1:]
   for k, (features, _) in enumerate(arrays):
     if features.shape[1:] != feature_shape:
@@ -172,7 +212,7 @@ def stack_cohort(
   max_steps = int(num_steps.max())
   width = max((len(b) for batches in batches_per_client for b in batches), default=1)
   x = np.zeros((num_clients, max_steps, width, *feature_shape), np.float32)
-  y = np.zeros((num_clients, max_steps, width), np.int64)
+  y = np.zeros((num_clients, max_steps, width), label_dtype)
   mask = np.zeros((num_clients, max_steps, width), np.float32)
   for k, ((features, labels), batches) in enumerate(zip(arrays, batches_per_client)):
     for s, index in enumerate(batches):
@@ -194,10 +234,16 @@ class CohortResult(NamedTuple):
     num_clients: K, the clients stacked (empty ones included).
     loss_sum: Σ over batches of the batch's mean loss times its examples
       (TFF's unfinalized `loss` total).
-    accuracy_count: Examples predicted right (TFF's unfinalized `accuracy` total).
+    accuracy_count: Examples predicted right (TFF's unfinalized `accuracy`
+      total; 0 for 'regression').
     num_examples: Examples processed (TFF's `num_examples` metric; also the
       `loss` and `accuracy` counts).
     num_batches: Local steps taken (TFF's `num_batches` metric).
+    task_metrics: The label task's other metrics, unfinalized as the
+      per-client engine's model reports them: `{}` for 'multiclass',
+      `{'auc': [true_positives, true_negatives, false_positives,
+      false_negatives]}` for 'binary', `{'mae': [total, count], 'rmse':
+      [total, count]}` for 'regression'.
   """
 
   update_sum: list
@@ -208,6 +254,7 @@ class CohortResult(NamedTuple):
   accuracy_count: Any
   num_examples: Any
   num_batches: Any
+  task_metrics: dict[str, list]
 
 
 def _check_hyperparameters(
@@ -340,6 +387,118 @@ def _expand_to(t: tf.Tensor, rank: int) -> tf.Tensor:
   return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([rank - 1], tf.int32)], 0))
 
 
+@functools.cache
+def auc_num_thresholds() -> int:
+  """The thresholds of the binary task's `auc` metric (`keras_model.loss_and_metrics`)."""
+  with keras_model.reproducible_keras_build():
+    _, metrics = keras_model.loss_and_metrics(BINARY, None)
+  (auc,) = [m for m in metrics if isinstance(m, tf.keras.metrics.AUC)]
+  return int(auc.num_thresholds)
+
+
+def example_losses(label_task: str, predictions: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Each example's loss for 'binary' or 'regression', as the task's Keras loss computes it.
+
+  Args:
+    label_task: 'binary' (binary cross-entropy from the logit) or
+      'regression' (squared error).
+    predictions: The model's one output per example, any shape.
+    labels: The labels, the shape of `predictions`.
+
+  Returns:
+    The losses, the shape of `predictions`; Keras's loss is their batch mean.
+  """
+  labels = tf.cast(labels, predictions.dtype)
+  if label_task == BINARY:
+    return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=predictions)
+  if label_task == REGRESSION:
+    return tf.math.squared_difference(predictions, labels)
+  raise CohortTrainingError(f'example_losses is for binary or regression, got {label_task!r}')
+
+
+def prediction_sums(
+  label_task: str, predictions: tf.Tensor, labels: tf.Tensor, mask: tf.Tensor
+) -> dict[str, tf.Tensor]:
+  """Each batch's metric sums over its real examples, for 'binary' or 'regression'.
+
+  Args:
+    label_task: 'binary' or 'regression'.
+    predictions: The model's one output per example, `[R, B]`: R batches.
+    labels: `[R, B]`.
+    mask: 1.0 for a real example, 0.0 for padding, `[R, B]`.
+
+  Returns:
+    Per batch, shape `[R, ...]`: for 'binary' `correct` (Keras's
+    `BinaryAccuracy(threshold=0)` hits), `positives` and `negatives` (`[R, T]`:
+    real positive and negative examples by Keras AUC's threshold bucket of
+    their sigmoid); for 'regression' `absolute_mean` (the batch's mean absolute
+    error, 0 for an empty batch) and `squared` (the sum of squared errors).
+  """
+  labels = tf.cast(labels, predictions.dtype)
+  if label_task == REGRESSION:
+    absolute = tf.reduce_sum(mask * tf.abs(predictions - labels), axis=1)
+    examples = tf.reduce_sum(mask, axis=1)
+    return {
+      'absolute_mean': absolute / tf.maximum(examples, 1.0),
+      'squared': tf.reduce_sum(mask * tf.math.squared_difference(predictions, labels), axis=1),
+    }
+  if label_task != BINARY:
+    raise CohortTrainingError(f'prediction_sums is for binary or regression, got {label_task!r}')
+  hits = tf.cast(tf.equal(labels, tf.cast(predictions > 0.0, predictions.dtype)), tf.float32)
+  # Keras AUC's bucket of each probability (its thresholds have the ±ε ends):
+  # the example counts as positive at the thresholds of buckets <= its own.
+  thresholds = auc_num_thresholds()
+  probabilities = tf.clip_by_value(tf.sigmoid(predictions), 0.0, 1.0)
+  bucket = tf.cast(tf.nn.relu(tf.math.ceil(probabilities * (thresholds - 1)) - 1), tf.int32)
+  # A non-finite output (its client's sums are dropped) must still index a bucket.
+  bucket = tf.where(tf.math.is_finite(probabilities), tf.minimum(bucket, thresholds - 1), 0)
+  rows = tf.shape(predictions)[0]
+  segments = tf.reshape(tf.range(rows)[:, tf.newaxis] * thresholds + bucket, [-1])
+  positive = tf.cast(tf.cast(labels, tf.bool), tf.float32)
+
+  def by_bucket(weights: tf.Tensor) -> tf.Tensor:
+    counts = tf.math.unsorted_segment_sum(tf.reshape(weights, [-1]), segments, rows * thresholds)
+    return tf.reshape(counts, [rows, thresholds])
+
+  return {
+    'correct': tf.reduce_sum(mask * hits, axis=1),
+    'positives': by_bucket(mask * positive),
+    'negatives': by_bucket(mask * (1.0 - positive)),
+  }
+
+
+def task_metrics(
+  label_task: str, sums: dict[str, tf.Tensor], *, num_examples: tf.Tensor, num_batches: tf.Tensor
+) -> dict[str, list]:
+  """`CohortResult.task_metrics` from `prediction_sums` summed over all batches.
+
+  Args:
+    label_task: The label task.
+    sums: `prediction_sums`'s values summed over the batches (`positives`
+      and `negatives` `[T]`); ignored for 'multiclass'.
+    num_examples: The real examples (float32).
+    num_batches: The batches with a real example (float32).
+  """
+  if label_task == BINARY:
+    # Keras's cumulative counts: positive at threshold t if the bucket is >= t's.
+    true_positives = tf.cumsum(sums['positives'], reverse=True)
+    false_positives = tf.cumsum(sums['negatives'], reverse=True)
+    return {
+      'auc': [
+        true_positives,
+        tf.reduce_sum(sums['negatives']) - false_positives,
+        false_positives,
+        tf.reduce_sum(sums['positives']) - true_positives,
+      ]
+    }
+  if label_task == REGRESSION:
+    return {
+      'mae': [sums['absolute_mean'], num_batches],
+      'rmse': [sums['squared'], num_examples],
+    }
+  return {}
+
+
 def train_cohort(
   functional_model: FunctionalModel,
   initial_weights: Any,
@@ -354,6 +513,7 @@ def train_cohort(
   weight_cap: float | None = None,
   vectorize: bool = True,
   fallback_to_while_loop: bool = False,
+  label_task: str = MULTICLASS,
 ) -> CohortResult:
   """Trains K clients from the same weights at once; returns their clipped, weighted sum.
 
@@ -365,8 +525,9 @@ def train_cohort(
 
   Args:
     functional_model: A `tff.learning.models.FunctionalModel` (e.g. from
-      `functional_model_from_builder`). Its loss must average over the batch
-      (Keras's default reduction), as fedpipe's models' does.
+      `functional_model_from_builder`). For 'multiclass' its loss must
+      average over the batch (Keras's default reduction), as fedpipe's
+      models' does; for 'binary' and 'regression' the task's loss is used.
     initial_weights: The global model, `(trainable, non_trainable)` as the
       functional model's `initial_weights`.
     x: Features, `[K, steps, batch, *feature_shape]` (`StackedCohort.x`).
@@ -386,23 +547,28 @@ def train_cohort(
     fallback_to_while_loop: Let `tf.vectorized_map` run ops it cannot
       vectorize client by client (e.g. Conv2D with per-client filters)
       instead of raising.
+    label_task: 'multiclass', 'binary' (a one-logit model) or 'regression'
+      (a one-output model, float labels): the loss and metrics (see the
+      module docstring).
 
   Returns:
     A `CohortResult` of tensors.
 
   Raises:
     CohortTrainingError: If called eagerly or a hyperparameter is out of range.
+    record_schema.LabelTaskError: If `label_task` is not a label task.
     CohortNotVectorizableError: If the model updates state in training
       (BatchNormalization), or an op cannot be vectorized over clients and
       `fallback_to_while_loop` is off (the message names the op and layer).
   """
   _require_graph()
   _check_hyperparameters(learning_rate, momentum, proximal_strength, clip_norm, weight_cap)
+  task = record_schema.check_label_task(label_task)
   initial_trainable, non_trainable = initial_weights
   initial_trainable = tuple(tf.convert_to_tensor(w, tf.float32) for w in initial_trainable)
   non_trainable = [tf.convert_to_tensor(w) for w in non_trainable]
   x = tf.convert_to_tensor(x, tf.float32)
-  y = tf.cast(tf.convert_to_tensor(y), tf.int64)
+  y = tf.cast(tf.convert_to_tensor(y), tf.float32 if task == REGRESSION else tf.int64)
   mask = tf.cast(tf.convert_to_tensor(mask), tf.float32)
   use_momentum = bool(momentum)  # build_sgdm: None or 0 is plain SGD.
   lr = tf.constant(learning_rate, tf.float32)
@@ -423,11 +589,16 @@ def train_cohort(
     with tf.GradientTape() as tape:
       tape.watch(weights)
       output = functional_model.predict_on_batch((list(weights), non_trainable), xb, training=True)
-      # The model's loss over the real examples: Keras's mean-over-batch loss
-      # with the mask as sample weight divides by the padded width; rescaled
-      # to the mean over the real examples (a partial batch is a smaller batch).
-      weighted = functional_model.loss(output=output, label=yb, sample_weight=mb)
-      loss = weighted * (width / tf.maximum(n, 1.0))
+      if task == MULTICLASS:
+        # The model's loss over the real examples: Keras's mean-over-batch loss
+        # with the mask as sample weight divides by the padded width; rescaled
+        # to the mean over the real examples (a partial batch is a smaller batch).
+        weighted = functional_model.loss(output=output, label=yb, sample_weight=mb)
+        loss = weighted * (width / tf.maximum(n, 1.0))
+      else:
+        # The task's Keras loss, the mean over the batch's real examples.
+        predictions = tf.reshape(tf.nest.flatten(output)[0], [-1])
+        loss = tf.reduce_sum(mb * example_losses(task, predictions, yb)) / tf.maximum(n, 1.0)
     gradients = tape.gradient(loss, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     if mu > 0:
       # FedProx's pull towards the round's model, as `proximal_optimizer` adds it.
@@ -439,6 +610,9 @@ def train_cohort(
       new_weights = tuple(w - lr * a for w, a in zip(weights, accumulators))
     else:
       new_weights = tuple(w - lr * g for w, g in zip(weights, gradients))
+    if task != MULTICLASS:
+      # The metrics of the other tasks are computed for all clients at once.
+      return new_weights, accumulators, loss, n, predictions
     predictions = tf.nest.flatten(output)[0]
     correct = tf.reduce_sum(mb * tf.cast(tf.equal(tf.argmax(predictions, axis=-1), yb), tf.float32))
     return new_weights, accumulators, loss, n, correct
@@ -451,16 +625,27 @@ def train_cohort(
         tuple(tf.TensorSpec(a.shape[1:], a.dtype) for a in accumulators),
         tf.TensorSpec([], tf.float32),
         tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([] if task == MULTICLASS else [None], tf.float32),
       )
       return tf.map_fn(client_step, elems, fn_output_signature=signature)
     return tf.vectorized_map(client_step, elems, fallback_to_while_loop=fallback_to_while_loop)
 
-  def body(step, weights, accumulators, loss_sum, correct_sum, examples, batches):
+  def body(step, weights, accumulators, loss_sum, correct_sum, examples, batches, *sums):
     new_weights, new_accumulators, loss, n, correct = step_all(
       weights, accumulators, x_steps[step], y_steps[step], mask_steps[step]
     )
     active = n > 0  # A padded step changes nothing.
+    if task != MULTICLASS:
+      # The step returned the clients' predictions [K, B]: each client's sums.
+      predictions = correct
+      step_sums = prediction_sums(task, predictions, y_steps[step], mask_steps[step])
+      correct = step_sums.pop('correct', tf.zeros_like(loss))
+      sums = (
+        {
+          key: total + tf.where(_expand_to(active, total.shape.rank), step_sums[key], 0.0)
+          for key, total in sums[0].items()
+        },
+      )
     if use_momentum or mu > 0:
       weights = tuple(
         tf.where(_expand_to(active, w.shape.rank), nw, w) for w, nw in zip(weights, new_weights)
@@ -478,7 +663,7 @@ def train_cohort(
     correct_sum += tf.where(active, correct, 0.0)
     examples += tf.cast(n, tf.int64)
     batches += tf.cast(active, tf.int64)
-    return step + 1, weights, accumulators, loss_sum, correct_sum, examples, batches
+    return (step + 1, weights, accumulators, loss_sum, correct_sum, examples, batches, *sums)
 
   stacked = tuple(
     tf.tile(w[tf.newaxis], [num_clients] + [1] * w.shape.rank) for w in initial_trainable
@@ -487,9 +672,18 @@ def train_cohort(
   zeros_f = tf.zeros([num_clients], tf.float32)
   zeros_i = tf.zeros([num_clients], tf.int64)
   loop_vars = (tf.constant(0), stacked, accumulators, zeros_f, zeros_f, zeros_i, zeros_i)
+  if task != MULTICLASS:
+    # Each client's metric sums, so that a non-finite client's can be dropped.
+    buckets = tf.zeros([num_clients, auc_num_thresholds()], tf.float32)
+    initial_sums = (
+      {'positives': buckets, 'negatives': buckets}
+      if task == BINARY
+      else {'absolute_mean': zeros_f, 'squared': zeros_f}
+    )
+    loop_vars += (initial_sums,)
   try:
     with _quiet_tensorflow_logger():
-      _, trained, _, loss_sum, correct_sum, examples, batches = tf.while_loop(
+      _, trained, _, loss_sum, correct_sum, examples, batches, *sums = tf.while_loop(
         lambda step, *_: step < num_steps, body, loop_vars, parallel_iterations=1
       )
   except AttributeError as e:
@@ -513,6 +707,18 @@ def train_cohort(
   correct_sum = tf.where(finite, correct_sum, 0.0)
   examples = tf.where(finite, examples, 0)
   batches = tf.where(finite, batches, 0)
+  metrics = {}
+  if task != MULTICLASS:
+    totals = {
+      key: tf.reduce_sum(tf.where(_expand_to(finite, total.shape.rank), total, 0.0), axis=0)
+      for key, total in sums[0].items()
+    }
+    metrics = task_metrics(
+      task,
+      totals,
+      num_examples=tf.cast(tf.reduce_sum(examples), tf.float32),
+      num_batches=tf.cast(tf.reduce_sum(batches), tf.float32),
+    )
 
   squared = tf.add_n([tf.reduce_sum(tf.reshape(d * d, [num_clients, -1]), axis=1) for d in deltas])
   norms = tf.sqrt(squared)
@@ -536,6 +742,7 @@ def train_cohort(
     accuracy_count=tf.reduce_sum(correct_sum),
     num_examples=tf.reduce_sum(examples),
     num_batches=tf.reduce_sum(batches),
+    task_metrics=metrics,
   )
 
 
@@ -546,9 +753,13 @@ def _describe(builder: Callable[..., Any]) -> str:
 
 
 def functional_model_from_builder(
-  keras_model_builder: keras_model.KerasModelBuilder, *, num_features: int, seed: int = 0
+  keras_model_builder: keras_model.KerasModelBuilder,
+  *,
+  num_features: int,
+  seed: int = 0,
+  label_task: str = MULTICLASS,
 ) -> FunctionalModel:
-  """TFF's functional model of a fedpipe classifier, for `train_cohort`.
+  """TFF's functional model of a fedpipe model, for `train_cohort`.
 
   The same model, initial weights and loss as `keras_model.build_model_fn`
   gives the per-client engine. Call it eagerly (TFF reads the Keras model's
@@ -556,9 +767,11 @@ def functional_model_from_builder(
 
   Args:
     keras_model_builder: Builds a fresh, uncompiled Keras model mapping
-      `num_features` floats to class logits (or probabilities from a softmax).
+      `num_features` floats to class logits (or probabilities from a softmax),
+      or to one logit ('binary') or value ('regression').
     num_features: Input width, as in the client data.
     seed: Seeds the initializers that have none, as `build_model_fn`'s.
+    label_task: The client data's label task: the loss and the labels' dtype.
 
   Returns:
     A `tff.learning.models.FunctionalModel`.
@@ -588,11 +801,17 @@ def functional_model_from_builder(
       f"{', '.join(regularized)}), which TFF's functional model drops while the per-client "
       'engine trains on them; remove the regularizers or train with the per-client engine'
     )
-  loss = tf.keras.losses.SparseCategoricalCrossentropy(
-    from_logits=not keras_model.outputs_probabilities(model)
-  )
+  if record_schema.check_label_task(label_task) == MULTICLASS:
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(
+      from_logits=not keras_model.outputs_probabilities(model)
+    )
+    return tff.learning.models.functional_model_from_keras(
+      model, loss_fn=loss, input_spec=client_data.batch_spec(num_features)
+    )
+  # The task's Keras loss (train_cohort computes it by hand, the same math).
+  loss, _ = keras_model.loss_and_metrics(label_task, model)
   return tff.learning.models.functional_model_from_keras(
-    model, loss_fn=loss, input_spec=client_data.batch_spec(num_features)
+    model, loss_fn=loss, input_spec=client_data.batch_spec(num_features, label_task=label_task)
   )
 
 
@@ -615,6 +834,7 @@ class CohortRunner:
     vectorize: bool = True,
     fallback_to_while_loop: bool = False,
     session_config: tf.compat.v1.ConfigProto | None = None,
+    label_task: str = MULTICLASS,
   ):
     """Builds the graph; the arguments are `train_cohort`'s.
 
@@ -636,7 +856,8 @@ class CohortRunner:
         placeholder(tf.as_dtype(np.asarray(w).dtype), np.shape(w)) for w in non_trainable
       ]
       self._x = placeholder(tf.float32, [None, None, None, *feature_shape])
-      self._y = placeholder(tf.int64, [None, None, None])
+      label_dtype = tf.float32 if label_task == REGRESSION else tf.int64
+      self._y = placeholder(label_dtype, [None, None, None])
       self._mask = placeholder(tf.float32, [None, None, None])
       self._clip = None
       if clip_norm is not None:
@@ -655,6 +876,7 @@ class CohortRunner:
         weight_cap=weight_cap,
         vectorize=vectorize,
         fallback_to_while_loop=fallback_to_while_loop,
+        label_task=label_task,
       )
     self._graph.finalize()
     self._session = tf.compat.v1.Session(graph=self._graph, config=session_config)
@@ -693,24 +915,38 @@ class CohortRunner:
     self._session.close()
 
 
-def unfinalized_metrics(result: CohortResult) -> dict[str, list]:
+def metric_names(label_task: str) -> list[str]:
+  """The unfinalized metrics `unfinalized_metrics` gives for a label task."""
+  task = record_schema.check_label_task(label_task)
+  first = {MULTICLASS: ['accuracy'], BINARY: ['auc', 'accuracy'], REGRESSION: ['mae', 'rmse']}
+  return first[task] + ['loss', 'num_examples', 'num_batches']
+
+
+def unfinalized_metrics(result: CohortResult, label_task: str = MULTICLASS) -> dict[str, list]:
   """A cohort's training metrics as TFF's model reports them unfinalized, summed over clients.
 
   Args:
     result: A `CohortResult` (tensors or NumPy values).
+    label_task: The label task it was trained on.
 
   Returns:
     `{'accuracy': [total, count], 'loss': [total, count], 'num_examples': [n],
-    'num_batches': [b]}`, the layout `keras_model.build_model_fn`'s model
-    reports and `tff.learning.metrics.sum_then_finalize` sums.
+    'num_batches': [b]}` for 'multiclass', with `auc` added for 'binary',
+    and with `mae` and `rmse` in place of `accuracy` for 'regression': the
+    layout `keras_model.build_model_fn`'s model reports and
+    `tff.learning.metrics.sum_then_finalize` sums (`metric_names`).
   """
+  task = record_schema.check_label_task(label_task)
   count = result.num_examples
   as_float: Callable[[Any], Any] = (
     (lambda v: tf.cast(v, tf.float32)) if tf.is_tensor(count) else np.float32
   )
-  return {
-    'accuracy': [result.accuracy_count, as_float(count)],
-    'loss': [result.loss_sum, as_float(count)],
-    'num_examples': [count],
-    'num_batches': [result.num_batches],
-  }
+  metrics = dict(result.task_metrics)
+  if task != REGRESSION:
+    metrics['accuracy'] = [result.accuracy_count, as_float(count)]
+  metrics.update(
+    loss=[result.loss_sum, as_float(count)],
+    num_examples=[count],
+    num_batches=[result.num_batches],
+  )
+  return metrics

@@ -398,8 +398,9 @@ ENGINES = ('auto', 'cohort', 'per_client')
 _COHORT_ENGINE_NEEDS: tuple[tuple[str, str, str], ...] = ()
 
 
-# The label tasks the cohort engine trains (it counts correct classes).
-COHORT_ENGINE_TASKS = ('multiclass',)
+# The label tasks the cohort engine trains: all of them, with the per-client
+# engine's loss and metrics for each.
+COHORT_ENGINE_TASKS = ('multiclass', 'binary', 'regression')
 
 
 def label_task_conflicts(label_task: str) -> list[str]:
@@ -407,8 +408,8 @@ def label_task_conflicts(label_task: str) -> list[str]:
   if label_task in COHORT_ENGINE_TASKS:
     return []
   return [
-    f'label.task is {label_task!r}; the cohort engine needs {COHORT_ENGINE_TASKS[0]!r} (it '
-    'trains classifiers with sparse cross-entropy and accuracy)'
+    f'label.task is {label_task!r}; the cohort engine trains the label tasks '
+    f'{", ".join(repr(t) for t in COHORT_ENGINE_TASKS)}'
   ]
 
 
@@ -420,7 +421,7 @@ def cohort_engine_conflicts(
   Args:
     config: The config.
     label_task: The client data's label task (the feature spec's
-      `label.task`), if known: the cohort engine trains 'multiclass' only.
+      `label.task`), if known: checked against `COHORT_ENGINE_TASKS`.
 
   Returns:
     The conflicts; empty if the cohort engine can train it

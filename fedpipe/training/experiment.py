@@ -403,6 +403,7 @@ def _cohort_processes(
     server_optimizer=server_optimizer,
     proximal_strength=training.proximal_strength,
     seed=config.seed,
+    label_task=manifest.label_task,
   )
   eval_batch_size = _eval_batch_size(training)
   eval_process = cohort_evaluation.build_cohort_evaluation(
@@ -418,6 +419,7 @@ def _cohort_processes(
       label_task=manifest.label_task,
     ),
     seed=config.seed,
+    label_task=manifest.label_task,
   )
   if config.runtime.mode == 'silos':  # Ids are '<silo>/<client id>'.
     group, min_cohorts = cohort_fedavg.group_into_silo_cohorts, _SILO_MIN_COHORTS

@@ -97,7 +97,7 @@ def test_trains_from_raw_rows_and_reports_the_task_metrics(tmp_path, caplog, tas
       progress=lambda p: None,
       training__eval_every=1,
     )
-  assert "per-client engine: label.task is '" + task + "'" in caplog.text
+  assert 'engine: cohort' in caplog.text  # runtime.engine=auto trains every task as cohorts.
   assert result.model.output_shape == (None, 1)
   assert [m['round'] for m in result.metrics] == [1, 2]
   for name in metrics:
@@ -123,22 +123,15 @@ def _manifest(tmp_path, task, weighted=False):
   return write_client_data(tmp_path / 'd', clients, clients, label_task=task)
 
 
+@pytest.mark.parametrize('engine', ['cohort', 'auto'])
 @pytest.mark.parametrize('task', ['binary', 'regression'])
-def test_an_explicit_cohort_engine_refuses_binary_and_regression(tmp_path, task):
-  with pytest.raises(validation.ConfigError) as error:
-    experiment_lib.build_experiment(
-      _config(runtime__engine='cohort', training__clients_per_round=2), _manifest(tmp_path, task)
-    )
-  message = str(error.value)
-  assert 'config.runtime.engine' in message and f"label.task is '{task}'" in message
-  assert 'runtime.engine=per_client' in message
-
-
-def test_auto_picks_the_per_client_engine_for_binary(tmp_path):
+def test_the_cohort_engine_trains_binary_and_regression(tmp_path, task, engine):
   experiment = experiment_lib.build_experiment(
-    _config(training__clients_per_round=2), _manifest(tmp_path, 'binary')
+    _config(runtime__engine=engine, training__clients_per_round=2), _manifest(tmp_path, task)
   )
-  assert experiment.engine == 'per_client' and experiment.label_task == 'binary'
+  assert experiment.engine == 'cohort' and experiment.label_task == task
+  assert validation.label_task_conflicts(task) == []
+  assert validation.cohort_engine_conflicts(_config(), label_task=task) == []
 
 
 def test_weighted_data_is_refused_at_training_time(tmp_path):
