@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -387,13 +386,14 @@ def _expand_to(t: tf.Tensor, rank: int) -> tf.Tensor:
   return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([rank - 1], tf.int32)], 0))
 
 
-@functools.cache
 def auc_num_thresholds() -> int:
-  """The thresholds of the binary task's `auc` metric (`keras_model.loss_and_metrics`)."""
-  with keras_model.reproducible_keras_build():
-    _, metrics = keras_model.loss_and_metrics(BINARY, None)
-  (auc,) = [m for m in metrics if isinstance(m, tf.keras.metrics.AUC)]
-  return int(auc.num_thresholds)
+  """The thresholds of the binary task's `auc` metric (`keras_model.loss_and_metrics`).
+
+  A constant, not read from a metric object: building one would create its
+  variables in whatever graph is being traced, and the first trace of a
+  process would then differ from the next (and so its fingerprint).
+  """
+  return keras_model.AUC_THRESHOLDS
 
 
 def example_losses(label_task: str, predictions: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

@@ -16,6 +16,7 @@ A rerun (a restarted coordinator) builds the study again in another process:
 it must find the same study, or every silo would be asked to approve it anew.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -63,7 +64,7 @@ def _three_silo_manifest() -> manifest_lib.Manifest:
   )
 
 
-def _demo_study() -> dict:
+def _demo_study(manifest: manifest_lib.Manifest | None = None) -> dict:
   """The demo study as the coordinator builds it: engine, id, fingerprints, review problems."""
   from fedpipe.federation import cross_silo
   from fedpipe.governance import review
@@ -71,7 +72,7 @@ def _demo_study() -> dict:
   from fedpipe.training import study
 
   config = _demo_config()
-  experiment = experiment_lib.build_experiment(config, _three_silo_manifest())
+  experiment = experiment_lib.build_experiment(config, manifest or _three_silo_manifest())
   routing = cross_silo.SiloRoutingContext({}, None)  # Compiles as a run would; no silo needed.
   try:
     request = study.build_study_request(
@@ -127,3 +128,18 @@ def test_a_rerun_in_another_process_builds_the_same_study():
   assert there['engine'] == here['engine'] == 'cohort'
   assert there['fingerprints'] == here['fingerprints']
   assert there['study_id'] == here['study_id']
+
+
+def test_a_binary_study_is_the_same_when_built_again_in_the_same_process():
+  """fedpipe-demo-silos submits the study, then training builds it again: both must match.
+
+  (The binary task's AUC once made the first trace of a process differ from
+  the next: its metric object, built during tracing, added variables.)
+  """
+  manifest = dataclasses.replace(
+    _three_silo_manifest(), label_task='binary', num_classes=2, num_features=20
+  )
+  first, second = _demo_study(manifest), _demo_study(manifest)
+  assert first['engine'] == 'cohort'
+  assert first['problems'] == {'train_round': [], 'evaluate': []}
+  assert second['fingerprints'] == first['fingerprints']
