@@ -47,7 +47,9 @@ def run(*, quick: bool = False) -> list[harness.Table]:
     f'{args["epochs"]} epochs) on the pooled rows preprocessed with the pooled spec.',
     'Vocabularies released by the statistics study: '
     + '; '.join(f'{k}: {", ".join(v)}' for k, v in r['vocabularies'].items())
-    + ' (a value held by too few users at every silo stays out: out-of-vocabulary).',
+    + ' (a value held by too few users at every silo stays out: out-of-vocabulary). '
+    'Numeric features min-max scaled by their declared bounds because their noised std was '
+    f'too uncertain: {", ".join(r["scaled_by_bounds"]) or "none"}.',
   ]
   return [
     harness.Table(

@@ -118,6 +118,12 @@ def main(args: dict) -> None:
       'federated': {k: report.get(f'test_{k}') for k in ('accuracy', 'auc', 'loss')},
       'epsilon': report.get('epsilon'),
       'statistics_epsilon': max(s['epsilon'] for s in statistics['silos'].values()),
+      # Numeric features whose noised std was too uncertain: min-max scaled instead.
+      'scaled_by_bounds': sorted(
+        name
+        for name, e in statistics['combined']['numeric'].items()
+        if not e['std'] > 0 or e['std_se'] > 0.5 * e['std']
+      ),
       'vocabularies': {
         k: v['vocabulary'] for k, v in statistics['combined']['categorical'].items()
       },

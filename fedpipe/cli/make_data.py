@@ -65,6 +65,8 @@ def main(argv: Sequence[str]) -> None:
     )
   else:
     skew = f'dirichlet, alpha={data.dirichlet_alpha}' if data.partition == 'dirichlet' else 'iid'
+    if data.source in bundled_data.GENERATED_SOURCES:
+      skew = 'its own users'  # Rows belong to generated users: no partition applies.
     print(
       f'Wrote {data.source} to {result.raw_dir}: {result.num_train_rows} training rows over '
       f'{result.num_clients} clients ({skew}), {result.num_test_rows} test rows '
