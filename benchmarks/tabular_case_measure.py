@@ -14,6 +14,9 @@ benchmarks/.cache, then:
   training rows, preprocessed with the spec completed from the pooled rows
   (`feature_spec_central.json`), without DP, evaluated on the same test rows;
 * the true model's (Bayes-optimal) accuracy on the test rows.
+
+`"sampling_seed": N` fixes the training's client sampling (default: a fresh
+seed each run, recorded in the run directory).
 """
 
 import os
@@ -90,6 +93,11 @@ def main(args: dict) -> None:
         f'--config.data.eval_files={test_csv}',
         f'--config.data.feature_spec={written.feature_spec_file}',
         f'--config.training.rounds={args["rounds"]}',
+        *(
+          [f'--config.training.sampling_seed={args["sampling_seed"]}']
+          if 'sampling_seed' in args
+          else []
+        ),
         f'--work_dir={os.path.join(work, "silos")}',
       ],
       capture_output=True,

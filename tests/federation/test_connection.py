@@ -131,6 +131,7 @@ def test_connect_lists_each_silos_clients_and_counts(env, silos, no_worker):
     b.client_ids('eval')
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.silo = 'other'
+  assert a.label_task == 'multiclass'
   # References and counts only: every field is a name, a number or the spec.
   assert set(dataclasses.asdict(a)) == {
     'silo',
@@ -139,6 +140,7 @@ def test_connect_lists_each_silos_clients_and_counts(env, silos, no_worker):
     'num_features',
     'num_classes',
     'feature_spec',
+    'label_task',
   }
   fed.close()  # Again: nothing happens.
   with pytest.raises(SiloFederationClosedError, match='is closed'):
