@@ -168,6 +168,15 @@ def _list(store: governance_store.GovernanceStore) -> None:
     )
 
 
+def _print_status(study: governance_store.Study) -> None:
+  print(
+    f'  status: {study.status}'
+    + (f' ({study.reason})' if study.reason else '')
+    + f'; submitted by {study.caller} at {_when(study.submitted_at)}'
+    + (f'; decided at {_when(study.decided_at)}' if study.decided_at else '')
+  )
+
+
 def _show_statistics(
   store: governance_store.GovernanceStore,
   study: governance_store.Study,
@@ -176,12 +185,7 @@ def _show_statistics(
 ) -> None:
   query = _statistics_query(study)
   print(f'statistics study {study.study_id} "{study.name}"')
-  print(
-    f'  status: {study.status}'
-    + (f' ({study.reason})' if study.reason else '')
-    + f'; submitted by {study.caller} at {_when(study.submitted_at)}'
-    + (f'; decided at {_when(study.decided_at)}' if study.decided_at else '')
-  )
+  _print_status(study)
   print(
     f'  releases requested: {query.releases}; approved: {study.rounds_approved}; '
     f'used: {study.rounds_used}'
@@ -252,12 +256,7 @@ def _show(store: governance_store.GovernanceStore, study_id: str) -> None:
   p = study.request['privacy']
   model = study.request['model']
   print(f'study {study.study_id} "{study.name}"')
-  print(
-    f'  status: {study.status}'
-    + (f' ({study.reason})' if study.reason else '')
-    + f'; submitted by {study.caller} at {_when(study.submitted_at)}'
-    + (f'; decided at {_when(study.decided_at)}' if study.decided_at else '')
-  )
+  _print_status(study)
   print(
     f'  rounds requested: {study.request["rounds"]}; approved: {study.rounds_approved}; '
     f'used: {study.rounds_used}'

@@ -669,14 +669,7 @@ class FeatureSpec:
     return y
 
   def _parse_regression_label(self, name: str, raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-      raise MalformedRecordError(BAD_LABEL, f'label {name}={_short(raw)} is not a number')
-    try:
-      y = float(raw)
-    except (ValueError, OverflowError):
-      raise MalformedRecordError(BAD_LABEL, f'label {name}={_short(raw)} is not a number') from None
-    if not math.isfinite(y):
-      raise MalformedRecordError(BAD_LABEL, f'label {name}={_short(raw)} is not finite')
+    y = _parse_number(f'label {name}', raw, not_a_number=BAD_LABEL, non_finite=BAD_LABEL)
     low, high = self.label.min, self.label.max
     if (low is not None and y < low) or (high is not None and y > high):
       raise MalformedRecordError(
@@ -769,18 +762,20 @@ def _parse_feature(feature: FeatureColumn, record: Mapping[str, Any]) -> float:
   return value
 
 
-def _parse_number(name: str, raw: Any) -> float:
-  """Parses a feature value; raises MalformedRecordError."""
+def _parse_number(
+  name: str, raw: Any, *, not_a_number: str = NOT_A_NUMBER, non_finite: str = NON_FINITE
+) -> float:
+  """Parses a feature value (or a regression label, with its own reasons); raises MalformedRecordError."""
   if raw is None or (isinstance(raw, str) and not raw.strip()):
     raise MalformedRecordError(MISSING_VALUE, f'{name} is empty')
   if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-    raise MalformedRecordError(NOT_A_NUMBER, f'{name}={_short(raw)} is not a number')
+    raise MalformedRecordError(not_a_number, f'{name}={_short(raw)} is not a number')
   try:
     value = float(raw)
   except (ValueError, OverflowError):
-    raise MalformedRecordError(NOT_A_NUMBER, f'{name}={_short(raw)} is not a number') from None
+    raise MalformedRecordError(not_a_number, f'{name}={_short(raw)} is not a number') from None
   if not math.isfinite(value):
-    raise MalformedRecordError(NON_FINITE, f'{name}={_short(raw)} is not finite')
+    raise MalformedRecordError(non_finite, f'{name}={_short(raw)} is not finite')
   return value
 
 

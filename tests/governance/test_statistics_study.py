@@ -26,6 +26,7 @@ from fedpipe.statistics import combine as combine_lib
 from fedpipe.statistics import mechanism
 from fedpipe.statistics import query as query_lib
 from tests.conftest import REPO_ROOT, log_events
+from tests.statistics import draft_spec
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +34,8 @@ SILOS = ('silo-a', 'silo-b', 'silo-c')
 LAB_POLICY = local_federation.DEMO_POLICY.replace(
   '[statistics]\nmax_releases = 1\n', '[statistics]\nmax_releases = 2\nallow_noise_free = true\n'
 )
-SPEC = {
-  'schema_version': 2,
-  'client_key': 'user',
-  'label': {'name': 'y', 'task': 'binary'},
-  'features': [
-    {'name': 'age', 'type': 'numeric', 'min': 18.0, 'max': 100.0},
-    {'name': 'income', 'type': 'numeric', 'min': 0.0, 'max': 200.0},
-    {'name': 'region', 'type': 'categorical', 'max_values_per_user': 1},
-    {'name': 'device', 'type': 'categorical', 'max_values_per_user': 2},
-  ],
-}
-COLUMNS = ['user', 'age', 'income', 'region', 'device', 'y']
+SPEC = draft_spec.SPEC
+COLUMNS = draft_spec.COLUMNS
 BINS = 10
 MAX_ROWS = 5
 

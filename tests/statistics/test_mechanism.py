@@ -13,18 +13,9 @@ from fedpipe.governance import privacy_ledger
 from fedpipe.statistics import combine as combine_lib
 from fedpipe.statistics import mechanism
 from fedpipe.statistics import query as query_lib
+from tests.statistics import draft_spec
 
-SPEC = {
-  'schema_version': 2,
-  'client_key': 'user',
-  'label': {'name': 'y', 'task': 'binary'},
-  'features': [
-    {'name': 'age', 'type': 'numeric', 'min': 18.0, 'max': 100.0},
-    {'name': 'income', 'type': 'numeric', 'min': 0.0, 'max': 200.0},
-    {'name': 'region', 'type': 'categorical', 'max_values_per_user': 1},
-    {'name': 'device', 'type': 'categorical', 'max_values_per_user': 2},
-  ],
-}
+SPEC = draft_spec.SPEC
 
 
 def _query(**changes):
