@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/lint-imports
 
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -57,6 +57,24 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if 'tff_worker' in getattr(item, 'fixturenames', ()):
       item.add_marker(pytest.mark.slow)
+  _heaviest_files_first(items)
+
+
+def _heaviest_files_first(items):
+  """Orders test files by how many `slow` tests they hold, most first; tests keep their order.
+
+  `make test` hands whole files to its processes (`--dist loadfile
+  --no-loadscope-reorder`) in this order: the long files start at once and
+  the short ones fill in around them, so no process is left with a long file
+  at the end while the other waits.
+  """
+  slow = {}
+  for item in items:
+    slow.setdefault(item.path, 0)
+    if item.get_closest_marker('slow'):
+      slow[item.path] += 1
+  first_seen = {path: i for i, path in enumerate(slow)}
+  items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
 
 
 def wait_until(predicate, timeout=20.0, interval=0.2):

@@ -21,6 +21,8 @@ a failed round); 130 on Ctrl-C and 143 on SIGTERM, after one line saying
 after which round training stopped.
 """
 
+from __future__ import annotations
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -28,19 +30,21 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('GRPC_ENABLE_FORK_SUPPORT', 'false')
 
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from fedpipe.cli import entrypoint as cli
 from fedpipe.errors import FedpipeError
-from fedpipe.runtime import execution_context, shutdown
-from fedpipe.training import federated_training, run_directory
-from fedpipe.training import loop as training_loop
-from fedpipe.training import program as training_program
+from fedpipe.runtime import shutdown
+from fedpipe.training import run_directory
 
-# Importing TFF made it a default context holding a local worker manager, whose
-# __del__ fails at interpreter exit if nothing replaced it (an early error).
-execution_context.refuse_unisolated_default_context()
+if TYPE_CHECKING:
+  from fedpipe.training import loop as training_loop
+
+# TensorFlow Federated takes seconds to import: this module loads it only once
+# the flags and the config have passed (`_training_modules`), so a mistyped
+# flag or config field is reported at once.
 
 _CONFIG = cli.define_config_flag()
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Run directory; default runs/<config.name>.')
@@ -78,8 +82,23 @@ class _PrintRounds:
     self.last_round = 0
 
   def __call__(self, progress: training_loop.RoundProgress) -> None:
+    from fedpipe.training import loop  # Loaded already: training is running.
+
     self.last_round = progress.round
-    print(training_loop.format_progress(progress), flush=True)
+    print(loop.format_progress(progress), flush=True)
+
+
+def _training_modules():
+  """Imports TensorFlow Federated and the training library; returns (program, federated_training)."""
+  from fedpipe.runtime import execution_context
+  from fedpipe.training import federated_training, program
+
+  # Importing TFF made it a default context holding a local worker manager, whose
+  # __del__ fails at interpreter exit if nothing replaced it (an early error).
+  execution_context.refuse_unisolated_default_context()
+  program.quiet_logs()
+  program.print_messages()
+  return program, federated_training
 
 
 def _interruption_message(rounds: _PrintRounds, output_dir: str | None, *, submitting: bool) -> str:
@@ -109,8 +128,6 @@ def _interruption_message(rounds: _PrintRounds, output_dir: str | None, *, submi
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
-  training_program.quiet_logs()
-  training_program.print_messages()
   rounds = _PrintRounds()
   output_dir = None
   try:
@@ -118,6 +135,7 @@ def main(argv: list[str]) -> int:
       config = cli.load_config(_CONFIG)
       _apply_runtime_flags(config)
       output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
+      training_program, federated_training = _training_modules()
       if _SUBMIT_STUDY.value:
         with run_directory.lock(output_dir):
           study_id = training_program.submit_study(config, output_dir)
