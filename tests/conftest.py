@@ -15,6 +15,12 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# The environment a user's shell gives the programs the tests start. Importing
+# a library can add to this process's environment, and every child would then
+# inherit it: TensorFlow sets TF2_BEHAVIOR=1, which hid a fedpipe-train that
+# failed outside the tests (TensorFlow imported inside absl's `main`).
+_SHELL_ENVIRONMENT = frozenset(os.environ)
+
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +81,18 @@ def _heaviest_files_first(items):
       slow[item.path] += 1
   first_seen = {path: i for i, path in enumerate(slow)}
   items.sort(key=lambda item: (-slow[item.path], first_seen[item.path]))
+
+
+@pytest.fixture(autouse=True)
+def _shell_environment():
+  """Drops what imports added to the environment, so programs start as from a shell.
+
+  Before each test, ahead of its fixtures: a test's own `monkeypatch.setenv`
+  stays. pytest's own variables stay too.
+  """
+  for key in set(os.environ) - _SHELL_ENVIRONMENT:
+    if not key.startswith('PYTEST_'):
+      del os.environ[key]
 
 
 def wait_until(predicate, timeout=20.0, interval=0.2):

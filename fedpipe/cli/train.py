@@ -42,9 +42,9 @@ from fedpipe.training import run_directory
 if TYPE_CHECKING:
   from fedpipe.training import loop as training_loop
 
-# TensorFlow Federated takes seconds to import: this module loads it only once
-# the flags and the config have passed (`_training_modules`), so a mistyped
-# flag or config field is reported at once.
+# TensorFlow Federated takes seconds to import: this program loads it only once
+# the flags and the config have passed (`_parse_flags`), so a mistyped flag or
+# config field is reported at once.
 
 _CONFIG = cli.define_config_flag()
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Run directory; default runs/<config.name>.')
@@ -86,6 +86,20 @@ class _PrintRounds:
 
     self.last_round = progress.round
     print(loop.format_progress(progress), flush=True)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses the flags and checks the config, then loads TensorFlow Federated.
+
+  The import happens here, before `app.run` calls `main`: TensorFlow 2.14
+  imported from inside an absl `main` gives Keras graph tensors instead of
+  Keras tensors, and building a functional model fails ('SymbolicTensor'
+  object has no attribute 'node').
+  """
+  remaining = cli.parse_flags(argv, known_only=False)
+  cli.load_config(_CONFIG)
+  _training_modules()
+  return remaining
 
 
 def _training_modules():
@@ -163,7 +177,7 @@ def run() -> None:
   """Console-script entrypoint."""
   app.run(
     lambda argv: sys.exit(main(argv)),
-    flags_parser=lambda argv: cli.parse_flags(argv, known_only=False),
+    flags_parser=_parse_flags,
   )
 
 
