@@ -38,6 +38,7 @@ from configs import credit_binary
 from fedpipe.computations import keras_model
 from fedpipe.datasets import bundled_data, synthetic_credit
 from fedpipe.pipelines import feature_spec as feature_spec_lib
+from fedpipe.pipelines import federated_statistics
 from fedpipe.pipelines import pipeline as preprocess_pipeline
 from fedpipe.training import central_baseline
 
@@ -111,6 +112,9 @@ def main(args: dict) -> None:
       report = json.load(f)
     with open(os.path.join(work, 'silos', 'statistics', 'statistics_report.json')) as f:
       statistics = json.load(f)
+    shared_spec = feature_spec_lib.FeatureSpec.load(
+      os.path.join(work, 'silos', 'statistics', federated_statistics.SHARED_SPEC_FILENAME)
+    )
     engine = next(
       (
         ln.split('engine: ', 1)[1]
@@ -126,11 +130,9 @@ def main(args: dict) -> None:
       'federated': {k: report.get(f'test_{k}') for k in ('accuracy', 'auc', 'loss')},
       'epsilon': report.get('epsilon'),
       'statistics_epsilon': max(s['epsilon'] for s in statistics['silos'].values()),
-      # Numeric features whose noised std was too uncertain: min-max scaled instead.
+      # Numeric features the shared spec left without a std: min-max scaled instead.
       'scaled_by_bounds': sorted(
-        name
-        for name, e in statistics['combined']['numeric'].items()
-        if not e['std'] > 0 or e['std_se'] > 0.5 * e['std']
+        f.name for f in shared_spec.features if f.kind == feature_spec_lib.NUMERIC and f.std is None
       ),
       'vocabularies': {
         k: v['vocabulary'] for k, v in statistics['combined']['categorical'].items()

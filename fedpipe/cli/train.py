@@ -40,6 +40,8 @@ from fedpipe.runtime import shutdown
 from fedpipe.training import run_directory
 
 if TYPE_CHECKING:
+  import ml_collections
+
   from fedpipe.training import loop as training_loop
 
 # TensorFlow Federated takes seconds to import: this program loads it only once
@@ -88,31 +90,28 @@ class _PrintRounds:
     print(loop.format_progress(progress), flush=True)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def _parse_flags(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict]:
   """Parses the flags and checks the config, then loads TensorFlow Federated.
 
   The import happens here, before `app.run` calls `main`: TensorFlow 2.14
   imported from inside an absl `main` gives Keras graph tensors instead of
   Keras tensors, and building a functional model fails ('SymbolicTensor'
   object has no attribute 'node').
+
+  Returns:
+    What `main` gets: the arguments absl did not consume, and the config.
   """
   remaining = cli.parse_flags(argv, known_only=False)
-  cli.load_config(_CONFIG)
-  _training_modules()
-  return remaining
-
-
-def _training_modules():
-  """Imports TensorFlow Federated and the training library; returns (program, federated_training)."""
+  config = cli.load_config(_CONFIG)
   from fedpipe.runtime import execution_context
-  from fedpipe.training import federated_training, program
+  from fedpipe.training import program
 
   # Importing TFF made it a default context holding a local worker manager, whose
   # __del__ fails at interpreter exit if nothing replaced it (an early error).
   execution_context.refuse_unisolated_default_context()
   program.quiet_logs()
   program.print_messages()
-  return program, federated_training
+  return remaining, config
 
 
 def _interruption_message(rounds: _PrintRounds, output_dir: str | None, *, submitting: bool) -> str:
@@ -139,17 +138,19 @@ def _interruption_message(rounds: _PrintRounds, output_dir: str | None, *, submi
   )
 
 
-def main(argv: list[str]) -> int:
+def main(parsed: tuple[list[str], ml_collections.ConfigDict]) -> int:
+  from fedpipe.training import federated_training
+  from fedpipe.training import program as training_program
+
+  argv, config = parsed
   if len(argv) > 1:
     cli.fail(f'unexpected argument(s) {" ".join(argv[1:])}; this program takes flags only.')
   rounds = _PrintRounds()
   output_dir = None
   try:
     with shutdown.graceful_termination():
-      config = cli.load_config(_CONFIG)
       _apply_runtime_flags(config)
       output_dir = _OUTPUT_DIR.value or os.path.join('runs', config.name)
-      training_program, federated_training = _training_modules()
       if _SUBMIT_STUDY.value:
         with run_directory.lock(output_dir):
           study_id = training_program.submit_study(config, output_dir)
@@ -176,7 +177,7 @@ def main(argv: list[str]) -> int:
 def run() -> None:
   """Console-script entrypoint."""
   app.run(
-    lambda argv: sys.exit(main(argv)),
+    lambda parsed: sys.exit(main(parsed)),
     flags_parser=_parse_flags,
   )
 

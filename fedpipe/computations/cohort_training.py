@@ -386,16 +386,6 @@ def _expand_to(t: tf.Tensor, rank: int) -> tf.Tensor:
   return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([rank - 1], tf.int32)], 0))
 
 
-def auc_num_thresholds() -> int:
-  """The thresholds of the binary task's `auc` metric (`keras_model.loss_and_metrics`).
-
-  A constant, not read from a metric object: building one would create its
-  variables in whatever graph is being traced, and the first trace of a
-  process would then differ from the next (and so its fingerprint).
-  """
-  return keras_model.AUC_THRESHOLDS
-
-
 def example_losses(label_task: str, predictions: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   """Each example's loss for 'binary' or 'regression', as the task's Keras loss computes it.
 
@@ -447,7 +437,7 @@ def prediction_sums(
   hits = tf.cast(tf.equal(labels, tf.cast(predictions > 0.0, predictions.dtype)), tf.float32)
   # Keras AUC's bucket of each probability (its thresholds have the ±ε ends):
   # the example counts as positive at the thresholds of buckets <= its own.
-  thresholds = auc_num_thresholds()
+  thresholds = keras_model.AUC_THRESHOLDS
   probabilities = tf.clip_by_value(tf.sigmoid(predictions), 0.0, 1.0)
   bucket = tf.cast(tf.nn.relu(tf.math.ceil(probabilities * (thresholds - 1)) - 1), tf.int32)
   # A non-finite output (its client's sums are dropped) must still index a bucket.
@@ -674,7 +664,7 @@ def train_cohort(
   loop_vars = (tf.constant(0), stacked, accumulators, zeros_f, zeros_f, zeros_i, zeros_i)
   if task != MULTICLASS:
     # Each client's metric sums, so that a non-finite client's can be dropped.
-    buckets = tf.zeros([num_clients, auc_num_thresholds()], tf.float32)
+    buckets = tf.zeros([num_clients, keras_model.AUC_THRESHOLDS], tf.float32)
     initial_sums = (
       {'positives': buckets, 'negatives': buckets}
       if task == BINARY

@@ -307,6 +307,9 @@ def build_model_fn(
 # evaluation release at most `governance.review.MAX_EVALUATION_OUTPUTS` (64)
 # numbers: 4 * 12 + accuracy, loss and the counts make 54. Keras interpolates
 # the curve between thresholds; fewer thresholds make a coarser estimate.
+# The cohort engine reads this constant, not a metric object: building one
+# while tracing adds its variables to that trace, so the first trace of a
+# process (and its approved fingerprint) would differ from the next.
 AUC_THRESHOLDS = 12
 
 

@@ -239,7 +239,7 @@ def test_the_metrics_have_the_per_client_models_unfinalized_layout(task):
       (np.shape(v), np.asarray(v).dtype) for v in actual[name]
     ], name
   if task == 'binary':
-    thresholds = cohort_training.auc_num_thresholds()
+    thresholds = keras_model.AUC_THRESHOLDS
     assert [np.shape(v) for v in actual['auc']] == [(thresholds,)] * 4
 
 
