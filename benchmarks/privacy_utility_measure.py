@@ -8,7 +8,8 @@ Beam-written data under benchmarks/.cache, the cohort engine) and trains it
 once per sampling seed, each from the same initial model, on a local isolated
 worker, then evaluates on the held-out users. Reports ε (δ = 1e-5), each
 seed's held-out accuracy and the median seconds a run took. `"dp": false` is
-the non-DP ceiling.
+the non-DP ceiling; `"config"` sets other fields first, by dotted path
+(`{"model.activation": "relu"}`).
 """
 
 import os
@@ -35,6 +36,12 @@ def main(args: dict) -> None:
   all_dir, _ = cross_silo_overhead_measure.prepare(300)
   config = digits_dp.get_config()
   config.data.processed_dir = all_dir
+  for path, value in args.get('config', {}).items():
+    *parents, field = path.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
   config.training.rounds = args['rounds']
   config.dp.enabled = args.get('dp', True)
   if config.dp.enabled:

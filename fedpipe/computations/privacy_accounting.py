@@ -6,6 +6,10 @@ replacement) and releases one Gaussian sum of noise multiplier z. The run is
 that event composed `rounds` times. Poisson sampling is analysed under
 add/remove-one-client neighbours, fixed-size sampling under replace-one (the
 only relation dp-accounting supports for it, and the larger ε).
+
+Two accountants: RDP (the default) and PLD, which is tighter (a lower ε for
+the same noise, so less noise for the same ε) and supports Poisson sampling
+only. Both give upper bounds on ε.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ Sampling = Literal['poisson', 'fixed_size']
 Accountant = Literal['rdp', 'pld']
 SAMPLING_METHODS = ('poisson', 'fixed_size')
 ACCOUNTANTS = ('rdp', 'pld')
+
+
+# The PLD accountant's grid step for privacy losses. dp-accounting rounds
+# losses up to the grid (its pessimistic estimate), so any step gives an
+# upper bound on ε; 1e-3 instead of the library's 1e-4 makes an ε about ten
+# times cheaper (ε is asked after every round) and moves it by about 1e-5
+# relative at the demo's point.
+PLD_VALUE_DISCRETIZATION = 1e-3
 
 
 class PrivacyAccountingError(FedpipeError, ValueError):
@@ -93,7 +105,9 @@ def make_accountant(
         'the pld accountant cannot analyse fixed_size sampling; use '
         'accountant=rdp or sampling=poisson'
       )
-    return dp_accounting.pld.PLDAccountant(neighboring_relation=relation)
+    return dp_accounting.pld.PLDAccountant(
+      neighboring_relation=relation, value_discretization_interval=PLD_VALUE_DISCRETIZATION
+    )
   raise PrivacyAccountingError(f'accountant must be one of {ACCOUNTANTS}, got {accountant!r}')
 
 
@@ -126,9 +140,12 @@ def compute_epsilon(
     # computed once per mechanism: ε is asked after every round.
     orders, one_round = _one_round_rdp(noise_multiplier, sampling)
     return float(dp_accounting.rdp.compute_epsilon(orders, rounds * one_round, delta)[0])
-  acc = make_accountant(accountant, sampling)
-  acc.compose(run_event(noise_multiplier, sampling, rounds))
-  return float(acc.get_epsilon(delta))
+  make_accountant(accountant, sampling)  # Fails on sampling PLD cannot analyse.
+  # What the PLD accountant computes for the run (one round's loss
+  # distribution composed `rounds` times), with one round's distribution, the
+  # costly part, built once per mechanism.
+  one_round = _one_round_pld(noise_multiplier, sampling)
+  return float(one_round.self_compose(rounds).get_epsilon_for_delta(delta))
 
 
 def compose_epsilon(runs: Sequence[tuple[float, SamplingScheme, int]], *, delta: float) -> float:
@@ -175,6 +192,18 @@ def _one_round_rdp(
   orders.flags.writeable = False
   rdp.flags.writeable = False
   return orders, rdp
+
+
+@functools.lru_cache(maxsize=32)
+def _one_round_pld(
+  noise_multiplier: float, sampling: SamplingScheme
+) -> dp_accounting.pld.privacy_loss_distribution.PrivacyLossDistribution:
+  """One Poisson-sampled Gaussian round's privacy loss distribution, as `PLDAccountant` builds it."""
+  return dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
+    standard_deviation=noise_multiplier,
+    value_discretization_interval=PLD_VALUE_DISCRETIZATION,
+    sampling_prob=sampling.sampling_rate,
+  )
 
 
 def noise_multiplier_for_epsilon(

@@ -23,6 +23,7 @@ SOURCES = ('sklearn:digits', 'sklearn:breast_cancer', 'sklearn:wine', 'synthetic
 # for 'binary' and 'regression'); feature_spec the client data's
 # `fedpipe.pipelines.feature_spec.FeatureSpec` (None if the manifest has no
 # valid one), whose `input_layout()` says where each column sits in x.
+# activation and center_inputs are config.model's, as the bundled MLP takes them.
 MODEL_BUILDER_ARGUMENTS = (
   'num_features',
   'num_classes',
@@ -30,7 +31,12 @@ MODEL_BUILDER_ARGUMENTS = (
   'seed',
   'num_outputs',
   'feature_spec',
+  'activation',
+  'center_inputs',
 )
+# config.model.activation: the bundled MLP's (keras_model.ACTIVATIONS, which
+# this layer cannot import; a test keeps the two equal).
+MLP_ACTIVATIONS = ('relu', 'tanh', 'elu', 'sigmoid')
 _REQUIRED_BUILDER_ARGUMENTS = MODEL_BUILDER_ARGUMENTS[:2]
 
 
@@ -291,6 +297,8 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden)
   ):
     c.add(f'config.model.hidden_units: got {hidden!r}; must be a tuple of positive integers')
+  c.one_of('model.activation', MLP_ACTIVATIONS)
+  c.check('model.center_inputs', lambda v: isinstance(v, bool), 'true or false')
 
   c.integer('training.rounds', 1)
   c.integer('training.clients_per_round', 1)

@@ -149,7 +149,8 @@ def keras_builder(
     num_features, num_classes and, if it takes them (by name, or with
     `**kwargs`), `model.hidden_units`, `config.seed`, `num_outputs` (the
     output width the task needs: num_classes, or 1 for 'binary' and
-    'regression') and `feature_spec`.
+    'regression'), `feature_spec`, `model.activation` and
+    `model.center_inputs`.
 
   Raises:
     fedpipe.config.validation.ConfigError: If `model.builder` cannot be loaded.
@@ -166,6 +167,8 @@ def keras_builder(
     'seed': config.seed,
     'num_outputs': keras_model.num_outputs(label_task, num_classes),
     'feature_spec': feature_spec,
+    'activation': config.model.activation,
+    'center_inputs': config.model.center_inputs,
   }
   try:
     parameters = inspect.signature(function).parameters

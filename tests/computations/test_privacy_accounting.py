@@ -52,17 +52,36 @@ def test_rdp_epsilon_after_each_round_equals_a_fresh_accountant(method):
 
 
 def test_pld_epsilon_equals_dp_accounting_pld():
+  # The cached one-round distribution, composed per call, must give what a
+  # fresh PLD accountant gives for the whole run, in any order of rounds.
   scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
-  ours = pa.compute_epsilon(
-    noise_multiplier=2.0, sampling=scheme, rounds=50, delta=1e-5, accountant='pld'
-  )
-  accountant = dp_accounting.pld.PLDAccountant()
-  accountant.compose(
-    dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(2.0)), 50
+  for rounds in (50, 1, 7, 50):
+    ours = pa.compute_epsilon(
+      noise_multiplier=2.0, sampling=scheme, rounds=rounds, delta=1e-5, accountant='pld'
     )
+    accountant = dp_accounting.pld.PLDAccountant(
+      value_discretization_interval=pa.PLD_VALUE_DISCRETIZATION
+    )
+    accountant.compose(
+      dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(2.0)), rounds
+      )
+    )
+    assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9), rounds
+
+
+def test_pld_grid_changes_epsilon_little_and_stays_below_rdp():
+  # The coarser grid is still an upper bound close to the library's finer
+  # default, and PLD is tighter than RDP for the same mechanism.
+  scheme = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
+  fine = dp_accounting.pld.PLDAccountant()
+  fine.compose(pa.run_event(1.76, scheme, 100))
+  ours = pa.compute_epsilon(
+    noise_multiplier=1.76, sampling=scheme, rounds=100, delta=1e-5, accountant='pld'
   )
-  assert ours == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+  rdp = pa.compute_epsilon(noise_multiplier=1.76, sampling=scheme, rounds=100, delta=1e-5)
+  assert fine.get_epsilon(1e-5) <= ours <= fine.get_epsilon(1e-5) * (1 + 1e-4)
+  assert ours < 6.0 < rdp
 
 
 def test_epsilon_grows_with_rounds_and_edge_cases():

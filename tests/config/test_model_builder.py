@@ -70,6 +70,39 @@ def test_naming_the_bundled_mlp_builds_what_the_default_builds():
   assert [w.shape for w in a.get_weights()] == [(64, 64), (64,), (64, 10), (10,)]
 
 
+def test_the_mlp_takes_its_activation_and_input_centring_from_the_config():
+  from fedpipe.computations import keras_model
+  from fedpipe.training import experiment
+
+  plain = validation.validate(_config(''))
+  plain.model.activation = 'tanh'
+  plain.model.center_inputs = False
+  centred = validation.validate(_config(''))
+  centred.model.activation = 'tanh'
+  centred.model.center_inputs = True
+  a = experiment.keras_builder(plain, num_features=4, num_classes=3)()
+  b = experiment.keras_builder(centred, num_features=4, num_classes=3)()
+  assert a.get_layer('hidden_0').activation.__name__ == 'tanh'
+  # Same weights; the centred model sees 2x - 1 where the plain one sees x.
+  x = np.random.default_rng(0).uniform(size=(5, 4)).astype(np.float32)
+  np.testing.assert_allclose(b(x), a(2 * x - 1), rtol=1e-5, atol=1e-6)
+  assert validation.MLP_ACTIVATIONS == keras_model.ACTIVATIONS
+  with pytest.raises(keras_model.UnknownActivationError, match="got 'swish'"):
+    keras_model.build_mlp(num_features=4, num_classes=3, activation='swish')
+
+
+def test_a_bad_activation_or_centring_is_a_config_error_naming_the_field():
+  config = _config('')
+  config.model.activation = 'swish'
+  config.model.center_inputs = None
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config)
+  assert error.value.problems == [
+    "config.model.activation: got 'swish'; must be one of relu, tanh, elu, sigmoid",
+    'config.model.center_inputs: is None; must be true or false',
+  ]
+
+
 @pytest.mark.parametrize(
   'builder,expected',
   [
@@ -121,4 +154,4 @@ def test_bad_overrides_are_all_named_with_the_fix():
     "config.training.batch_size (training__batch_size=): got 'big' (str); the field takes "
     'int values'
   )
-  assert config.training.batch_size == 16
+  assert config.training.batch_size == base.get_default_config().training.batch_size

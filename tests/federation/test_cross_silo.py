@@ -102,6 +102,7 @@ def _metrics(output_dir):
 EXACT = [
   '--config.training.rounds=4',
   '--config.training.sampling=fixed_size',
+  '--config.dp.accountant=rdp',
   '--config.training.batch_size=128',
   f'--config.training.clients_per_round={NUM_CLIENTS}',
   '--config.dp.noise_multiplier=0.0',
@@ -387,6 +388,7 @@ def test_a_silo_killed_mid_round_fails_the_run_naming_it_and_a_governed_rerun_re
       f'--config.training.rounds={rounds}',
       '--config.training.clients_per_round=10',
       '--config.training.sampling=fixed_size',
+      '--config.dp.accountant=rdp',
       federation=federation,
     )
     submitted = subprocess.run(

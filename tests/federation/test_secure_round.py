@@ -406,6 +406,7 @@ def test_training_with_secure_placement_runs_masked_rounds_charged_as_such(feder
     f'--tls_cert={tls.cert}',
     f'--tls_key={tls.key}',
     '--config.dp.placement=secure',
+    '--config.dp.accountant=rdp',
     '--config.training.rounds=3',
     '--config.training.clients_per_round=24',
   ]

@@ -7,8 +7,9 @@ approval in the field would silently stop matching; this test fails first.
 The study is the one `make demo-silos` submits: the demo config across three
 silos, trained and evaluated by the cohort engine (runtime.engine=auto) on
 client data stored in `clients.sqlite`. The values were last changed when
-the cohort engine began to run across silos; before, silos received the
-per-client engine's computations. If a change is meant to alter the
+the demo config was tuned (tanh units on centred inputs, two local epochs of
+2-example batches, the PLD accountant): a new model and new local training,
+so silos must approve the tuned demo as a new study. If a change is meant to alter the
 computations, update them and say so in the change: silos must approve the
 new study.
 
@@ -28,10 +29,10 @@ from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from tests.conftest import REPO_ROOT
 
-DEMO_STUDY_ID = '9f81855f762019fd'
+DEMO_STUDY_ID = '3da405145a2bf929'
 DEMO_FINGERPRINTS = [
-  ['evaluate', 'sha256:7fa85e7260ccae410cdc06c7dcaeb60d9b1f8b51a2bb5a10d521b0d918074b05'],
-  ['train_round', 'sha256:67d777f5a32bd280e8f2c0afb314389ef2fe3f06903f3721b8e52c0fe431b57b'],
+  ['evaluate', 'sha256:17d2c3abbc31b24bf9eb507346319d804c41f1e709e330ebd16c0e28afef60e4'],
+  ['train_round', 'sha256:38ac0e598d8bb310b36b0b657c9e91a3b13aae00fbb553e180a25d5012e25d39'],
 ]
 
 

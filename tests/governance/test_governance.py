@@ -453,6 +453,7 @@ def test_training_run_submits_its_study_fails_early_then_trains_once_approved(en
     '--config.training.rounds=3',
     '--config.training.clients_per_round=10',
     '--config.training.sampling=fixed_size',
+    '--config.dp.accountant=rdp',
   ]
 
   def train(*extra):

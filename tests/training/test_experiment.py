@@ -137,7 +137,7 @@ def test_auto_falls_back_to_the_per_client_engine_with_one_line_saying_why(caplo
 
 def test_secure_placement_trains_as_cohorts_with_the_update_sum_where_silos_noise_it(tmp_path):
   manifest = _silos_manifest()
-  config = _silos_config(dp__placement='secure')
+  config = _silos_config(dp__placement='secure', dp__accountant='rdp')
   experiment = experiment_lib.build_experiment(config, manifest)
   assert experiment.engine == 'cohort'
   privacy = experiment.privacy

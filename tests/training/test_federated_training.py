@@ -43,7 +43,7 @@ def test_defaults_to_the_demo_dp_config_with_the_data_and_overrides():
   assert config.data.processed_dir == 'data/mine' and config.runtime.mode == 'local'
   assert (config.training.rounds, config.name) == (5, 'try1')
   expected = base.get_default_config()
-  assert config.dp.noise_multiplier == expected.dp.noise_multiplier == 1.9
+  assert config.dp.noise_multiplier == expected.dp.noise_multiplier == 1.76
   assert config.dp.enabled and config.model.builder == ''
 
 
