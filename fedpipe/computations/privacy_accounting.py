@@ -148,18 +148,26 @@ def compute_epsilon(
   return float(one_round.self_compose(rounds).get_epsilon_for_delta(delta))
 
 
-def compose_epsilon(runs: Sequence[tuple[float, SamplingScheme, int]], *, delta: float) -> float:
-  """ε of several runs on the same data together (RDP composition), at `delta`.
+def compose_epsilon(
+  runs: Sequence[tuple[float, SamplingScheme, int]],
+  *,
+  delta: float,
+  accountant: Accountant = 'rdp',
+) -> float:
+  """ε of several runs on the same data together, at `delta`.
 
   Each run is (noise multiplier, sampling, rounds), e.g. every study a silo
-  approved. Their RDP curves add up at each order, as the RDP accountant
-  composes different mechanisms; ε follows with `rdp.compute_epsilon`.
+  approved. With 'rdp' their RDP curves add up at each order, as the RDP
+  accountant composes different mechanisms, and ε follows with
+  `rdp.compute_epsilon`; with 'pld' their privacy loss distributions are
+  composed (Poisson sampling only), as the PLD accountant composes them.
 
   Returns:
     0 for no rounds at all; `inf` if any run with rounds has no noise.
 
   Raises:
-    PrivacyAccountingError: If a parameter is out of range.
+    PrivacyAccountingError: If a parameter is out of range, or 'pld' is asked
+      for a run that is not Poisson-sampled.
   """
   if not 0 < delta < 1:
     raise PrivacyAccountingError(f'delta must be in (0, 1), got {delta}')
@@ -174,10 +182,17 @@ def compose_epsilon(runs: Sequence[tuple[float, SamplingScheme, int]], *, delta:
       continue
     if noise_multiplier == 0:
       return float('inf')
+    if accountant == 'pld':
+      make_accountant('pld', sampling)  # Fails on sampling PLD cannot analyse.
+      run = _one_round_pld(noise_multiplier, sampling).self_compose(rounds)
+      total = run if total is None else total.compose(run)
+      continue
     orders, one_round = _one_round_rdp(noise_multiplier, sampling)
     total = rounds * one_round if total is None else total + rounds * one_round
   if total is None:
     return 0.0
+  if accountant == 'pld':
+    return float(total.get_epsilon_for_delta(delta))
   return float(dp_accounting.rdp.compute_epsilon(orders, total, delta)[0])
 
 

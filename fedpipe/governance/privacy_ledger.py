@@ -3,9 +3,13 @@
 A silo recomputes every ε itself, from the study's approved parameters (the
 noise multiplier, the sampling of clients, the rounds its ledger charged) at
 its policy's δ, never from the coordinator's statement. Across studies on
-the same data the RDP curves add up (`privacy_accounting.compose_epsilon`):
-that total is what the policy's `max_lifetime_epsilon` bounds, both for the
-rounds already charged ("spent") and for every round approved ("committed").
+the same data their privacy losses compose (`privacy_accounting.compose_epsilon`):
+with the PLD accountant if every study is central Gaussian noise accounted
+with PLD (so one such study's lifetime ε is its own ε), else with RDP curves,
+which add up for any mix of mechanisms. That total is what the policy's
+`max_lifetime_epsilon` bounds, both for the rounds already charged ("spent")
+and for every round approved ("committed"). Either accountant gives an upper
+bound on ε, so the one a study names cannot loosen the silo's charge.
 
 A statistics study (`fedpipe.statistics`) counts its releases as its rounds:
 each is one Gaussian mechanism of its noise multiplier (not subsampled), and
@@ -121,9 +125,12 @@ def lifetime_epsilon(studies: Iterable[tuple[Mapping[str, Any], int]], *, delta:
   """
   studies = list(studies)
   if not any(secure_terms.terms_of(privacy) or is_statistics(privacy) for privacy, _ in studies):
-    return privacy_accounting.compose_epsilon(
-      [(*mechanism(privacy), rounds) for privacy, rounds in studies], delta=delta
+    runs = [(*mechanism(privacy), rounds) for privacy, rounds in studies]
+    pld = all(
+      privacy.get('accountant') == 'pld' and sampling.method == 'poisson'
+      for (privacy, _), (_, sampling, _) in zip(studies, runs)
     )
+    return privacy_accounting.compose_epsilon(runs, delta=delta, accountant='pld' if pld else 'rdp')
   # Central and distributed studies together: every RDP curve at the same
   # integer orders (the distributed one's subsampling bound needs them).
   orders = distributed_dp_accounting.RDP_ORDERS

@@ -142,3 +142,24 @@ def test_composing_studies_adds_their_rdp_curves():
   assert both > one
   assert pa.compose_epsilon([(1.0, poisson, 0)], delta=1e-5) == 0.0
   assert pa.compose_epsilon([(0.0, poisson, 1)], delta=1e-5) == float('inf')
+
+
+def test_pld_composition_of_runs_is_what_the_pld_accountant_gives_for_them_together():
+  population = pa.SamplingScheme('poisson', population_size=300, clients_per_round=60)
+  smaller = pa.SamplingScheme('poisson', population_size=300, clients_per_round=30)
+  one = pa.compose_epsilon([(1.76, population, 100)], delta=1e-5, accountant='pld')
+  assert one == pa.compute_epsilon(
+    noise_multiplier=1.76, sampling=population, rounds=100, delta=1e-5, accountant='pld'
+  )
+  both = pa.compose_epsilon(
+    [(1.76, population, 100), (1.2, smaller, 40)], delta=1e-5, accountant='pld'
+  )
+  accountant = pa.make_accountant('pld', population)
+  accountant.compose(pa.run_event(1.76, population, 100))
+  accountant.compose(pa.run_event(1.2, smaller, 40))
+  assert both == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+  rdp = pa.compose_epsilon([(1.76, population, 100), (1.2, smaller, 40)], delta=1e-5)
+  assert one < both < rdp
+  fixed = pa.SamplingScheme('fixed_size', population_size=300, clients_per_round=30)
+  with pytest.raises(pa.PrivacyAccountingError, match='pld'):
+    pa.compose_epsilon([(1.0, fixed, 5)], delta=1e-5, accountant='pld')
