@@ -160,6 +160,21 @@ def test_the_ledger_charges_the_distributed_discrete_gaussian(train_round):
   assert privacy_ledger.lifetime_epsilon([(dict(PRIVACY), 10)], delta=1e-5) == central
 
 
+def test_a_study_naming_an_accountant_that_cannot_analyse_it_is_refused(train_round):
+  # The accountant is the coordinator's claim: PLD for fixed-size sampling, or
+  # a name the silo does not know, leaves the study without an epsilon.
+  for privacy in (
+    dict(PRIVACY, accountant='pld', sampling='fixed_size'),
+    dict(PRIVACY, accountant='optimistic'),
+  ):
+    violations = _review(train_round, privacy)
+    assert any('cannot be accounted for' in v for v in violations), privacy
+  # PLD for what it can analyse: accepted, charged its (smaller) PLD epsilon.
+  assert not _review(train_round, dict(PRIVACY, accountant='pld'))
+  pld = privacy_ledger.study_epsilon(dict(PRIVACY, accountant='pld'), 10, delta=1e-5)
+  assert pld < privacy_ledger.study_epsilon(dict(PRIVACY), 10, delta=1e-5)
+
+
 def test_noise_shares_grow_when_a_round_has_fewer_silos():
   terms = _terms()
   full = terms.local_stddev(1.0, 3)
