@@ -26,6 +26,7 @@ import time
 from benchmarks import cross_silo_overhead_measure, harness
 from configs import digits_dp
 from fedpipe.computations import client_sampling
+from fedpipe.config import validation
 from fedpipe.data import manifest as manifest_lib
 from fedpipe.runtime import execution_context
 from fedpipe.training import experiment as experiment_lib
@@ -36,12 +37,7 @@ def main(args: dict) -> None:
   all_dir, _ = cross_silo_overhead_measure.prepare(300)
   config = digits_dp.get_config()
   config.data.processed_dir = all_dir
-  for path, value in args.get('config', {}).items():
-    *parents, field = path.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[field] = value
+  validation.apply_overrides(config, args.get('config', {}))
   config.training.rounds = args['rounds']
   config.dp.enabled = args.get('dp', True)
   if config.dp.enabled:

@@ -134,18 +134,7 @@ def compute_epsilon(
     return 0.0
   if noise_multiplier == 0:
     return float('inf')
-  if accountant == 'rdp':
-    # What the RDP accountant computes for `rounds` self-compositions
-    # (rounds x one round's RDP), with one round's RDP, the costly part,
-    # computed once per mechanism: ε is asked after every round.
-    orders, one_round = _one_round_rdp(noise_multiplier, sampling)
-    return float(dp_accounting.rdp.compute_epsilon(orders, rounds * one_round, delta)[0])
-  make_accountant(accountant, sampling)  # Fails on sampling PLD cannot analyse.
-  # What the PLD accountant computes for the run (one round's loss
-  # distribution composed `rounds` times), with one round's distribution, the
-  # costly part, built once per mechanism.
-  one_round = _one_round_pld(noise_multiplier, sampling)
-  return float(one_round.self_compose(rounds).get_epsilon_for_delta(delta))
+  return compose_epsilon([(noise_multiplier, sampling, rounds)], delta=delta, accountant=accountant)
 
 
 def compose_epsilon(
@@ -182,11 +171,17 @@ def compose_epsilon(
       continue
     if noise_multiplier == 0:
       return float('inf')
+    if accountant != 'rdp':
+      make_accountant(accountant, sampling)  # Fails on what it cannot analyse.
     if accountant == 'pld':
-      make_accountant('pld', sampling)  # Fails on sampling PLD cannot analyse.
+      # What the PLD accountant computes (one round's loss distribution
+      # composed `rounds` times), with that distribution, the costly part,
+      # built once per mechanism: ε is asked after every round.
       run = _one_round_pld(noise_multiplier, sampling).self_compose(rounds)
       total = run if total is None else total.compose(run)
       continue
+    # What the RDP accountant computes (rounds x one round's RDP), with one
+    # round's RDP computed once per mechanism.
     orders, one_round = _one_round_rdp(noise_multiplier, sampling)
     total = rounds * one_round if total is None else total + rounds * one_round
   if total is None:

@@ -171,9 +171,9 @@ def get_default_config() -> config_dict.ConfigDict:
   tighter than RDP: the same ε for less noise), two local epochs at client
   learning rate 0.15 on batches of 2 examples, server momentum 0.5, one
   hidden layer of 64 tanh units for the bundled MLP on inputs centred to
-  [-1, 1], 100 rounds of about 60 Poisson-sampled clients. Lower `training.clients_per_round` for
-  data with fewer clients; ε follows from the population, the rounds and the
-  noise (see the privacy report).
+  [-1, 1], 100 rounds of about 60 Poisson-sampled clients. Lower
+  `training.clients_per_round` for data with fewer clients; ε follows from
+  the population, the rounds and the noise (see the privacy report).
 
   Returns:
     A new config; change any field before training.
